@@ -1,0 +1,1 @@
+"""Data: phantoms, preparation of real scans, datasets."""

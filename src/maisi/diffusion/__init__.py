@@ -1,0 +1,1 @@
+"""Noise schedulers, samplers and guidance, kept apart from the networks."""

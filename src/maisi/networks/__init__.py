@@ -1,0 +1,1 @@
+"""Networks: the VAE-GAN autoencoder, the diffusion UNet and the ControlNet."""

@@ -1,0 +1,1 @@
+"""Inference pipeline: generation with validation and quality checks."""
