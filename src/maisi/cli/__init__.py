@@ -13,6 +13,7 @@ from maisi import __version__
 COMMANDS: list[str] = [
     "info",
     "phantom",
+    "prepare",
 ]
 
 
