@@ -60,14 +60,20 @@ def load_mapping(path: str | Path) -> dict[str, int]:
         raise ValueError(f"{path}: expected a non-empty JSON object {{source: MAISI name or id}}")
     out = {}
     for src, dst in raw.items():
-        if dst in (0, "0", "background"):
-            out[str(src).strip().lower()] = 0
-            continue
         try:
-            out[str(src).strip().lower()] = label_id(dst if isinstance(dst, int | str) else str(dst))
+            out[str(src).strip().lower()] = target_id(dst)
         except ValueError as e:
             raise ValueError(f"{path}: entry {src!r}: {e}") from e
     return out
+
+
+def target_id(value: str | int) -> int:
+    """A mapping target: a MAISI name or id, or 0 / "background"."""
+    if value in (0, "0") or str(value).strip().lower() == "background":
+        return 0
+    if not isinstance(value, int | str):
+        raise ValueError(f"target {value!r} must be a MAISI name or id")
+    return label_id(value)
 
 
 def load_names(path: str | Path) -> dict[int, str]:
@@ -98,7 +104,7 @@ def convert_labels(
     or raise ValueError when unmapped="error"."""
     if unmapped not in ("background", "error"):
         raise ValueError(f"unmapped must be 'background' or 'error', got {unmapped!r}")
-    mapping = {str(k).strip().lower(): int(v) for k, v in (mapping or {}).items()}
+    mapping = {str(k).strip().lower(): target_id(v) for k, v in (mapping or {}).items()}
     label = np.asarray(label)
     if label.dtype.kind not in "iu" or (label.size and label.min() < 0):
         raise ValueError(f"label map must hold non-negative integers, got dtype {label.dtype}")
