@@ -8,25 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_dicom import write_dicom_series
+from data_helpers import PoolEncoder, write_dicom_series
 from maisi.cli import main
 from maisi.data.labelmap import body_mask
 from maisi.data.phantom import make_phantom, write_phantom
 from maisi.data.prepare import PrepareConfig, discover, prepare_all, target_shape
 from maisi.io.volume import read_volume, write_volume
-
-
-class PoolEncoder:
-    """Stands in for the VAE: μ = 4×-average-pooled image (4 channels), σ = local std + 0.01."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def encode_within(self, x, memory_gb=None):
-        self.calls += 1
-        mu = torch.nn.functional.avg_pool3d(x, 4)
-        sd = (torch.nn.functional.avg_pool3d(x * x, 4) - mu * mu).clamp_min(0).sqrt() + 0.01
-        return mu.repeat(1, 4, 1, 1, 1), sd.repeat(1, 4, 1, 1, 1)
 
 
 @pytest.fixture()
