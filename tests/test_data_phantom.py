@@ -95,3 +95,15 @@ def test_written_files_round_trip(tmp_path):
     np.testing.assert_array_equal(lab.array, ph.label)
     assert np.abs(img.array - ph.image).max() <= 0.5
     assert entry["dim"] == [24, 24, 20] and entry["bottom_region_index"] == [0, 0, 0, 1]
+
+
+def test_large_field_of_view_keeps_the_requested_region_unless_asked_not_to():
+    strict = make_phantom("chest", (24, 24, 40), (16.0, 16.0, 16.0), seed=0, noise=False)  # 640 mm along z
+    assert strict.region == "chest" and region_from_label(strict.label) == (1, 1)
+    loose = make_phantom("chest", (24, 24, 40), (16.0, 16.0, 16.0), seed=0, noise=False, exclusive=False)
+    assert loose.region != "chest" and region_from_label(loose.label) == (loose.top_region_index,
+                                                                         loose.bottom_region_index)
+    # Same anatomy, only marker labels differ: foreign organs are labelled body in the strict phantom.
+    differ = strict.label != loose.label
+    assert differ.any() and (strict.label[differ] == 200).all()
+    np.testing.assert_array_equal(strict.image, loose.image)

@@ -65,12 +65,14 @@ def make_phantom(
     seed: int = 0,
     tumors: Sequence[str | int] = (),
     noise: bool = True,
+    exclusive: bool = True,
 ) -> Phantom:
     """A random CT phantom of a body region (or span "top-bottom") in RAS with voxel size `spacing` mm.
 
-    The field of view is size·spacing mm, centred on the region; the labels' body region
-    (REFERENCE §3 markers) always equals the requested one: marker organs of other regions that
-    would reach into a large field of view are drawn as plain soft tissue. Deterministic per seed.
+    The field of view is size·spacing mm, centred on the region. With `exclusive` (default) the labels'
+    body region (REFERENCE §3 markers) equals the requested one: marker organs of other regions that
+    reach into a large field of view keep their look but are labelled body (200). Without it they keep
+    their labels and `region` is the span the labels show. Deterministic per seed.
     """
     size = _triple(size, "size", int)
     spacing = _triple(spacing, "spacing")
@@ -98,10 +100,10 @@ def make_phantom(
     canvas = Canvas(size, spacing, origin, rng)
     anatomy.draw(canvas)
 
-    # Keep the derived region equal to the request (see docstring).
-    foreign = np.isin(canvas.label, foreign_markers(top, bottom))
-    canvas.label[foreign] = BODY
-    canvas.tissue[foreign] = T["soft"]
+    if exclusive:  # keep the derived region equal to the request (see docstring)
+        canvas.label[np.isin(canvas.label, foreign_markers(top, bottom))] = BODY
+    else:
+        top, bottom = region_from_label(canvas.label) or (top, bottom)
     for t in tumor_ids:
         _add_tumor(canvas, t, rng)
     if region_from_label(canvas.label) != (top, bottom):

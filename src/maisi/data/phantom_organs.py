@@ -12,7 +12,7 @@ TISSUES: dict[str, tuple[float, float]] = {
     "visceral": (-85.0, 25.0), "lung": (-855.0, 35.0), "air": (-995.0, 4.0), "liver": (98.0, 10.0),
     "spleen": (108.0, 10.0), "kidney": (165.0, 22.0), "pancreas": (88.0, 14.0), "fluid": (18.0, 6.0),
     "bowel": (38.0, 30.0), "artery": (185.0, 8.0), "vein": (135.0, 8.0), "myocardium": (60.0, 8.0),
-    "brain": (34.0, 5.0), "csf": (8.0, 3.0), "cortical": (880.0, 70.0), "cancellous": (270.0, 55.0),
+    "brain": (38.0, 4.0), "white_matter": (27.0, 3.0), "csf": (8.0, 3.0), "cortical": (880.0, 70.0), "cancellous": (270.0, 55.0),
     "bone": (520.0, 80.0), "marrow": (45.0, 25.0), "cartilage": (125.0, 12.0), "soft": (40.0, 10.0),
     "tumor_liver": (38.0, 14.0), "tumor_pancreas": (42.0, 12.0), "tumor_lung": (35.0, 14.0),
     "lesion": (95.0, 25.0), "thyroid": (115.0, 10.0), "feces": (-250.0, 180.0),
@@ -102,8 +102,8 @@ class Anatomy:
     def head_ellipsoids(self, x, y, z, shrink):
         head = ((x / (76 * self.wx - shrink)) ** 2 + ((y - 10) / (96 * self.wy - shrink)) ** 2
                 + ((z - 630) / (100 - shrink)) ** 2) < 1
-        face = ((x / (55 * self.wx - shrink)) ** 2 + ((y - 32) / (66 * self.wy - shrink)) ** 2
-                + ((z - 540) / (55 - shrink)) ** 2) < 1
+        face = ((x / (56 * self.wx - shrink)) ** 2 + ((y - 45) / (60 * self.wy - shrink)) ** 2
+                + ((z - 558) / (62 - shrink)) ** 2) < 1
         return head | face
 
     def muscles(self, c: Canvas) -> None:
@@ -155,7 +155,7 @@ class Anatomy:
             return (z > self.diaphragm(x, y) + 2) & self.inside_trunk(x, y, z, cav) & (np.abs(x) > 14)
 
         for side, ids in ((1, (30, 31, 32)), (-1, (28, 28, 29))):
-            sel = c.ellipsoid(self.j((side * 78, -8, 338)), self.sc((80, 110, 140), 0.95, 1.05), clip=lung_clip)
+            sel = c.ellipsoid(self.j((side * 78, -8, 330)), self.sc((80, 110, 136), 0.95, 1.05), clip=lung_clip)
             if sel is None:
                 continue
             y = c.axes[1][sel.slices[1]].reshape(1, -1, 1)
@@ -236,12 +236,12 @@ class Anatomy:
         c.paint(sacrum, 97, T["bone"])
 
     def ribcage(self, c: Canvas) -> None:
-        scale = [0.55, 0.7, 0.8, 0.87, 0.92, 0.95, 0.97, 0.98, 0.98, 0.97, 0.95, 0.92]
+        scale = [0.8, 0.9, 0.96, 0.99, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.99, 0.97]
         end = [None] * 7 + [2.5, 2.3, 2.1, 1.5, 1.15]
         for k in range(12):
             zk = self.level_z[49 - k] + 4
             ax, ay, yc = self.axes(zk)
-            a, b = (ax - self.fat - 12) * scale[k], (ay - self.fat - 12) * min(1.0, scale[k] + 0.1)
+            a, b = (ax - self.fat - 10) * scale[k], (ay - self.fat - 10) * min(1.0, scale[k] + 0.05)
             t1 = end[k] or np.pi - np.arcsin(min(1.0, 20.0 / a))
             th = np.linspace(0.35, t1, 28)
             u = (th - th[0]) / (th[-1] - th[0])
@@ -288,18 +288,24 @@ class Anatomy:
 
     def head(self, c: Canvas) -> None:
         ctr, rad = self.j((0, 10 * self.wy, 632), 2), np.array((70 * self.wx, 90 * self.wy, 92))
-        skull = c.ellipsoid(ctr, rad, deform=0.02, clip=lambda x, y, z: z > 560)
+
+        def base(y):  # skull base: anterior cranial fossa high, posterior fossa low
+            return ctr[2] - 62 + 0.35 * (y - ctr[1])
+
+        skull = c.ellipsoid(ctr, rad, deform=0.02, clip=lambda x, y, z: z > base(y) - 4)
         c.paint(skull, 120, T["cortical"])
-        c.paint(c.ellipsoid(ctr, rad - 3, deform=0.0, clip=lambda x, y, z: z > 563), 120, T["cancellous"],
+        c.paint(c.ellipsoid(ctr, rad - 3, deform=0.0, clip=lambda x, y, z: z > base(y) - 1), 120, T["cancellous"],
                 within=(120,))
-        inner = c.ellipsoid(ctr, rad - 7, deform=0.0, clip=lambda x, y, z: z > 566)
+        inner = c.ellipsoid(ctr, rad - 7, deform=0.0, clip=lambda x, y, z: z > base(y) + 3)
         c.paint(inner, 22, T["brain"])
-        c.paint(c.ellipsoid(ctr + (0, -5, -73), (50, 45, 4), deform=0.0), 120, T["cortical"])
+        c.paint(c.ellipsoid(ctr + (0, 0, 8), rad * (0.72, 0.74, 0.6), deform=0.35), 22, T["white_matter"],
+                within=(22,))
         for s in (-1, 1):
-            c.paint(c.ellipsoid(ctr + (s * 9, 5, 10), (6, 28, 10), deform=0.05), 22, T["csf"], within=(22,))
-            c.paint(c.ellipsoid((s * 30 * self.wx, 78 * self.wy, 590), (12, 12, 12), deform=0.0), 200, T["fluid"])
-            c.paint(c.ellipsoid((s * 28, 48 * self.wy, 545), (15, 18, 17)), 200, T["air"])
-        mand = [(-50, -5, 565), (-48, 5, 505), (-25, 55, 490), (0, 72 * self.wy, 488), (25, 55, 490), (48, 5, 505),
-                (50, -5, 565)]
+            c.paint(c.ellipsoid(ctr + (s * 9, 5, 12), (6, 28, 10), deform=0.05), 22, T["csf"], within=(22,))
+            c.paint(c.ellipsoid((s * 30 * self.wx, 82 * self.wy, 584), (11, 11, 11), deform=0.0), 200, T["fluid"],
+                    within=(200,))
+            c.paint(c.ellipsoid((s * 27, 62 * self.wy, 552), (13, 17, 16)), 200, T["air"], within=(200,))
+        mand = [(-50, -2, 568), (-48, 8, 505), (-28, 62, 495), (0, 86 * self.wy, 494), (28, 62, 495), (48, 8, 505),
+                (50, -2, 568)]
         c.paint(c.tube(chaikin(mand), 6), 120, T["bone"])
-        c.paint(c.ellipsoid((0, 58 * self.wy, 552), (7, 18, 16)), 200, T["air"])
+        c.paint(c.ellipsoid((0, 76 * self.wy, 560), (6, 16, 20)), 200, T["air"], within=(200,))

@@ -49,8 +49,13 @@ def render_preview(
     alpha: float = 0.35,
     height: int = 256,
     index: Sequence[int] | None = None,
+    with_plain: bool = False,
 ) -> Image.Image:
-    """An RGB montage (axial | coronal | sagittal) of X×Y×Z RAS arrays, honouring the voxel aspect ratio."""
+    """An RGB montage (axial | coronal | sagittal) of X×Y×Z RAS arrays, honouring the voxel aspect ratio.
+
+    Radiological display: patient right on the left, anterior at the top (axial), superior at the top.
+    With a label and `with_plain`, the plain image row is stacked above the overlay row.
+    """
     image_hu = np.asarray(image_hu)
     if image_hu.ndim != 3:
         raise ValueError(f"preview needs a 3D X×Y×Z image, got shape {image_hu.shape}")
@@ -62,9 +67,20 @@ def render_preview(
     index = [s // 2 for s in image_hu.shape] if index is None else list(index)
     gray = _planes(np.clip((image_hu.astype(np.float32) - lo) / (hi - lo), 0, 1), index)
     labs = _planes(np.asarray(label).astype(np.uint8), index) if label is not None else [None] * 3
+    row = _row(gray, labs, _panel_sizes(image_hu.shape, spacing, height), alpha)
+    if label is None or not with_plain:
+        return row
+    plain = _row(gray, [None] * 3, _panel_sizes(image_hu.shape, spacing, height), alpha)
+    out = Image.new("RGB", (row.width, 2 * row.height + 4))
+    out.paste(plain, (0, 0))
+    out.paste(row, (0, row.height + 4))
+    return out
+
+
+def _row(gray, labs, sizes, alpha: float) -> Image.Image:
     pal = label_colours()
     panels = []
-    for g, lab, size in zip(gray, labs, _panel_sizes(image_hu.shape, spacing, height)):
+    for g, lab, size in zip(gray, labs, sizes):
         rgb = np.repeat((g * 255)[..., None], 3, axis=2)
         if lab is not None:
             on = (lab != 0) & (lab != BODY)
