@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,3 +69,16 @@ def test_clear_errors(prepared, tmp_path):
         load_datalist(tmp_path / "empty.json")
     with pytest.raises(ValueError, match="multiples of 4"):
         vae_patch_dataset(entries, (10, 16, 16))
+
+
+def test_reads_reference_nifti_latents(prepared, tmp_path):
+    import nibabel as nib
+
+    entry = load_datalist(prepared / "out" / "datalist.json")[0]
+    mu = np.arange(4 * 2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5, 4)  # reference layout X×Y×Z×C
+    nib.save(nib.Nifti1Image(mu, np.eye(4)), str(tmp_path / "emb.nii.gz"))
+    item = LatentDataset([{**entry, "image": str(tmp_path / "emb.nii.gz")}])[0]
+    assert item["latent"].shape == (4, 2, 3, 5)
+    assert float(item["latent"][1, 0, 0, 1]) == mu[0, 0, 1, 1]
+    with pytest.raises(ValueError, match="no σ"):
+        LatentDataset([{**entry, "image": str(tmp_path / "emb.nii.gz")}], sample="sample")[0]

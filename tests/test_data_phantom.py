@@ -107,3 +107,9 @@ def test_large_field_of_view_keeps_the_requested_region_unless_asked_not_to():
     differ = strict.label != loose.label
     assert differ.any() and (strict.label[differ] == 200).all()
     np.testing.assert_array_equal(strict.image, loose.image)
+
+
+def test_sizes_whose_extent_rounds_badly():
+    """Regression: 192 slices at 1.5 mm once lost the last slice to floating-point rounding."""
+    ph = make_phantom("chest", (16, 16, 192), 1.5, seed=0, noise=False)
+    assert ph.label.shape == (16, 16, 192)

@@ -20,6 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "colon_cancer_primaries")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preview", action="store_true", help="also write <name>_preview.png (mid-planes, labels)")
+    p.add_argument("--window", type=float, nargs=2, default=[-400.0, 600.0], metavar=("LO", "HI"),
+                   help="HU window of the preview (default -400 600)")
     p.add_argument("--no-noise", action="store_true", help="leave out the scanner noise")
     p.set_defaults(run=run)
 
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         entry = write_phantom(ph, out, name)
         entries[entry["image"]] = entry
         if args.preview:
-            save_preview(out / f"{name}_preview.png", ph.image, ph.label, ph.spacing)
+            save_preview(out / f"{name}_preview.png", ph.image, ph.label, ph.spacing, window=tuple(args.window),
+                         with_plain=True)
         print(f"{out / entry['image']}: {ph.region}, {list(ph.image.shape)} voxels at {list(ph.spacing)} mm, "
               f"{len(set(ph.label.ravel().tolist())) - 1} labels")
     write_datalist(datalist, list(entries.values()))

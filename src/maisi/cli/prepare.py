@@ -15,8 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", help="autoencoder: a checkpoint folder (config.json + model.safetensors) or a "
                                  "released .pt file; without it the resampled images are written instead")
     p.add_argument("--vae-preset", default="rflow-ct", help="preset whose autoencoder config a .pt file uses")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--spacing", type=float, nargs="+", help="resample to this voxel size in mm (1 or 3 values), "
+    p.add_argument("--spacing", type=float, nargs="+", help="resample to this voxel size in mm (1 or 3 values), "
                                                            "then pad each axis to --multiple-of")
     p.add_argument("--multiple-of", type=int, default=128,
                    help="without --spacing: resize each axis to the nearest multiple of this (default 128)")

@@ -243,13 +243,13 @@ class Anatomy:
             ax, ay, yc = self.axes(zk)
             a, b = (ax - self.fat - 10) * scale[k], (ay - self.fat - 10) * min(1.0, scale[k] + 0.05)
             t1 = end[k] or np.pi - np.arcsin(min(1.0, 20.0 / a))
-            th = np.linspace(0.35, t1, 28)
+            th = np.linspace(0.3, t1, 28)
             u = (th - th[0]) / (th[-1] - th[0])
-            drop = 45 + 4 * k
+            drop = 60 + 4 * k
             r = 6.0 if k < 2 else 4.0 if k > 9 else 5.0
             for side, first in ((-1, 63), (1, 75)):
                 ys = self.spine_y(zk)
-                pts = np.column_stack([side * a * np.sin(th), yc - b * np.cos(th), zk - drop * u ** 1.3])
+                pts = np.column_stack([side * a * np.sin(th), yc - b * np.cos(th), zk - drop * u ** 0.9])
                 pts = np.vstack([[side * 14 * self.wx, ys - 6, zk + 2], pts])
                 cut = len(pts) if k >= 10 else int(0.8 * len(pts))
                 c.paint(c.tube(pts[:cut], r), first + k, T["bone"])

@@ -80,8 +80,8 @@ class Canvas:
         """Slices and broadcastable x, y, z coordinates (mm) of the voxels inside [lo, hi], or None."""
         sl, coords = [], []
         for a in range(3):
-            i0 = int(np.ceil((lo[a] - self.origin[a]) / self.spacing[a]))
-            i1 = int(np.floor((hi[a] - self.origin[a]) / self.spacing[a])) + 1
+            i0 = int(np.ceil((lo[a] - self.origin[a]) / self.spacing[a] - 1e-6))
+            i1 = int(np.floor((hi[a] - self.origin[a]) / self.spacing[a] + 1e-6)) + 1
             i0, i1 = max(i0, 0), min(i1, self.shape[a])
             if i1 <= i0:
                 return None
