@@ -92,3 +92,15 @@ def test_bad_latents_are_clean_errors(tmp_path, capsys, case, message):
     data = latent_datalist(tmp_path / "d", n=2, channels=3 if case == "channels" else 4, spacing=case != "spacing")
     assert train("diffusion", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "2", *FAST) == 2
     assert message in capsys.readouterr().err
+
+
+def test_latents_of_different_shapes_cannot_share_a_batch(tmp_path, capsys):
+    a = latent_datalist(tmp_path / "a", n=1, shape=(8, 8, 8))
+    b = latent_datalist(tmp_path / "b", n=1, shape=(8, 8, 4), seed=1)
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps({"training": [{"latent": str(a.parent / "case0_latent.safetensors")},
+                                              {"latent": str(b.parent / "case0_latent.safetensors")}]}))
+    assert train("diffusion", "--data", str(mixed), "--out", str(tmp_path / "run"), "--steps", "2", *FAST) == 2
+    assert "different shapes" in capsys.readouterr().err
+    assert train("diffusion", "--data", str(mixed), "--out", str(tmp_path / "run"), "--steps", "2",
+                 *FAST[:2], "--batch-size", "1") == 0

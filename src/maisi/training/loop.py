@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from maisi.config import ModelConfig, to_dict
 from maisi.io.atomic import atomic_write_text
@@ -84,6 +84,18 @@ class StepBatches(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start, self.steps):
             yield list(batch_samples(step, self.batch_size, self.world.rank, self.world.size))
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack one process's samples; samples of different shapes cannot share a batch."""
+    shapes = {k: {tuple(s[k].shape) for s in samples} for k in samples[0] if torch.is_tensor(samples[0][k])}
+    mixed = {k: sorted(v) for k, v in shapes.items() if len(v) > 1}
+    if mixed:
+        raise ValueError(
+            f"samples of different shapes in one batch ({mixed}); use one sample per process "
+            "(--batch-size = number of processes) or data of one size"
+        )
+    return default_collate(samples)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -166,7 +178,7 @@ def training_loop(stage: Stage, dataset: Dataset, opts: LoopOptions, world: D.Wo
 
     loader = DataLoader(
         dataset, batch_sampler=StepBatches(start, opts.steps, opts.batch_size, world),
-        num_workers=opts.num_workers, persistent_workers=False,
+        num_workers=opts.num_workers, collate_fn=collate,
     )
     writer = _tensorboard(run_dir, opts.tensorboard) if world.is_main else None
     bar = None
