@@ -12,6 +12,7 @@ from maisi.config import AutoencoderConfig
 from maisi.networks.split import _CONV, _MODE, Conv, Plan, SplitConv, conv_split, norm_affine, norm_pre
 
 LOGVAR_RANGE = (-30.0, 20.0)
+CHANNELS_LAST_DEFAULT = False  # channels_last_3d activations for the split path (see docs/readme/autoencoder.md)
 Devices = Sequence[str | torch.device] | None
 
 
@@ -31,21 +32,45 @@ class ResBlock(nn.Module):
         h = self.conv2(F.silu(self.norm2(h)))
         return self.nin_shortcut(x) + h
 
-    def run(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """Split inference; consumes `x` (the result reuses its memory when channels do not grow)."""
-        h = conv_split(x, self.conv1.conv, plan, pre=norm_pre(*norm_affine(self.norm1, x, plan), True, plan))
-        pre2 = norm_pre(*norm_affine(self.norm2, h, plan), True, plan)
-        cin, cout = x.shape[1], h.shape[1]
-        if cin == cout:  # residual added in place
-            return conv_split(h, self.conv2.conv, plan, pre=pre2, out=x, add=True)
-        sc, dim = self.nin_shortcut.conv.conv, plan.axis + 2
+    def run(self, x: torch.Tensor, plan: Plan, spare: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Split inference; consumes `x` and returns (output, a dead buffer the next block may reuse).
+
+        Memory: equal channels keep the hidden tensor in `spare` when it fits and add the residual in place;
+        halving channels (decoder) writes hidden and shortcut rows back into `x`'s own memory one segment
+        behind the conv that reads them, so no full-size tensor is allocated at all.
+        """
+        cin, cout, dim = x.shape[1], self.conv1.conv.conv.out_channels, plan.axis + 2
+        pre1 = norm_pre(*norm_affine(self.norm1, x, plan), True, plan)
+        if cin == cout:
+            buf = spare if spare is not None and spare.shape == x.shape and spare.dtype == x.dtype else None
+            h = conv_split(x, self.conv1.conv, plan, pre=pre1, out=buf)
+            pre2 = norm_pre(*norm_affine(self.norm2, h, plan), True, plan)
+            return conv_split(h, self.conv2.conv, plan, pre=pre2, out=x, add=True), h
+        sc = self.nin_shortcut.conv.conv
 
         def shortcut(a: int, b: int) -> torch.Tensor:  # 1×1 conv of the rows [a, b) only
-            return _CONV[x.ndim - 2](x.narrow(dim, a, b - a), plan.param(sc.weight, x.device), plan.param(sc.bias, x.device))
+            w, bias = plan.param(sc.weight, x.device), plan.param(sc.bias, x.device)
+            return _CONV[x.ndim - 2](x.narrow(dim, a, b - a), w, bias)
 
-        # fewer output channels: write into x's first channels; each row is read before it is overwritten
-        out = x[:, :cout] if cout < cin else None
-        return conv_split(h, self.conv2.conv, plan, pre=pre2, out=out, residual=shortcut)
+        if 2 * cout > cin:  # channels grow (encoder): fresh tensors
+            h = conv_split(x, self.conv1.conv, plan, pre=pre1)
+            pre2 = norm_pre(*norm_affine(self.norm2, h, plan), True, plan)
+            return conv_split(h, self.conv2.conv, plan, pre=pre2, residual=shortcut), None
+        h, res = x[:, :cout], x[:, cout : 2 * cout]
+        pending: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+
+        def sink(a: int, b: int, rows: torch.Tensor) -> None:
+            # a 3-tap conv reads at most one row of the previous segment, so writing one segment late is safe
+            pending.append((a, b, rows, shortcut(a, b)))
+            if len(pending) > 1 or b == x.shape[dim]:
+                for a0, b0, hr, sr in pending[:-1] if b != x.shape[dim] else pending:
+                    h.narrow(dim, a0, b0 - a0).copy_(hr)
+                    res.narrow(dim, a0, b0 - a0).copy_(sr)
+                del pending[: len(pending) - 1 if b != x.shape[dim] else len(pending)]
+
+        conv_split(x, self.conv1.conv, plan, pre=pre1, sink=sink)
+        pre2 = norm_pre(*norm_affine(self.norm2, h, plan), True, plan)
+        return conv_split(h, self.conv2.conv, plan, pre=pre2, out=res, add=True), h
 
 
 class Downsample(nn.Module):
@@ -90,14 +115,16 @@ class Coder(nn.Module):
 
     def run(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Split inference: a GroupNorm is folded into the conv that follows it (no SiLU there)."""
-        pre = None
+        pre, spare = None, None
         for block in self.blocks:
             if isinstance(block, nn.GroupNorm):
                 pre = norm_pre(*norm_affine(block, x, plan), False, plan)
             elif isinstance(block, SplitConv):
                 x, pre = conv_split(x, block.conv, plan, pre=pre), None
+            elif isinstance(block, ResBlock):
+                x, spare = block.run(x, plan, spare)
             else:
-                x = block.run(x, plan)
+                x, spare = block.run(x, plan), None
         return x
 
 
@@ -166,7 +193,7 @@ class Autoencoder(nn.Module):
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{what} contains NaN or inf values; only finite values are allowed")
 
-    def _plan(self, num_splits, split_axis, devices, dtype) -> Plan:
+    def _plan(self, num_splits, split_axis, devices, dtype, channels_last) -> Plan:
         c = self.config
         n = c.num_splits if num_splits is None else int(num_splits)
         axis = c.split_axis if split_axis is None else int(split_axis)
@@ -176,7 +203,8 @@ class Autoencoder(nn.Module):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
         devs = tuple(torch.device(d) for d in devices) if devices else ()
-        return Plan(n, axis, devs, dtype)
+        cl = CHANNELS_LAST_DEFAULT if channels_last is None else bool(channels_last)
+        return Plan(n, axis, devs, dtype, cl and c.spatial_dims == 3)
 
     def _grad_path(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
@@ -184,7 +212,7 @@ class Autoencoder(nn.Module):
     # -- public API ---------------------------------------------------------------------------------
     def encode(
         self, x: torch.Tensor, *, num_splits: int | None = None, split_axis: int | None = None,
-        devices: Devices = None, dtype: torch.dtype | None = None,
+        devices: Devices = None, dtype: torch.dtype | None = None, channels_last: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image N×in×X×Y×Z (each axis a multiple of the downsample factor) → (mu, sigma) latents."""
         self._check(x, self.config.in_channels, "image", self.config.downsample_factor)
@@ -192,7 +220,7 @@ class Autoencoder(nn.Module):
             h = self.encoder(x)
         else:
             with torch.no_grad():
-                plan = self._plan(num_splits, split_axis, devices, dtype)
+                plan = self._plan(num_splits, split_axis, devices, dtype, channels_last)
                 h = self.encoder.run(x.to(plan.dtype), plan).float()
         mu = self.quant_conv_mu(h)
         logvar = self.quant_conv_log_sigma(h).clamp(*LOGVAR_RANGE)
@@ -200,14 +228,14 @@ class Autoencoder(nn.Module):
 
     def decode(
         self, z: torch.Tensor, *, num_splits: int | None = None, split_axis: int | None = None,
-        devices: Devices = None, dtype: torch.dtype | None = None,
+        devices: Devices = None, dtype: torch.dtype | None = None, channels_last: bool | None = None,
     ) -> torch.Tensor:
         """Latent N×latent×x×y×z → image N×out×(f·x)×(f·y)×(f·z), f the downsample factor."""
         self._check(z, self.config.latent_channels, "latent")
         if self._grad_path(z):
             return self.decoder(self.post_quant_conv(z))
         with torch.no_grad():
-            plan = self._plan(num_splits, split_axis, devices, dtype)
+            plan = self._plan(num_splits, split_axis, devices, dtype, channels_last)
             h = self.post_quant_conv(z.float()).to(plan.dtype)
             return self.decoder.run(h, plan).float()
 

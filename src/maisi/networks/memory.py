@@ -57,8 +57,12 @@ def estimate_peak(model: nn.Module, op: str, shape: tuple[int, ...], num_splits:
             c = cout
         elif isinstance(block, ResBlock):
             cout = block.conv1.conv.conv.out_channels
-            full = vox(spatial) * (c + cout + (cout if cout > c else 0)) * b
-            peak = max(peak, io + full + seg_temp(max(c, cout), cout, spatial) + norm_temp(max(c, cout), spatial))
+            # ResBlock.run: equal channels keep x and h; halving writes back into x (two lagged segments);
+            # growing channels keep x, h and the output
+            extra = cout if c == cout else (0 if 2 * cout <= c else 2 * cout)
+            lag = 2 * seg_temp(0, cout, spatial) if 2 * cout <= c else 0
+            full = vox(spatial) * (c + extra) * b
+            peak = max(peak, io + full + lag + seg_temp(max(c, cout), cout, spatial) + norm_temp(max(c, cout), spatial))
             c = cout
         elif isinstance(block, Downsample | Upsample):
             small = list(spatial)

@@ -55,6 +55,7 @@ class Plan:
     axis: int = 0
     devices: tuple[torch.device, ...] = ()
     dtype: torch.dtype = torch.float32
+    channels_last: bool = False  # 3D only: keep activations and weights in channels_last_3d (faster oneDNN convs)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def device(self, i: int, default: torch.device) -> torch.device:
@@ -65,8 +66,12 @@ class Plan:
         dtype = dtype or self.dtype
         key = (id(p), device, dtype)
         if key not in self._cache:
-            self._cache[key] = p.detach().to(device=device, dtype=dtype)
+            q = p.detach().to(device=device, dtype=dtype)
+            self._cache[key] = q.contiguous(memory_format=torch.channels_last_3d) if self._cl(q) else q
         return self._cache[key]
+
+    def _cl(self, t: torch.Tensor) -> bool:
+        return self.channels_last and t.ndim == 5
 
     def segments(self, length: int) -> list[tuple[int, int]]:
         """[start, stop) ranges covering 0..length, sizes differing by at most one; never empty."""
@@ -132,7 +137,8 @@ def conv_split(
     out: torch.Tensor | None = None,
     add: bool = False,
     residual: Callable | None = None,
-) -> torch.Tensor:
+    sink: Callable | None = None,
+) -> torch.Tensor | None:
     """conv(pad(pre(up(x)))) computed segment by segment along `plan.axis`, equal to the unsplit result.
 
     Each output segment reads only the input rows its receptive field needs (the halo), so segments of
@@ -140,14 +146,16 @@ def conv_split(
     `upsample` fuses nearest-free ×2 (bi/tri)linear upsampling (align_corners=False) with the conv.
     The result is written into `out` (allocated when None; added to it when `add`); `residual(a, b)`
     returns a tensor added to output rows [a, b) before they are written (it may read `out`'s memory).
+    With `sink`, each segment's rows go to `sink(a, b, rows)` instead and nothing is allocated.
     """
     k, s, (lo, hi) = layer.kernel, layer.stride, layer.pad
     w, bias = layer.conv.weight, layer.conv.bias
     nd, dim = x.ndim - 2, plan.axis + 2
     in_sizes = [2 * d if upsample else d for d in x.shape[2:]]
     out_sizes = [layer.out_length(d) for d in in_sizes]
-    if out is None:
-        out = torch.empty(x.shape[0], w.shape[0], *out_sizes, dtype=plan.dtype, device=x.device)
+    if out is None and sink is None:
+        fmt = torch.channels_last_3d if plan._cl(x) else torch.contiguous_format
+        out = torch.empty(x.shape[0], w.shape[0], *out_sizes, dtype=plan.dtype, device=x.device, memory_format=fmt)
     length = in_sizes[plan.axis]
     for i, (o0, o1) in enumerate(plan.segments(out_sizes[plan.axis])):
         dev = plan.device(i, x.device)
@@ -170,10 +178,15 @@ def conv_split(
             pads += [c0 - i0, i1 - c1] if ax == plan.axis else ([0, 0] if sym else [lo, hi])
         if any(pads):
             seg = F.pad(seg, pads)
+        if plan._cl(seg):
+            seg = seg.contiguous(memory_format=torch.channels_last_3d)
         conv_pad = tuple(0 if (ax == plan.axis or not sym) else lo for ax in range(nd))
         y = _CONV[nd](seg, plan.param(w, dev), plan.param(bias, dev), stride=s, padding=conv_pad)
         del seg
-        y = y.to(out.device)
+        y = y.to(x.device)
+        if sink is not None:
+            sink(o0, o1, y)
+            continue
         target = _narrow(out, dim, o0, o1)
         if residual is not None:
             y += residual(o0, o1)
