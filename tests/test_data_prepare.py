@@ -124,3 +124,28 @@ def test_body_mask_matches_the_phantom_body():
     assert iou > 0.95
     # Air inside the body (bowel gas, lungs) is not outside air.
     assert body[np.isin(ph.label, (62, 12))].all()
+
+
+def test_prepare_with_the_project_vae(tmp_path):
+    """With the real (tiny) autoencoder: latents have its channel count and a quarter of the image size."""
+    networks = pytest.importorskip("maisi.networks.autoencoder", reason="autoencoder not merged yet")
+    from maisi.config import preset
+    from maisi.networks import build
+
+    torch.manual_seed(0)
+    vae = build("autoencoder", preset("tiny")).eval()
+    assert isinstance(vae, networks.Autoencoder)
+    ph = make_phantom("pelvis", (24, 24, 20), 12.0, seed=0)
+    write_phantom(ph, tmp_path / "in", "p")
+    report = prepare_all(tmp_path / "in", tmp_path / "out", PrepareConfig(multiple_of=16), vae, "tiny",
+                         log=lambda s: None)
+    assert report["done"] == ["p"]
+    lat = load_file(tmp_path / "out" / "p_latent.safetensors")
+    c = preset("tiny").autoencoder.latent_channels
+    assert lat["mu"].shape == (c, 4, 4, 4) and bool((lat["sigma"] > 0).all())
+    from maisi.data.prepare import resample
+
+    img, _, _ = resample(ph.image.round(), None, ph.affine, PrepareConfig(multiple_of=16))
+    with torch.no_grad():
+        mu, _ = vae.encode_within(torch.from_numpy(img)[None, None])
+    torch.testing.assert_close(lat["mu"], mu[0])

@@ -83,28 +83,37 @@ class Anatomy:
         return {}
 
     def body(self, c: Canvas) -> None:
-        lo, hi = c.extent
-        sl, (x, y, z) = c.box(lo, hi)
-        d = c.deform
-        head = self.head_ellipsoids(x, y, z, 0.0)
-        layers = [(0.0, "skin"), (2.0, "fat"), (2.0 + self.fat * np.where(z > 470, 0.3, 1.0), "muscle"),
-                  (2.0 + self.fat * np.where(z > 470, 0.3, 1.0) + self.wall, "visceral")]
-        for shrink, tissue in layers:
-            m = self.inside_trunk(x, y, z, shrink, d) | self.head_ellipsoids(x, y, z, shrink)
-            if tissue == "skin":
-                m |= head
-                c.label[m] = 200
-            tis = np.full(m.shape, T[tissue], np.uint8)
-            if tissue == "visceral":  # neck and head interior are muscle-like soft tissue
-                tis = np.where(np.broadcast_to(z > 465, m.shape), T["muscle"], T["visceral"]).astype(np.uint8)
-            c.tissue[m] = tis[m]
+        """Skin, subcutaneous fat, muscle wall and interior, as depth bands below the body surface."""
+        x, y, z = (c.axes[a].astype(np.float32).reshape([-1 if k == a else 1 for k in range(3)]) for a in range(3))
+        depth = np.full(c.shape, -1.0, np.float32)
+        k0, k1, k2 = np.searchsorted(c.axes[2], [-175.0, 560.0, 490.0], side="right")
+        for sl, part in ((slice(0, k0), "legs"), (slice(k0, k1), "trunk")):  # z slabs, each shape only where it is
+            if sl.stop > sl.start:
+                depth[..., sl] = self.trunk_depth(x, y, z[..., sl], c.deform[..., sl], part)
+        if k2 < c.shape[2]:
+            depth[..., k2:] = np.maximum(depth[..., k2:], self.head_depth(x, y, z[..., k2:]))
+        fat = 2.0 + self.fat * np.where(z > 470, 0.3, 1.0).astype(np.float32)
+        interior = np.where(z > 465, T["muscle"], T["visceral"]).astype(np.uint8)
+        tissue = np.where(depth > fat + self.wall, interior, np.uint8(T["muscle"]))
+        tissue = np.where(depth > fat, tissue, np.uint8(T["fat"]))
+        tissue = np.where(depth > 2.0, tissue, np.uint8(T["skin"]))
+        inside = depth > 0
+        c.tissue[...] = np.where(inside, tissue, np.uint8(0))
+        c.label[inside] = 200
 
-    def head_ellipsoids(self, x, y, z, shrink):
-        head = ((x / (76 * self.wx - shrink)) ** 2 + ((y - 10) / (96 * self.wy - shrink)) ** 2
-                + ((z - 630) / (100 - shrink)) ** 2) < 1
-        face = ((x / (56 * self.wx - shrink)) ** 2 + ((y - 45) / (60 * self.wy - shrink)) ** 2
-                + ((z - 558) / (62 - shrink)) ** 2) < 1
-        return head | face
+    def trunk_depth(self, x, y, z, deform, part: str):
+        """Approximate depth (mm) below the surface of the trunk/neck (−175 ≤ z ≤ 560) or the legs (z < −175)."""
+        if part == "trunk":
+            ax, ay, yc = self.axes(z)
+            return _ellipse_depth([x, y - yc], [ax, ay], 0.02 * deform)
+        lx = 80 * self.wx - 0.06 * (-175 - z)
+        ly = 78 * self.wy - 0.05 * (-175 - z)
+        return _ellipse_depth([np.abs(x) - 95, y], [lx, ly], 0.02 * deform)
+
+    def head_depth(self, x, y, z):
+        head = _ellipse_depth([x, y - 10, z - 630], [76 * self.wx, 96 * self.wy, 100])
+        face = _ellipse_depth([x, y - 45, z - 558], [56 * self.wx, 60 * self.wy, 62])
+        return np.maximum(head, face)
 
     def muscles(self, c: Canvas) -> None:
         for side, lab_auto, lab_psoas, lab_glut in ((-1, 104, 106, 98), (1, 105, 107, 99)):
@@ -309,3 +318,13 @@ class Anatomy:
                 (50, -2, 568)]
         c.paint(c.tube(chaikin(mand), 6), 120, T["bone"])
         c.paint(c.ellipsoid((0, 76 * self.wy, 560), (6, 16, 20)), 200, T["air"], within=(200,))
+
+
+def _ellipse_depth(offsets, radii, slack=0.0) -> np.ndarray:
+    """Approximate signed depth (mm, > 0 inside) below an ellipse/ellipsoid surface: (1 + slack − q)/|∇q|,
+    q = sqrt(Σ (d/r)²). Exact on the surface, close within a few centimetres of it."""
+    q = np.sqrt(sum((d / r) ** 2 for d, r in zip(offsets, radii)))
+    g = np.sqrt(sum((d / (r * r)) ** 2 for d, r in zip(offsets, radii)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        depth = (1.0 + slack - q) * q / g
+    return np.where(q > 1e-6, depth, np.float32(1e4)).astype(np.float32)
