@@ -113,3 +113,10 @@ def test_sizes_whose_extent_rounds_badly():
     """Regression: 192 slices at 1.5 mm once lost the last slice to floating-point rounding."""
     ph = make_phantom("chest", (16, 16, 192), 1.5, seed=0, noise=False)
     assert ph.label.shape == (16, 16, 192)
+
+
+def test_span_needs_a_long_enough_field_of_view():
+    with pytest.raises(ValueError, match="needs at least"):
+        make_phantom("chest-pelvis", (32, 32, 32), 6.0)  # 192 mm cannot show lungs and femurs
+    ph = make_phantom("chest-pelvis", (32, 32, 48), (12.0, 12.0, 8.0), seed=1, noise=False)
+    assert region_from_label(ph.label) == (1, 3)
