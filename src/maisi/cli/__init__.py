@@ -14,6 +14,7 @@ COMMANDS: list[str] = [
     "info",
     "phantom",
     "prepare",
+    "train",
 ]
 
 
