@@ -187,11 +187,10 @@ def settings_of(cfg: PrepareConfig, encoder_id: str | None) -> dict[str, Any]:
 
 
 def outputs(out_dir: Path, name: str, with_latents: bool) -> dict[str, Path]:
-    paths = {"sidecar": out_dir / f"{name}.json", "label": out_dir / f"{name}_label.nii.gz"}
-    if with_latents:
-        paths["latent"] = out_dir / f"{name}_latent.safetensors"
-    else:
-        paths["image"] = out_dir / f"{name}_image.nii.gz"
+    """Output files of a case; the sidecar sits beside the latent (or image) file, named after its stem."""
+    kind = "latent" if with_latents else "image"
+    paths = {"sidecar": out_dir / f"{name}_{kind}.json", "label": out_dir / f"{name}_label.nii.gz"}
+    paths[kind] = out_dir / (f"{name}_latent.safetensors" if with_latents else f"{name}_image.nii.gz")
     return paths
 
 
