@@ -166,3 +166,20 @@ def test_training_reads_prepared_latents_and_sidecars(scans, tmp_path):
     bare = [{"image": e["image"], "_where": "bare"} for e in entries]  # conditions from the sidecar only
     cases = LatentCases(bare, channels=4)
     torch.testing.assert_close(cases.load(0, torch.Generator())["spacing"], item["spacing"])
+
+
+def test_prepare_cli_loads_a_vae_checkpoint_folder(tmp_path):
+    pytest.importorskip("maisi.networks.autoencoder", reason="autoencoder not merged yet")
+    from maisi.config import preset
+    from maisi.io.checkpoint import save_pretrained
+    from maisi.networks import build
+
+    cfg = preset("tiny")
+    save_pretrained(tmp_path / "vae", build("autoencoder", cfg), cfg, "autoencoder")
+    write_phantom(make_phantom("chest", (24, 24, 20), 10.0, seed=0), tmp_path / "in", "c")
+    rc = main(["prepare", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--vae",
+               str(tmp_path / "vae"), "--multiple-of", "16", "--device", "cpu"])
+    assert rc == 0
+    assert load_file(tmp_path / "out" / "c_latent.safetensors")["mu"].shape == (4, 4, 4, 4)
+    assert main(["prepare", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o2"), "--vae",
+                 str(tmp_path / "nope")]) == 2
