@@ -135,7 +135,7 @@ def test_prepare_with_the_project_vae(tmp_path):
     torch.manual_seed(0)
     vae = build("autoencoder", preset("tiny")).eval()
     assert isinstance(vae, networks.Autoencoder)
-    ph = make_phantom("pelvis", (24, 24, 20), 12.0, seed=0)
+    ph = make_phantom("pelvis", (16, 16, 16), 16.0, seed=0)
     write_phantom(ph, tmp_path / "in", "p")
     report = prepare_all(tmp_path / "in", tmp_path / "out", PrepareConfig(multiple_of=16), vae, "tiny",
                          log=lambda s: None)
@@ -176,7 +176,7 @@ def test_prepare_cli_loads_a_vae_checkpoint_folder(tmp_path):
 
     cfg = preset("tiny")
     save_pretrained(tmp_path / "vae", build("autoencoder", cfg), cfg, "autoencoder")
-    write_phantom(make_phantom("chest", (24, 24, 20), 10.0, seed=0), tmp_path / "in", "c")
+    write_phantom(make_phantom("chest", (16, 16, 16), 15.0, seed=0), tmp_path / "in", "c")
     rc = main(["prepare", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--vae",
                str(tmp_path / "vae"), "--multiple-of", "16", "--device", "cpu"])
     assert rc == 0
