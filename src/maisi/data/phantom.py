@@ -19,7 +19,7 @@ from maisi.data.regions import (
     span_name,
     span_window,
 )
-from maisi.data.shapes import Canvas
+from maisi.data.shapes import Canvas, smooth_noise
 from maisi.io.atomic import atomic_write_text
 from maisi.io.volume import affine_from_spacing, write_volume
 from maisi.labels import BODY, label_id, label_name
@@ -141,8 +141,6 @@ def _add_tumor(c: Canvas, tumor: int, rng: np.random.Generator) -> None:
 
 def _render(c: Canvas, rng: np.random.Generator, noise: bool) -> np.ndarray:
     """HU = tissue mean + amplitude·smooth texture, blurred by the scanner PSF, plus scanner noise."""
-    from maisi.data.shapes import smooth_noise
-
     means = np.array([v[0] for v in TISSUES.values()], np.float32)
     amps = np.array([v[1] for v in TISSUES.values()], np.float32)
     texture = 0.75 * smooth_noise(rng, c.shape, c.spacing, 30.0) + 0.66 * smooth_noise(rng, c.shape, c.spacing, 8.0)

@@ -1,4 +1,4 @@
-"""Phantom anatomy in atlas mm (RAS: +x patient right... see `Anatomy`): organs painted onto a Canvas."""
+"""Phantom anatomy in atlas mm (RAS+, z = 0 at the top of L5): tissues and organs painted onto a Canvas."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class Anatomy:
         zs = [-175, -100, -20, 60, 140, 220, 300, 380, 430, 455, 478, 500, 560]
         ax = [172, 176, 170, 160, 156, 160, 166, 168, 160, 138, 72, 58, 60]
         ay = [112, 114, 110, 108, 110, 116, 120, 116, 106, 90, 62, 58, 60]
-        return np.interp(z, zs, ax) * self.wx, np.interp(z, zs, ay) * self.wy, np.interp(z, [440, 500], [0, 0])
+        return np.interp(z, zs, ax) * self.wx, np.interp(z, zs, ay) * self.wy, np.zeros_like(z, dtype=float)
 
     def spine_y(self, z):
         return np.interp(z, [-30, 0, 160, 300, 448, 567], [-42, -40, -38, -58, -45, -12]) * self.wy
@@ -60,17 +60,14 @@ class Anatomy:
         left = self.dome[1] - 0.0055 * (x + 60) ** 2 - 0.0045 * y ** 2
         return np.maximum(r, left)
 
-    def inside_trunk(self, x, y, z, shrink: float = 0.0, deform: np.ndarray | float = 0.0):
+    def inside_trunk(self, x, y, z, shrink: float = 0.0):
+        """Inside the trunk cross-section shrunk by `shrink` mm (−175 ≤ z ≤ 560)."""
         ax, ay, yc = self.axes(z)
         q = (x / np.maximum(ax - shrink, 1)) ** 2 + ((y - yc) / np.maximum(ay - shrink, 1)) ** 2
-        trunk = (q < 1 + 0.04 * deform) & (z >= -175) & (z <= 560)
-        lx = np.maximum(80 * self.wx - 0.06 * (-175 - z) - shrink, 1)
-        ly = np.maximum(78 * self.wy - 0.05 * (-175 - z) - shrink, 1)
-        legs = ((((np.abs(x) - 95) / lx) ** 2 + (y / ly) ** 2) < 1 + 0.04 * deform) & (z < -175)
-        return trunk | legs
+        return (q < 1) & (z >= -175) & (z <= 560)
 
     # -- drawing ------------------------------------------------------------------------------------
-    def draw(self, c: Canvas) -> dict[str, list]:
+    def draw(self, c: Canvas) -> None:
         self.body(c)
         self.muscles(c)
         self.abdomen(c)
@@ -80,7 +77,6 @@ class Anatomy:
         self.ribcage(c)
         self.pelvis(c)
         self.head(c)
-        return {}
 
     def body(self, c: Canvas) -> None:
         """Skin, subcutaneous fat, muscle wall and interior, as depth bands below the body surface."""
