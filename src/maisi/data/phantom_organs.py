@@ -15,7 +15,7 @@ TISSUES: dict[str, tuple[float, float]] = {
     "brain": (38.0, 4.0), "white_matter": (27.0, 3.0), "csf": (8.0, 3.0), "cortical": (880.0, 70.0), "cancellous": (270.0, 55.0),
     "bone": (520.0, 80.0), "marrow": (45.0, 25.0), "cartilage": (125.0, 12.0), "soft": (40.0, 10.0),
     "tumor_liver": (38.0, 14.0), "tumor_pancreas": (42.0, 12.0), "tumor_lung": (35.0, 14.0),
-    "lesion": (95.0, 25.0), "thyroid": (115.0, 10.0), "feces": (-250.0, 180.0),
+    "lesion": (95.0, 25.0), "thyroid": (115.0, 10.0), "feces": (-250.0, 180.0), "vessel": (70.0, 15.0),
 }
 T = {name: i for i, name in enumerate(TISSUES)}
 VERTEBRAE = [(33 + k, 32.0) for k in range(5)] + [(38 + k, 24.0) for k in range(12)] + [(50 + k, 17.0) for k in range(7)]
@@ -111,6 +111,21 @@ class Anatomy:
         face = _ellipse_depth([x, y - 45, z - 558], [56 * self.wx, 60 * self.wy, 62])
         return np.maximum(head, face)
 
+    def vessel_tree(self, c: Canvas, roots, radius: float, length: float, depth: int, within, label, tissue) -> None:
+        """Branching vessels from (start, direction) roots: each segment splits in two, 0.75× as long, 0.7× as thick."""
+        todo = [(np.asarray(p0, float), d / np.linalg.norm(d), radius, length, depth) for p0, d in roots]
+        while todo:
+            p0, d, r, n, k = todo.pop()
+            bend = self.rng.normal(0, 0.25, 3)
+            p1 = p0 + n * 0.5 * d
+            p2 = p1 + n * 0.5 * (d + bend) / np.linalg.norm(d + bend)
+            c.paint(c.tube([p0, p1, p2], [r, 0.9 * r, 0.8 * r]), label, T[tissue], within=within)
+            if k > 0:
+                d2 = (p2 - p1) / np.linalg.norm(p2 - p1)
+                for _ in range(2):
+                    child = d2 + self.rng.normal(0, 0.45, 3)
+                    todo.append((p2, child / np.linalg.norm(child), 0.7 * r, 0.75 * n, k - 1))
+
     def muscles(self, c: Canvas) -> None:
         for side, lab_auto, lab_psoas, lab_glut in ((-1, 104, 106, 98), (1, 105, 107, 99)):
             zs = np.linspace(-20, 520, 12)
@@ -135,6 +150,9 @@ class Anatomy:
                  c.ellipsoid(self.j((-12, 48, 228)), self.sc((58, 38, 34)), clip=below)]
         for sel in liver:
             c.paint(sel, 1, T["liver"], within=(200, 19, 62))
+        porta = self.j((38, 8, 190), 3)
+        roots = [(porta, np.array(d)) for d in ((1.0, 0.2, 0.5), (0.8, -0.6, 0.2), (0.5, 0.2, -0.8), (-1.0, 0.8, 0.6))]
+        self.vessel_tree(c, roots, 5.0, 35.0, 2, (1,), 25, "vein")
         c.paint(c.ellipsoid(self.j((52, 60, 168)), self.sc((15, 15, 32)), rot=rotation("x", 30)), 10, T["fluid"])
         stomach = c.ellipsoid(self.j((-55, 35, 210)), self.sc((46, 34, 56)), rot=rotation("y", -20), clip=below)
         c.paint(stomach, 12, T["fluid"], within=(200, 19, 62))
@@ -170,6 +188,11 @@ class Anatomy:
             lab = np.where(upper, np.where(z > 326, ids[0], ids[1]), ids[2]).astype(np.uint8)
             for value in set(ids):
                 c.paint(Selection(sel.slices, sel.mask & (lab == value)), value, T["lung"])
+        for side in (-1, 1):  # pulmonary vessels, labelled as their lobe
+            roots = [(0.3, 0.0, 1.0), (1.0, 0.1, 0.1), (0.4, -0.3, -1.0), (0.6, 1.0, -0.3), (0.6, -1.0, 0.0)]
+            hilum = self.j((side * 45, -5, 325), 3)
+            self.vessel_tree(c, [(hilum, np.array((side * a, b, z))) for a, b, z in roots], 5.5, 45.0, 3,
+                             LUNG_IDS, None, "vessel")
         heart = c.ellipsoid(self.j((-22, 32, 302)), self.sc((64, 50, 58)), rot=rotation("z", -35),
                             clip=lambda x, y, z: z > self.diaphragm(x, y) - 4)
         c.paint(heart, 115, T["myocardium"])
