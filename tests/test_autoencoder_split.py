@@ -88,3 +88,16 @@ def test_group_norm_statistics_survive_a_large_mean(num_splits):
     scale, shift = norm_affine(norm, x, Plan(num_splits=num_splits, axis=1))
     ref = nn.functional.group_norm(x.double(), 2, eps=1e-6)
     assert ((x.double() * scale.double() + shift.double()) - ref).abs().max() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_segments_across_cpu_and_cuda(model, ref):
+    x, z, (mu, _), img = ref
+    with torch.no_grad():
+        img2 = model.decode(z, num_splits=4, devices=["cuda", "cpu"])
+        mu2, _ = model.to("cuda").encode(x.cuda(), num_splits=3, split_axis=2)
+        img_half = model.decode(z.cuda(), num_splits=2, dtype=torch.float16)
+        model.to("cpu")
+    assert img2.device.type == "cpu" and (img2 - img).abs().max() <= 1e-4
+    assert (mu2.cpu() - mu).abs().max() <= 1e-4
+    assert (img_half.cpu() - img).abs().max() / img.abs().max() < 0.05
