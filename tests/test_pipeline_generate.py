@@ -22,6 +22,10 @@ from maisi.pipeline.validation import GenerationRequest
 FAST = dict(size=(64, 64, 64), spacing=(4.0, 4.0, 4.0), steps=2, quality_check=False, body_region=("chest",))
 
 
+def req(**change) -> GenerationRequest:
+    return GenerationRequest(**{**FAST, **change})
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A model folder of tiny random networks (autoencoder/, unet/, controlnet/) in the project format."""
@@ -51,9 +55,9 @@ def pipe(model_dir) -> Pipeline:
 
 
 def test_generate_writes_volume_label_preview_record(pipe, database, tmp_path):
-    req = GenerationRequest(**FAST, mask_database=str(database), anatomy=("liver",), body_region=("abdomen",),
-                            seed=7, size=(64, 64, 32), spacing=(5.0, 5.0, 6.0))
-    (s,) = pipe.generate(req, out=tmp_path)
+    r = req(mask_database=str(database), anatomy=("liver",), body_region=("abdomen",), seed=7, size=(64, 64, 32),
+            spacing=(5.0, 5.0, 6.0))
+    (s,) = pipe.generate(r, out=tmp_path)
     assert s.seed == 7 and s.image.dtype == np.int16 and s.image.shape == (64, 64, 32)
     vol, lab = read_volume(s.files["image"]), read_volume(s.files["label"])
     np.testing.assert_allclose(vol.spacing, (5.0, 5.0, 6.0))
@@ -68,10 +72,9 @@ def test_generate_writes_volume_label_preview_record(pipe, database, tmp_path):
 
 
 def test_same_seed_same_volume_whatever_batch_or_process(pipe, database):
-    req = GenerationRequest(**FAST, mask_database=str(database), num_samples=3, seed=11)
-    one_by_one = pipe.generate(req)
-    batched = pipe.generate(GenerationRequest(**{**req.__dict__, "batch_size": 3}))
-    rank1 = pipe.generate(req, rank=1, world_size=2)
+    one_by_one = pipe.generate(req(mask_database=str(database), num_samples=3, seed=11))
+    batched = pipe.generate(req(mask_database=str(database), num_samples=3, seed=11, batch_size=3))
+    rank1 = pipe.generate(req(mask_database=str(database), num_samples=3, seed=11), rank=1, world_size=2)
     assert [s.index for s in rank1] == [1] and [s.seed for s in one_by_one] == [11, 12, 13]
     np.testing.assert_array_equal(one_by_one[1].image, rank1[0].image)
     for a, b in zip(one_by_one, batched):
@@ -80,7 +83,7 @@ def test_same_seed_same_volume_whatever_batch_or_process(pipe, database):
 
 
 def test_image_only_and_user_mask(pipe, database, tmp_path):
-    (s,) = pipe.generate(GenerationRequest(**{**FAST, "body_region": ()}, mask_source="none"))
+    (s,) = pipe.generate(req(body_region=(), mask_source="none"))
     assert s.label is None and s.record["mask"] is None
     from maisi.data.phantom import make_phantom
     from maisi.io.volume import write_volume
@@ -88,16 +91,14 @@ def test_image_only_and_user_mask(pipe, database, tmp_path):
     ph = make_phantom("chest", size=40, spacing=6.0, seed=3)
     no_body = np.where(ph.label == 200, 0, ph.label).astype(np.uint8)
     write_volume(tmp_path / "mask.nii.gz", no_body, ph.affine, np.uint8)
-    (s,) = pipe.generate(GenerationRequest(**{**FAST, "body_region": ()}, mask=str(tmp_path / "mask.nii.gz")))
+    (s,) = pipe.generate(req(body_region=(), mask=str(tmp_path / "mask.nii.gz")))
     assert s.record["mask"]["body_added"] and (s.label == 200).any()
     assert set(np.unique(s.label)) - {200} <= set(np.unique(ph.label))
     assert s.record["resolved"]["body_region"] == [1, 1]  # derived from the mask's lungs
 
 
 def test_tumour_inpainted_into_host(pipe, database):
-    req = GenerationRequest(**{**FAST, "body_region": ("abdomen",)}, mask_database=str(database),
-                            tumor=("hepatic tumor",))
-    (s,) = pipe.generate(req)
+    (s,) = pipe.generate(req(body_region=("abdomen",), mask_database=str(database), tumor=("hepatic tumor",)))
     assert (s.label == 26).any() and s.record["mask"]["tumors"] == [26]
 
 
@@ -110,7 +111,7 @@ def test_tumour_inpainted_into_host(pipe, database):
 ])
 def test_plan_errors_before_compute(pipe, change, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
-        pipe.plan(GenerationRequest(**{**FAST, **change}))
+        pipe.plan(req(**change))
 
 
 def test_shard_covers_every_sample_once():

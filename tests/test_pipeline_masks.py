@@ -88,12 +88,14 @@ def test_database_ranking_and_missing_anatomy(tmp_path):
 
 
 def test_phantom_database_serves_requested_region(tmp_path):
-    folder = M.phantom_database(tmp_path / "db", variants=1, size=32, spacing=8.0)
-    assert len(M.read_index(folder)) == len(M.PHANTOM_SPANS)
+    folder = M.phantom_database(tmp_path / "db", [(2, 2)], variants=1, size=32, spacing=8.0)
+    assert len(M.read_index(folder)) == 1
+    assert M.phantom_database(tmp_path / "db", [(1, 1), (2, 2)], variants=1, size=32, spacing=8.0) == folder
+    assert sorted(e.top_region_index for e in M.read_index(folder)) == [1, 2]  # chest added, abdomen kept
     mask = M.database_mask(folder, (32, 32, 32), (6.0, 6.0, 6.0), (2, 2), (1,))
     assert mask.label.shape == (32, 32, 32) and (mask.label == 1).any() and mask.source["file"].startswith("abdomen")
     assert spacing_from_affine(mask.affine) == pytest.approx((6.0, 6.0, 6.0))
-    with pytest.raises(ValueError, match="no mask in the database shows head_neck with liver"):
+    with pytest.raises(ValueError, match=r"shows head_neck with liver; the database has regions: chest, abdomen"):
         M.database_mask(folder, (32,) * 3, (6.0,) * 3, (0, 0), (1,))
 
 

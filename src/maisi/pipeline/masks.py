@@ -195,22 +195,24 @@ def default_cache_dir() -> Path:
 PHANTOM_SPANS = ((0, 0), (1, 1), (2, 2), (3, 3), (1, 2), (2, 3), (0, 1))
 
 
-def phantom_database(folder: str | Path | None = None, variants: int = 3, size: int = 96,
-                     spacing: float = 4.0) -> Path:
-    """The built-in mask database: phantom label maps of every region and span (`variants` seeds each,
-    `size`³ voxels of `spacing` mm), generated once into `folder` (default: the user cache dir)."""
+def phantom_database(folder: str | Path | None = None, spans: Sequence[tuple[int, int]] | None = None,
+                     variants: int = 3, size: int = 96, spacing: float = 4.0) -> Path:
+    """The built-in mask database: phantom label maps (`variants` seeds of each region span, `size`³ voxels of
+    `spacing` mm, twice as long in z for spans), generated on first use into `folder` (default: the user cache
+    dir). Only the `spans` asked for (default: all) are generated; later calls add missing ones."""
     from maisi.data.phantom import make_phantom
     from maisi.data.regions import span_name
     from maisi.io.volume import write_volume
 
     folder = Path(folder) if folder is not None else default_cache_dir() / f"phantoms-{size}-{spacing:g}mm-v{variants}"
-    if (folder / INDEX_FILE).is_file():
+    entries = read_index(folder) if (folder / INDEX_FILE).is_file() else []
+    have = {(e.top_region_index, e.bottom_region_index) for e in entries}
+    todo = [s for s in (PHANTOM_SPANS if spans is None else spans) if tuple(s) not in have]
+    if not todo and entries:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for top, bottom in PHANTOM_SPANS:
+    for top, bottom in todo:
         for seed in range(variants):
-            # phantoms of spans need a longer z field of view to show both regions
             z = size * (2 if top != bottom else 1)
             p = make_phantom(span_name(top, bottom), size=(size, size, z), spacing=spacing, seed=1000 + seed)
             name = f"{span_name(top, bottom)}_{seed}_label.nii.gz"

@@ -132,7 +132,7 @@ class Pipeline:
             if missing:
                 raise ValueError(f"the mask {r.mask} lacks the requested anatomy ids {missing}")
         else:
-            folder = r.mask_database or M.phantom_database()
+            folder = r.mask_database or M.phantom_database(spans=None if plan.regions is None else [plan.regions])
             mask = M.database_mask(folder, plan.size, plan.spacing, plan.regions, plan.anatomy, attempt)
         if plan.tumors:
             rng = np.random.default_rng([seed, attempt])
