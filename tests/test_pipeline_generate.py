@@ -145,3 +145,8 @@ def test_torchrun_two_processes_match_one(model_dir, database, tmp_path):
         a = read_volume(tmp_path / "one" / f"sample_seed{seed}_image.nii.gz").array
         b = read_volume(tmp_path / "two" / f"sample_seed{seed}_image.nii.gz").array
         np.testing.assert_array_equal(a, b)
+
+
+def test_anatomy_without_region_searches_every_region(pipe, database):
+    (s,) = pipe.generate(req(body_region=(), mask_database=str(database), anatomy=("brain",)))
+    assert (s.label == 22).any() and s.record["resolved"]["body_region"] == [0, 0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -62,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
     from maisi.pipeline.pipeline import Pipeline, world_from_env
 
     rank, world = world_from_env()
-    if world > 1 and (args.device or "").startswith("cuda"):
-        torch.cuda.set_device(int(__import__("os").environ.get("LOCAL_RANK", rank)))
+    if world > 1 and torch.cuda.is_available() and args.device != "cpu":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     elif world > 1:
         torch.set_num_threads(max(1, (torch.get_num_threads()) // world))
     request = request_from_args(args)

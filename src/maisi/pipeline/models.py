@@ -14,6 +14,8 @@ from torch import nn
 from maisi.config import ModelConfig, load_model_config, to_dict
 
 COMPONENTS = ("autoencoder", "unet", "controlnet")
+# The config parts a checkpoint of each component depends on (a ControlNet copies the UNet's encoder).
+PARTS = {"autoencoder": ("autoencoder",), "unet": ("unet",), "controlnet": ("unet", "controlnet")}
 DEFAULTS_FILE = "generation.json"  # optional defaults of a model folder: size, spacing, body_region
 # Defaults of the released CT models (reference-data/config_infer.json).
 RELEASED_DEFAULTS = {"size": [256, 256, 256], "spacing": [1.5, 1.5, 2.0], "body_region": ["chest"]}
@@ -123,10 +125,10 @@ def load_networks(weights: str | Path | Sequence[str | Path] | None = None, conf
     for comp, path in paths.items():
         if path.is_dir():
             model, ck_cfg, extra = load_pretrained(path)
-            part = getattr(ck_cfg, comp if comp != "controlnet" else "controlnet")
-            if to_dict(part) != to_dict(getattr(cfg, comp)):
-                raise ValueError(f"{path}: its {comp} config does not match the model's config; "
-                                 "give weights trained together")
+            for part in PARTS[comp]:
+                if to_dict(getattr(ck_cfg, part)) != to_dict(getattr(cfg, part)):
+                    raise ValueError(f"{path}: its {part} config does not match the diffusion unet's "
+                                     f"({paths['unet']}); give networks trained together")
             digest = json.loads((path / "config.json").read_text()).get("weights_sha256") or ""
             sources[comp] = {"path": str(path), "sha256": digest, "format": "maisi"}
         else:

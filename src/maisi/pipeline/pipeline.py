@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from maisi.labels import REGIONS, modality_code, regions_in_mask
+from maisi.labels import REGIONS, TUMOR_HOSTS, modality_code, regions_in_mask
 from maisi.pipeline import masks as M
 from maisi.pipeline.models import Networks, load_networks
 from maisi.pipeline.postprocess import check_quality, to_hu, to_int16
@@ -81,11 +81,13 @@ class Pipeline:
         check_numbers(request, cfg.scheduler.num_train_timesteps)
         size = triple(request.size if request.size is not None else d.get("size", 64), "size", int)
         spacing = triple(request.spacing if request.spacing is not None else d.get("spacing", 1.5), "spacing")
-        regions = parse_regions(request.body_region or (() if request.mask else tuple(d.get("body_region", ()))))
+        anatomy, tumors = anatomy_ids(request.anatomy), tumor_ids(request.tumor)
+        # no region given: the model's default, unless a mask decides or the anatomy asked for picks it
+        default_region = () if request.mask or anatomy or tumors else tuple(d.get("body_region", ()))
+        regions = parse_regions(request.body_region or default_region)
         sampler = request.sampler or self.nets.trained_schedule
         check_sampler(sampler, self.nets.trained_schedule)
         modality = modality_code(request.modality if request.modality is not None else cfg.default_modality)
-        anatomy, tumors = anatomy_ids(request.anatomy), tumor_ids(request.tumor)
         use_mask = request.mask_source != "none" and (request.mask is not None or self.nets.controlnet is not None)
         if request.mask_source == "none" and (request.mask or anatomy or tumors):
             raise ValueError("--mask, --anatomy and --tumor need a mask; they cannot be used with mask source 'none'")
@@ -133,7 +135,8 @@ class Pipeline:
                 raise ValueError(f"the mask {r.mask} lacks the requested anatomy ids {missing}")
         else:
             folder = r.mask_database or M.phantom_database(spans=None if plan.regions is None else [plan.regions])
-            mask = M.database_mask(folder, plan.size, plan.spacing, plan.regions, plan.anatomy, attempt)
+            hosts = tuple(TUMOR_HOSTS[t] for t in plan.tumors)  # a tumour needs its host organ in the mask
+            mask = M.database_mask(folder, plan.size, plan.spacing, plan.regions, (*plan.anatomy, *hosts), attempt)
         if plan.tumors:
             rng = np.random.default_rng([seed, attempt])
             label = mask.label
