@@ -166,31 +166,32 @@ class Pipeline:
     def _denoiser(self, plan: Plan, cond: dict[str, torch.Tensor], mask: torch.Tensor | None):
         from maisi.diffusion.guidance import ClassifierFreeGuidance, ConditionedDenoiser
 
-        den = ConditionedDenoiser(self.nets.unet, self.nets.controlnet if mask is not None else None,
-                                  mask=mask, **cond)
-        if plan.guidance > 0:
-            den = ClassifierFreeGuidance(den, plan.guidance)
+        den = ConditionedDenoiser(self.nets.unet, self.nets.controlnet if mask is not None else None, mask=mask, **cond)
+        if plan.guidance > 0:  # unconditional branch: modality 0 (REFERENCE §2)
+            den = ClassifierFreeGuidance(den, den.with_modality(torch.zeros_like(cond["modality"])), plan.guidance)
         return den
 
     @torch.inference_mode()
     def sample_latents(self, plan: Plan, seeds: Sequence[int], masks: Sequence[M.Mask | None],
                        regions: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """Latents of one batch: noise from each sample's own seed, then the sampler."""
+        """Latents of one batch: noise (and DDPM step noise) from each sample's own seed, then the sampler."""
         from maisi.config import with_overrides
-        from maisi.diffusion.sampling import make_noise, sample
+        from maisi.diffusion.sampling import make_generators, make_noise, sample
         from maisi.diffusion.schedulers import make_scheduler
 
         f = self.config.autoencoder.downsample_factor
         latent = (self.config.autoencoder.latent_channels, *(s // f for s in plan.size))
-        noise = make_noise(latent, seeds, device=self.device)
+        gens = make_generators(seeds)
+        noise = make_noise(latent, seeds, device=self.device, generators=gens)
         sched_cfg = with_overrides(self.config, {"scheduler": {"kind": plan.sampler, "num_inference_steps": plan.steps}})
-        scheduler = make_scheduler(sched_cfg.scheduler)
+        scheduler = make_scheduler(sched_cfg.scheduler, self.config.unet.spatial_dims)
+        scheduler.set_timesteps(plan.steps, latent)
         mask = None
         if masks and masks[0] is not None:
             mask = torch.stack([torch.from_numpy(m.label.astype(np.int64)) for m in masks])[:, None].to(self.device)
         den = self._denoiser(plan, self._conditions(plan, len(seeds), regions), mask)
-        bar = self._bar(plan.steps, f"sampling {len(seeds)} sample(s)")
-        z = sample(den, scheduler, noise, callback=lambda *a, **k: bar.update(1))
+        bar = self._bar(len(scheduler.timesteps), f"sampling {len(seeds)} sample(s)")
+        z = sample(den, scheduler, noise, generator=gens, callback=lambda *a: bar.update(1))
         bar.close()
         return z
 
