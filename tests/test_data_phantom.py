@@ -113,3 +113,42 @@ def test_sizes_whose_extent_rounds_badly():
     """Regression: 192 slices at 1.5 mm once lost the last slice to floating-point rounding."""
     ph = make_phantom("chest", (16, 16, 192), 1.5, seed=0, noise=False)
     assert ph.label.shape == (16, 16, 192)
+
+
+def test_span_needs_a_long_enough_field_of_view():
+    with pytest.raises(ValueError, match="needs at least"):
+        make_phantom("chest-pelvis", (32, 32, 32), 6.0)  # 192 mm cannot show lungs and femurs
+    ph = make_phantom("chest-pelvis", (32, 32, 48), (12.0, 12.0, 8.0), seed=1, noise=False)
+    assert region_from_label(ph.label) == (1, 3)
+
+
+def test_cli_writes_phantoms_previews_and_a_growing_datalist(tmp_path, capsys):
+    import json
+
+    from maisi.cli import main
+
+    args = ["phantom", "--region", "abdomen", "--size", "24", "24", "16", "--spacing", "10", "--out", str(tmp_path)]
+    assert main(args + ["--num", "2", "--preview", "--tumor", "hepatic_tumor"]) == 0
+    assert main(args + ["--seed", "7"]) == 0
+    entries = json.loads((tmp_path / "datalist.json").read_text())["training"]
+    assert [e["seed"] for e in entries] == [0, 1, 7]
+    assert all((tmp_path / e["image"]).is_file() and (tmp_path / e["label"]).is_file() for e in entries)
+    assert (tmp_path / "phantom_abdomen_s0001_preview.png").is_file()
+    assert 26 in set(read_volume(tmp_path / entries[0]["label"]).array.ravel().tolist())
+    assert main(args + ["--region", "legs"]) == 2
+    assert "unknown body region" in capsys.readouterr().err
+
+
+def test_anatomy_sides_follow_ras():
+    """RAS+: +x is the patient's right, +y anterior, +z superior (world mm through the affine)."""
+    ph = make_phantom("chest-abdomen", (48, 40, 64), (8.0, 8.0, 8.0), seed=0, noise=False)
+
+    def centre(ids):
+        ijk = np.argwhere(np.isin(ph.label, ids)).mean(0)
+        return (ph.affine @ np.append(ijk, 1.0))[:3]
+
+    assert centre([1])[0] > 0 and centre([5])[0] > 0  # liver, right kidney
+    assert centre([3])[0] < 0 and centre([14])[0] < 0 and centre([28, 29])[0] < 0  # spleen, left kidney, left lung
+    assert centre([30, 31, 32])[0] > 0
+    assert centre([115])[1] > centre(list(range(38, 50)))[1]  # heart in front of the thoracic spine
+    assert centre([28, 30])[2] > centre([1])[2] > centre([5, 14])[2]  # lungs above liver above kidneys

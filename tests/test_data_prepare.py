@@ -42,7 +42,7 @@ def test_prepare_writes_latents_sidecars_and_datalist(scans, tmp_path):
     enc = PoolEncoder()
     report = prepare_all(src, out, PrepareConfig(multiple_of=32), enc, "pool", log=lambda s: None)
     assert sorted(report["done"]) == ["case0", "case1", "dcm0"] and not report["failed"]
-    side = json.loads((out / "case0.json").read_text())
+    side = json.loads((out / "case0_latent.json").read_text())
     assert side["dim"] == [32, 32, 32] == list(target_shape((40, 40, 30), 32))
     assert side["spacing"] == pytest.approx([10.0, 10.0, 7.5])  # field of view kept: 40·8 = 32·10
     assert side["top_region_index"] == side["bottom_region_index"] == [0, 0, 1, 0]
@@ -110,7 +110,7 @@ def test_unlabelled_scan_needs_a_region_and_gets_a_body_mask(tmp_path):
     report = prepare_all(tmp_path / "in", tmp_path / "b", PrepareConfig(multiple_of=16, region="chest"),
                          log=lambda s: None)
     assert report["done"] == ["scan"]
-    side = json.loads((tmp_path / "b" / "scan.json").read_text())
+    side = json.loads((tmp_path / "b" / "scan_image.json").read_text())
     assert side["top_region_index"] == [0, 1, 0, 0] and (tmp_path / "b" / side["image"]).is_file()
     lab = read_volume(tmp_path / "b" / side["label"]).array
     assert set(np.unique(lab).tolist()) == {0, 200}
@@ -124,3 +124,62 @@ def test_body_mask_matches_the_phantom_body():
     assert iou > 0.95
     # Air inside the body (bowel gas, lungs) is not outside air.
     assert body[np.isin(ph.label, (62, 12))].all()
+
+
+def test_prepare_with_the_project_vae(tmp_path):
+    """With the real (tiny) autoencoder: latents have its channel count and a quarter of the image size."""
+    networks = pytest.importorskip("maisi.networks.autoencoder", reason="autoencoder not merged yet")
+    from maisi.config import preset
+    from maisi.networks import build
+
+    torch.manual_seed(0)
+    vae = build("autoencoder", preset("tiny")).eval()
+    assert isinstance(vae, networks.Autoencoder)
+    ph = make_phantom("pelvis", (16, 16, 16), 16.0, seed=0)
+    write_phantom(ph, tmp_path / "in", "p")
+    report = prepare_all(tmp_path / "in", tmp_path / "out", PrepareConfig(multiple_of=16), vae, "tiny",
+                         log=lambda s: None)
+    assert report["done"] == ["p"]
+    lat = load_file(tmp_path / "out" / "p_latent.safetensors")
+    c = preset("tiny").autoencoder.latent_channels
+    assert lat["mu"].shape == (c, 4, 4, 4) and bool((lat["sigma"] > 0).all())
+    from maisi.data.prepare import resample
+
+    img, _, _ = resample(ph.image.round(), None, ph.affine, PrepareConfig(multiple_of=16))
+    with torch.no_grad():
+        mu, _ = vae.encode_within(torch.from_numpy(img)[None, None])
+    torch.testing.assert_close(lat["mu"], mu[0])
+
+
+def test_training_reads_prepared_latents_and_sidecars(scans, tmp_path):
+    """The trainer's latent loader takes `maisi prepare` output as it is (datalist, or sidecar alone)."""
+    from maisi.training.data import LatentCases, read_datalist
+
+    src, _ = scans
+    out = tmp_path / "out"
+    prepare_all(src, out, PrepareConfig(multiple_of=16), PoolEncoder(), "pool", log=lambda s: None)
+    entries = read_datalist(out / "datalist.json")
+    cases = LatentCases(entries, channels=4, with_label=True)
+    item = cases.load(0, torch.Generator().manual_seed(0))
+    assert item["latent"].shape == (4, 8, 8, 8) and item["label"].shape == (1, 32, 32, 32)
+    assert item["top_region_index"].tolist() == [0, 0, 1, 0] and int(item["modality"]) == 1
+    bare = [{"image": e["image"], "_where": "bare"} for e in entries]  # conditions from the sidecar only
+    cases = LatentCases(bare, channels=4)
+    torch.testing.assert_close(cases.load(0, torch.Generator())["spacing"], item["spacing"])
+
+
+def test_prepare_cli_loads_a_vae_checkpoint_folder(tmp_path):
+    pytest.importorskip("maisi.networks.autoencoder", reason="autoencoder not merged yet")
+    from maisi.config import preset
+    from maisi.io.checkpoint import save_pretrained
+    from maisi.networks import build
+
+    cfg = preset("tiny")
+    save_pretrained(tmp_path / "vae", build("autoencoder", cfg), cfg, "autoencoder")
+    write_phantom(make_phantom("chest", (16, 16, 16), 15.0, seed=0), tmp_path / "in", "c")
+    rc = main(["prepare", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--vae",
+               str(tmp_path / "vae"), "--multiple-of", "16", "--device", "cpu"])
+    assert rc == 0
+    assert load_file(tmp_path / "out" / "c_latent.safetensors")["mu"].shape == (4, 4, 4, 4)
+    assert main(["prepare", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o2"), "--vae",
+                 str(tmp_path / "nope")]) == 2

@@ -21,6 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="without --spacing: resize each axis to the nearest multiple of this (default 128)")
     p.add_argument("--region", help="body region or span (e.g. chest-abdomen) instead of deriving it from labels")
     p.add_argument("--modality", default="ct", help="modality name stored in the sidecars (default ct)")
+    p.add_argument("--device", help="device for the VAE (default: cuda when available, else cpu)")
     p.add_argument("--memory-gb", type=float, help="memory budget for the VAE encoder (tensor splitting)")
     p.add_argument("--label-mapping", help="JSON {source name or id: MAISI name or id} for non-MAISI label maps")
     p.add_argument("--label-names", help="JSON {id: class name} of the source label maps (e.g. TotalSegmentator); "
@@ -60,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
     mapping = load_mapping(args.label_mapping) if args.label_mapping else None
     names = load_names(args.label_names) if args.label_names else None
     encoder = load_encoder(args.vae, args.vae_preset) if args.vae else None
+    if encoder is not None:
+        import torch
+
+        encoder = encoder.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     encoder_id = str(Path(args.vae).resolve()) if args.vae else None
     report = prepare_all(args.input, args.out, cfg, encoder, encoder_id, mapping, names)
     print(f"prepared {len(report['done'])}, skipped {len(report['skipped'])} (already done), "

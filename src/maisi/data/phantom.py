@@ -19,7 +19,7 @@ from maisi.data.regions import (
     span_name,
     span_window,
 )
-from maisi.data.shapes import Canvas
+from maisi.data.shapes import Canvas, smooth_noise
 from maisi.io.atomic import atomic_write_text
 from maisi.io.volume import affine_from_spacing, write_volume
 from maisi.labels import BODY, label_id, label_name
@@ -92,7 +92,11 @@ def make_phantom(
     # Field of view: centred on the span, shifted to stay inside its exclusive window when it fits.
     fov = np.asarray(size) * np.asarray(spacing)
     lo_w, hi_w = span_window(top, bottom)
-    zc = span_centre(top, bottom) + rng.normal(0, 6)
+    zc, need = span_centre(top, bottom)
+    if fov[2] < need:
+        raise ValueError(f"a {span_name(top, bottom)} phantom needs at least {need:.0f} mm along z to show both "
+                         f"regions' marker organs; size·spacing gives {fov[2]:.0f} mm")
+    zc += rng.normal(0, 6)
     if fov[2] <= hi_w - lo_w:
         zc = float(np.clip(zc, lo_w + fov[2] / 2, hi_w - fov[2] / 2))
     centre = np.array([rng.normal(0, 5), rng.normal(-5, 5), zc])
@@ -109,7 +113,7 @@ def make_phantom(
     if region_from_label(canvas.label) != (top, bottom):
         got = region_from_label(canvas.label)
         raise ValueError(
-            f"a {span_name(top, bottom)} phantom of {list(fov.round(1))} mm shows "
+            f"a {span_name(top, bottom)} phantom of {[float(f) for f in fov.round(1)]} mm shows "
             f"{'no region markers' if got is None else span_name(*got)}; use a larger size or spacing"
         )
     image = _render(canvas, rng, noise)
@@ -137,8 +141,6 @@ def _add_tumor(c: Canvas, tumor: int, rng: np.random.Generator) -> None:
 
 def _render(c: Canvas, rng: np.random.Generator, noise: bool) -> np.ndarray:
     """HU = tissue mean + amplitude·smooth texture, blurred by the scanner PSF, plus scanner noise."""
-    from maisi.data.shapes import smooth_noise
-
     means = np.array([v[0] for v in TISSUES.values()], np.float32)
     amps = np.array([v[1] for v in TISSUES.values()], np.float32)
     texture = 0.75 * smooth_noise(rng, c.shape, c.spacing, 30.0) + 0.66 * smooth_noise(rng, c.shape, c.spacing, 8.0)

@@ -1,4 +1,4 @@
-"""Phantom anatomy in atlas mm (RAS: +x patient right... see `Anatomy`): organs painted onto a Canvas."""
+"""Phantom anatomy in atlas mm (RAS+, z = 0 at the top of L5): tissues and organs painted onto a Canvas."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ TISSUES: dict[str, tuple[float, float]] = {
     "brain": (38.0, 4.0), "white_matter": (27.0, 3.0), "csf": (8.0, 3.0), "cortical": (880.0, 70.0), "cancellous": (270.0, 55.0),
     "bone": (520.0, 80.0), "marrow": (45.0, 25.0), "cartilage": (125.0, 12.0), "soft": (40.0, 10.0),
     "tumor_liver": (38.0, 14.0), "tumor_pancreas": (42.0, 12.0), "tumor_lung": (35.0, 14.0),
-    "lesion": (95.0, 25.0), "thyroid": (115.0, 10.0), "feces": (-250.0, 180.0),
+    "lesion": (95.0, 25.0), "thyroid": (115.0, 10.0), "feces": (-250.0, 180.0), "vessel": (70.0, 15.0),
 }
 T = {name: i for i, name in enumerate(TISSUES)}
 VERTEBRAE = [(33 + k, 32.0) for k in range(5)] + [(38 + k, 24.0) for k in range(12)] + [(50 + k, 17.0) for k in range(7)]
@@ -49,7 +49,7 @@ class Anatomy:
         zs = [-175, -100, -20, 60, 140, 220, 300, 380, 430, 455, 478, 500, 560]
         ax = [172, 176, 170, 160, 156, 160, 166, 168, 160, 138, 72, 58, 60]
         ay = [112, 114, 110, 108, 110, 116, 120, 116, 106, 90, 62, 58, 60]
-        return np.interp(z, zs, ax) * self.wx, np.interp(z, zs, ay) * self.wy, np.interp(z, [440, 500], [0, 0])
+        return np.interp(z, zs, ax) * self.wx, np.interp(z, zs, ay) * self.wy, np.zeros_like(z, dtype=float)
 
     def spine_y(self, z):
         return np.interp(z, [-30, 0, 160, 300, 448, 567], [-42, -40, -38, -58, -45, -12]) * self.wy
@@ -60,17 +60,14 @@ class Anatomy:
         left = self.dome[1] - 0.0055 * (x + 60) ** 2 - 0.0045 * y ** 2
         return np.maximum(r, left)
 
-    def inside_trunk(self, x, y, z, shrink: float = 0.0, deform: np.ndarray | float = 0.0):
+    def inside_trunk(self, x, y, z, shrink: float = 0.0):
+        """Inside the trunk cross-section shrunk by `shrink` mm (−175 ≤ z ≤ 560)."""
         ax, ay, yc = self.axes(z)
         q = (x / np.maximum(ax - shrink, 1)) ** 2 + ((y - yc) / np.maximum(ay - shrink, 1)) ** 2
-        trunk = (q < 1 + 0.04 * deform) & (z >= -175) & (z <= 560)
-        lx = np.maximum(80 * self.wx - 0.06 * (-175 - z) - shrink, 1)
-        ly = np.maximum(78 * self.wy - 0.05 * (-175 - z) - shrink, 1)
-        legs = ((((np.abs(x) - 95) / lx) ** 2 + (y / ly) ** 2) < 1 + 0.04 * deform) & (z < -175)
-        return trunk | legs
+        return (q < 1) & (z >= -175) & (z <= 560)
 
     # -- drawing ------------------------------------------------------------------------------------
-    def draw(self, c: Canvas) -> dict[str, list]:
+    def draw(self, c: Canvas) -> None:
         self.body(c)
         self.muscles(c)
         self.abdomen(c)
@@ -80,31 +77,54 @@ class Anatomy:
         self.ribcage(c)
         self.pelvis(c)
         self.head(c)
-        return {}
 
     def body(self, c: Canvas) -> None:
-        lo, hi = c.extent
-        sl, (x, y, z) = c.box(lo, hi)
-        d = c.deform
-        head = self.head_ellipsoids(x, y, z, 0.0)
-        layers = [(0.0, "skin"), (2.0, "fat"), (2.0 + self.fat * np.where(z > 470, 0.3, 1.0), "muscle"),
-                  (2.0 + self.fat * np.where(z > 470, 0.3, 1.0) + self.wall, "visceral")]
-        for shrink, tissue in layers:
-            m = self.inside_trunk(x, y, z, shrink, d) | self.head_ellipsoids(x, y, z, shrink)
-            if tissue == "skin":
-                m |= head
-                c.label[m] = 200
-            tis = np.full(m.shape, T[tissue], np.uint8)
-            if tissue == "visceral":  # neck and head interior are muscle-like soft tissue
-                tis = np.where(np.broadcast_to(z > 465, m.shape), T["muscle"], T["visceral"]).astype(np.uint8)
-            c.tissue[m] = tis[m]
+        """Skin, subcutaneous fat, muscle wall and interior, as depth bands below the body surface."""
+        x, y, z = (c.axes[a].astype(np.float32).reshape([-1 if k == a else 1 for k in range(3)]) for a in range(3))
+        depth = np.full(c.shape, -1.0, np.float32)
+        k0, k1, k2 = np.searchsorted(c.axes[2], [-175.0, 560.0, 490.0], side="right")
+        for sl, part in ((slice(0, k0), "legs"), (slice(k0, k1), "trunk")):  # z slabs, each shape only where it is
+            if sl.stop > sl.start:
+                depth[..., sl] = self.trunk_depth(x, y, z[..., sl], c.deform[..., sl], part)
+        if k2 < c.shape[2]:
+            depth[..., k2:] = np.maximum(depth[..., k2:], self.head_depth(x, y, z[..., k2:]))
+        fat = 2.0 + self.fat * np.where(z > 470, 0.3, 1.0).astype(np.float32)
+        interior = np.where(z > 465, T["muscle"], T["visceral"]).astype(np.uint8)
+        tissue = np.where(depth > fat + self.wall, interior, np.uint8(T["muscle"]))
+        tissue = np.where(depth > fat, tissue, np.uint8(T["fat"]))
+        tissue = np.where(depth > 2.0, tissue, np.uint8(T["skin"]))
+        inside = depth > 0
+        c.tissue[...] = np.where(inside, tissue, np.uint8(0))
+        c.label[inside] = 200
 
-    def head_ellipsoids(self, x, y, z, shrink):
-        head = ((x / (76 * self.wx - shrink)) ** 2 + ((y - 10) / (96 * self.wy - shrink)) ** 2
-                + ((z - 630) / (100 - shrink)) ** 2) < 1
-        face = ((x / (56 * self.wx - shrink)) ** 2 + ((y - 45) / (60 * self.wy - shrink)) ** 2
-                + ((z - 558) / (62 - shrink)) ** 2) < 1
-        return head | face
+    def trunk_depth(self, x, y, z, deform, part: str):
+        """Approximate depth (mm) below the surface of the trunk/neck (−175 ≤ z ≤ 560) or the legs (z < −175)."""
+        if part == "trunk":
+            ax, ay, yc = self.axes(z)
+            return _ellipse_depth([x, y - yc], [ax, ay], 0.02 * deform)
+        lx = 80 * self.wx - 0.06 * (-175 - z)
+        ly = 78 * self.wy - 0.05 * (-175 - z)
+        return _ellipse_depth([np.abs(x) - 95, y], [lx, ly], 0.02 * deform)
+
+    def head_depth(self, x, y, z):
+        head = _ellipse_depth([x, y - 10, z - 630], [76 * self.wx, 96 * self.wy, 100])
+        face = _ellipse_depth([x, y - 45, z - 558], [56 * self.wx, 60 * self.wy, 62])
+        return np.maximum(head, face)
+
+    def vessel_tree(self, c: Canvas, roots, radius: float, length: float, depth: int, within, label, tissue) -> None:
+        """Branching vessels from (start, direction) roots: each segment splits in two, 0.75× as long, 0.7× as thick."""
+        todo = [(np.asarray(p0, float), d / np.linalg.norm(d), radius, length, depth) for p0, d in roots]
+        while todo:
+            p0, d, r, n, k = todo.pop()
+            bend = self.rng.normal(0, 0.25, 3)
+            p1 = p0 + n * 0.5 * d
+            p2 = p1 + n * 0.5 * (d + bend) / np.linalg.norm(d + bend)
+            c.paint(c.tube([p0, p1, p2], [r, 0.9 * r, 0.8 * r]), label, T[tissue], within=within)
+            if k > 0:
+                d2 = (p2 - p1) / np.linalg.norm(p2 - p1)
+                for _ in range(2):
+                    child = d2 + self.rng.normal(0, 0.45, 3)
+                    todo.append((p2, child / np.linalg.norm(child), 0.7 * r, 0.75 * n, k - 1))
 
     def muscles(self, c: Canvas) -> None:
         for side, lab_auto, lab_psoas, lab_glut in ((-1, 104, 106, 98), (1, 105, 107, 99)):
@@ -130,6 +150,9 @@ class Anatomy:
                  c.ellipsoid(self.j((-12, 48, 228)), self.sc((58, 38, 34)), clip=below)]
         for sel in liver:
             c.paint(sel, 1, T["liver"], within=(200, 19, 62))
+        porta = self.j((38, 8, 190), 3)
+        roots = [(porta, np.array(d)) for d in ((1.0, 0.2, 0.5), (0.8, -0.6, 0.2), (0.5, 0.2, -0.8), (-1.0, 0.8, 0.6))]
+        self.vessel_tree(c, roots, 5.0, 35.0, 2, (1,), 25, "vein")
         c.paint(c.ellipsoid(self.j((52, 60, 168)), self.sc((15, 15, 32)), rot=rotation("x", 30)), 10, T["fluid"])
         stomach = c.ellipsoid(self.j((-55, 35, 210)), self.sc((46, 34, 56)), rot=rotation("y", -20), clip=below)
         c.paint(stomach, 12, T["fluid"], within=(200, 19, 62))
@@ -165,6 +188,11 @@ class Anatomy:
             lab = np.where(upper, np.where(z > 326, ids[0], ids[1]), ids[2]).astype(np.uint8)
             for value in set(ids):
                 c.paint(Selection(sel.slices, sel.mask & (lab == value)), value, T["lung"])
+        for side in (-1, 1):  # pulmonary vessels, labelled as their lobe
+            roots = [(0.3, 0.0, 1.0), (1.0, 0.1, 0.1), (0.4, -0.3, -1.0), (0.6, 1.0, -0.3), (0.6, -1.0, 0.0)]
+            hilum = self.j((side * 45, -5, 325), 3)
+            self.vessel_tree(c, [(hilum, np.array((side * a, b, z))) for a, b, z in roots], 5.5, 45.0, 3,
+                             LUNG_IDS, None, "vessel")
         heart = c.ellipsoid(self.j((-22, 32, 302)), self.sc((64, 50, 58)), rot=rotation("z", -35),
                             clip=lambda x, y, z: z > self.diaphragm(x, y) - 4)
         c.paint(heart, 115, T["myocardium"])
@@ -309,3 +337,13 @@ class Anatomy:
                 (50, -2, 568)]
         c.paint(c.tube(chaikin(mand), 6), 120, T["bone"])
         c.paint(c.ellipsoid((0, 76 * self.wy, 560), (6, 16, 20)), 200, T["air"], within=(200,))
+
+
+def _ellipse_depth(offsets, radii, slack=0.0) -> np.ndarray:
+    """Approximate signed depth (mm, > 0 inside) below an ellipse/ellipsoid surface: (1 + slack − q)/|∇q|,
+    q = sqrt(Σ (d/r)²). Exact on the surface, close within a few centimetres of it."""
+    q = np.sqrt(sum((d / r) ** 2 for d, r in zip(offsets, radii)))
+    g = np.sqrt(sum((d / (r * r)) ** 2 for d, r in zip(offsets, radii)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        depth = (1.0 + slack - q) * q / g
+    return np.where(q > 1e-6, depth, np.float32(1e4)).astype(np.float32)

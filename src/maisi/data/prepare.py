@@ -187,11 +187,10 @@ def settings_of(cfg: PrepareConfig, encoder_id: str | None) -> dict[str, Any]:
 
 
 def outputs(out_dir: Path, name: str, with_latents: bool) -> dict[str, Path]:
-    paths = {"sidecar": out_dir / f"{name}.json", "label": out_dir / f"{name}_label.nii.gz"}
-    if with_latents:
-        paths["latent"] = out_dir / f"{name}_latent.safetensors"
-    else:
-        paths["image"] = out_dir / f"{name}_image.nii.gz"
+    """Output files of a case; the sidecar sits beside the latent (or image) file, named after its stem."""
+    kind = "latent" if with_latents else "image"
+    paths = {"sidecar": out_dir / f"{name}_{kind}.json", "label": out_dir / f"{name}_label.nii.gz"}
+    paths[kind] = out_dir / (f"{name}_latent.safetensors" if with_latents else f"{name}_image.nii.gz")
     return paths
 
 
@@ -244,7 +243,9 @@ def prepare_case(case: Case, out_dir: Path, cfg: PrepareConfig, encoder: Encoder
     }
     if encoder is not None:
         with torch.no_grad():
-            mu, sigma = encoder.encode_within(torch.from_numpy(image)[None, None], cfg.memory_gb)
+            x = torch.from_numpy(image)[None, None].to(_device_of(encoder))
+            mu, sigma = encoder.encode_within(x, cfg.memory_gb)
+            mu, sigma = mu.cpu(), sigma.cpu()
         side["latent"] = paths["latent"].name
         side["latent_shape"] = list(mu.shape[1:])
         save_latents(paths["latent"], mu[0], sigma[0], {k: json.dumps(v) for k, v in side.items()})
@@ -304,3 +305,10 @@ def prepare_all(source: str | Path, out_dir: str | Path, cfg: PrepareConfig, enc
 
 def _hot(i: int) -> list[int]:
     return [int(v) for v in region_one_hot(i)]
+
+
+def _device_of(encoder: Encoder) -> torch.device:
+    """The device of the encoder's weights (CPU for weightless encoders)."""
+    params = getattr(encoder, "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    return first.device if first is not None else torch.device("cpu")

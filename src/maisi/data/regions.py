@@ -16,6 +16,10 @@ REGION_WINDOW: dict[str, tuple[float, float]] = {
     "pelvis": (-480.0, 75.0),
 }
 REGION_CENTRE: dict[str, float] = {"head_neck": 615.0, "chest": 385.0, "abdomen": 125.0, "pelvis": -70.0}
+# Atlas z-range (mm) where each region's marker organs are reliably present, whatever the seed.
+REGION_MARKER_Z: dict[str, tuple[float, float]] = {
+    "head_neck": (580.0, 700.0), "chest": (250.0, 440.0), "abdomen": (110.0, 245.0), "pelvis": (-300.0, -75.0),
+}
 
 
 def parse_span(region: str) -> tuple[int, int]:
@@ -44,8 +48,12 @@ def span_window(top: int, bottom: int) -> tuple[float, float]:
     return REGION_WINDOW[REGIONS[bottom]][0], REGION_WINDOW[REGIONS[top]][1]
 
 
-def span_centre(top: int, bottom: int) -> float:
-    return 0.5 * (REGION_CENTRE[REGIONS[top]] + REGION_CENTRE[REGIONS[bottom]])
+def span_centre(top: int, bottom: int) -> tuple[float, float]:
+    """(centre z, shortest field of view in mm along z) that shows the markers of both ends of a span."""
+    if top == bottom:
+        return REGION_CENTRE[REGIONS[top]], 0.0
+    low, high = REGION_MARKER_Z[REGIONS[bottom]][1], REGION_MARKER_Z[REGIONS[top]][0]
+    return 0.5 * (low + high), max(high - low, 0.0) + 30.0
 
 
 def foreign_markers(top: int, bottom: int) -> tuple[int, ...]:

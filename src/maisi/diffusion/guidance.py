@@ -1,0 +1,85 @@
+"""Denoiser wrappers: conditioning (ControlNet → UNet) and classifier-free guidance (REFERENCE §2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from maisi.diffusion.sampling import Denoiser
+
+TUMOR_IDS = (23, 24, 26, 27, 128)  # lung, pancreatic, hepatic tumour, colon cancer primaries, bone lesion
+
+
+class ConditionedDenoiser:
+    """denoiser(x, t) for a UNet with fixed conditions, plus a ControlNet's residuals when a mask is given."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        controlnet: nn.Module | None = None,
+        *,
+        spacing: torch.Tensor | None = None,
+        top_region: torch.Tensor | None = None,
+        bottom_region: torch.Tensor | None = None,
+        modality: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        controlnet_scale: float = 1.0,
+    ):
+        if controlnet is not None and mask is None:
+            raise ValueError("a ControlNet needs a label mask to condition on")
+        self.unet, self.controlnet, self.mask, self.scale = unet, controlnet, mask, controlnet_scale
+        self.conditions = dict(spacing=spacing, top_region=top_region, bottom_region=bottom_region, modality=modality)
+
+    def with_modality(self, modality: torch.Tensor | None) -> ConditionedDenoiser:
+        """The same denoiser with another modality code (0 = the unconditional branch)."""
+        return self._replace(modality=modality)
+
+    def with_mask(self, mask: torch.Tensor) -> ConditionedDenoiser:
+        return self._replace(mask=mask)
+
+    def _replace(self, **changes: torch.Tensor | None) -> ConditionedDenoiser:
+        kw = {**self.conditions, "mask": self.mask, **changes}
+        return ConditionedDenoiser(self.unet, self.controlnet, controlnet_scale=self.scale, **kw)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        down = mid = None
+        if self.controlnet is not None:
+            down, mid = self.controlnet(x, t, self.mask, modality=self.conditions["modality"])
+            if self.scale != 1.0:
+                down, mid = [d * self.scale for d in down], mid * self.scale
+        return self.unet(x, t, **self.conditions, down_residuals=down, mid_residual=mid)
+
+
+class ClassifierFreeGuidance:
+    """out = u + s·(c − u). As in the reference, s = 0 means no guidance: only the conditional branch runs."""
+
+    def __init__(self, cond: Denoiser, uncond: Denoiser, scale: float):
+        if scale < 0:
+            raise ValueError(f"guidance scale must be >= 0, got {scale}")
+        self.cond, self.uncond, self.scale = cond, uncond, float(scale)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        c = self.cond(x, t)
+        if self.scale == 0.0:
+            return c
+        u = self.uncond(x, t)
+        return u + self.scale * (c - u)
+
+
+def tumor_free_mask(mask: torch.Tensor | np.ndarray, tumor_ids: tuple[int, ...] = TUMOR_IDS):
+    """The mask with every tumour voxel given the label of the nearest non-tumour voxel (its host organ):
+    the unconditional branch for paired-CT guidance."""
+    is_tensor = isinstance(mask, torch.Tensor)
+    arr = mask.detach().cpu().numpy() if is_tensor else np.asarray(mask)
+    tumor = np.isin(arr, tumor_ids)
+    if not tumor.any():
+        return mask.clone() if is_tensor else arr.copy()
+    out = arr.copy()
+    flat = out.reshape((-1,) + arr.shape[-3:])
+    for k, vol in enumerate(tumor.reshape((-1,) + arr.shape[-3:])):
+        if vol.any() and not vol.all():
+            idx = ndimage.distance_transform_edt(vol, return_distances=False, return_indices=True)
+            flat[k] = flat[k][tuple(idx)]
+    return torch.from_numpy(out).to(mask.device) if is_tensor else out
