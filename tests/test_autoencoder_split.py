@@ -73,3 +73,31 @@ def test_bfloat16_close_to_fp32(model, ref):
     assert img_bf.dtype == torch.float32
     rel = (img_bf - img).abs().max() / img.abs().max()
     assert 0 < rel < 0.05
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_group_norm_statistics_survive_a_large_mean(num_splits):
+    """Regression: E[x²]-E[x]² in fp32 cancels when |mean| >> std; the merged Welford stats must not."""
+    from torch import nn
+
+    from maisi.networks.split import Plan, norm_affine
+
+    torch.manual_seed(5)
+    x = 1000 + 0.01 * torch.randn(2, 4, 5, 6, 7)
+    norm = nn.GroupNorm(2, 4, eps=1e-6)
+    scale, shift = norm_affine(norm, x, Plan(num_splits=num_splits, axis=1))
+    ref = nn.functional.group_norm(x.double(), 2, eps=1e-6)
+    assert ((x.double() * scale.double() + shift.double()) - ref).abs().max() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_segments_across_cpu_and_cuda(model, ref):
+    x, z, (mu, _), img = ref
+    with torch.no_grad():
+        img2 = model.decode(z, num_splits=4, devices=["cuda", "cpu"])
+        mu2, _ = model.to("cuda").encode(x.cuda(), num_splits=3, split_axis=2)
+        img_half = model.decode(z.cuda(), num_splits=2, dtype=torch.float16)
+        model.to("cpu")
+    assert img2.device.type == "cpu" and (img2 - img).abs().max() <= 1e-4
+    assert (mu2.cpu() - mu).abs().max() <= 1e-4
+    assert (img_half.cpu() - img).abs().max() / img.abs().max() < 0.05

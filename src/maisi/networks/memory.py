@@ -10,6 +10,7 @@ from torch import nn
 from maisi.networks.split import SplitConv
 
 GB = 1024**3
+SAFETY = 1.1  # allocator slack over the layer-shape estimate (validated with ru_maxrss, docs/readme/autoencoder.md)
 
 
 def _bytes(dtype: torch.dtype) -> int:
@@ -33,28 +34,31 @@ def estimate_peak(model: nn.Module, op: str, shape: tuple[int, ...], num_splits:
     def vox(sizes: list[int]) -> int:
         return n * math.prod(sizes)
 
-    def seg_temp(cin: int, cout: int, sizes: list[int], up: bool = False) -> int:
+    def seg_temp(cin: int, cout: int, sizes: list[int], pre: bool = True, up: bool = False) -> int:
         s = list(sizes)
         s[axis] = math.ceil(s[axis] / max(1, min(num_splits, s[axis]))) + 3  # rows + halo
         e = vox(s)
-        return e * cin * (4 + 2 * b + (b if up else 0)) + e * cout * 2 * b
+        # fp32 normalised rows (+ a cast copy when not fp32) + the padded copy (+ the upsampled rows); conv rows
+        return e * cin * ((4 + (b if b != 4 else 0) if pre else 0) + b + (b if up else 0)) + e * cout * b
 
     def norm_temp(c: int, sizes: list[int]) -> int:
         s = list(sizes)
         s[axis] = math.ceil(s[axis] / max(1, min(num_splits, s[axis])))
-        return 2 * 4 * c * vox(s)
+        return 4 * c * vox(s) if b != 4 else 0  # var_mean reads fp32 rows in place; other dtypes are cast
 
     coder = model.encoder if op == "encode" else model.decoder
     c = shape[1]
     io = vox(spatial) * c * 4  # the caller's input
     peak = 0
+    pre = False
     for block in coder.blocks:
         if isinstance(block, nn.GroupNorm):
+            pre = True
             peak = max(peak, io + vox(spatial) * c * b + norm_temp(c, spatial))
         elif isinstance(block, SplitConv):
             cout = block.conv.conv.out_channels
-            peak = max(peak, io + vox(spatial) * (c + cout) * b + seg_temp(c, cout, spatial))
-            c = cout
+            peak = max(peak, io + vox(spatial) * (c + cout) * b + seg_temp(c, cout, spatial, pre))
+            c, pre = cout, False
         elif isinstance(block, ResBlock):
             cout = block.conv1.conv.conv.out_channels
             # ResBlock.run: equal channels keep x and h; halving writes back into x (two lagged segments);
@@ -62,14 +66,14 @@ def estimate_peak(model: nn.Module, op: str, shape: tuple[int, ...], num_splits:
             extra = cout if c == cout else (0 if 2 * cout <= c else 2 * cout)
             lag = 2 * seg_temp(0, cout, spatial) if 2 * cout <= c else 0
             full = vox(spatial) * (c + extra) * b
-            peak = max(peak, io + full + lag + seg_temp(max(c, cout), cout, spatial) + norm_temp(max(c, cout), spatial))
+            peak = max(peak, io + full + lag + max(seg_temp(max(c, cout), cout, spatial), norm_temp(max(c, cout), spatial)))
             c = cout
         elif isinstance(block, Downsample | Upsample):
             small = list(spatial)
             spatial = [(d + 1) // 2 for d in spatial] if isinstance(block, Downsample) else [2 * d for d in spatial]
             big = spatial if isinstance(block, Upsample) else small
-            peak = max(peak, io + (vox(small) + vox(spatial)) * c * b + seg_temp(c, c, big, up=True))
-    return int(peak + weights + vox(spatial) * c * 4)
+            peak = max(peak, io + (vox(small) + vox(spatial)) * c * b + seg_temp(c, c, big, pre=False, up=True))
+    return int(SAFETY * (peak + weights + vox(spatial) * c * 4))
 
 
 def _candidates(max_len: int) -> list[int]:

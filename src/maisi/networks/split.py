@@ -87,23 +87,27 @@ def _narrow(x: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tensor:
 def norm_affine(norm: nn.GroupNorm, x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(sample, channel) scale and shift so that GroupNorm(x) == x * scale + shift.
 
-    Statistics are exact over the whole tensor: segment-wise fp32 sums, accumulated in fp64, two passes
-    (mean, then centred sum of squares) so that a large mean does not cancel the variance.
+    Statistics are exact over the whole tensor: a one-pass (Welford) fp32 mean/variance per channel and
+    segment, merged into groups in fp64 with Chan's parallel formula, so nothing full-size is copied.
     """
     n, c, g = x.shape[0], x.shape[1], norm.num_groups
-    dim = plan.axis + 2
-    segs = plan.segments(x.shape[dim])
-    total = x[0, 0].numel() * (c // g)
-    s1 = torch.zeros(n, g, dtype=torch.float64, device=x.device)
-    for a, b in segs:
-        s1 += _narrow(x, dim, a, b).float().reshape(n, g, -1).sum(-1).double()
-    mean = s1 / total
-    s2 = torch.zeros_like(s1)
-    mean32 = mean.float().view(n, g, 1)
-    for a, b in segs:
-        s2 += (_narrow(x, dim, a, b).float().reshape(n, g, -1) - mean32).square_().sum(-1).double()
-    rstd = (s2 / total + norm.eps).rsqrt()
+    dim, dims = plan.axis + 2, tuple(range(2, x.ndim))
+    counts, means, m2s = [], [], []
+    for a, b in plan.segments(x.shape[dim]):
+        seg = _narrow(x, dim, a, b)
+        var, mean = torch.var_mean(seg if seg.dtype == torch.float32 else seg.float(), dim=dims, correction=0)
+        cnt = seg[0, 0].numel()
+        counts.append(cnt)
+        means.append(mean.double())
+        m2s.append(var.double() * cnt)
     rep = c // g
+    cnt = torch.tensor(counts, dtype=torch.float64, device=x.device).view(-1, 1, 1, 1)  # S,1,1,1
+    mean_p = torch.stack(means).view(-1, n, g, rep)  # S,N,G,rep: one part per (segment, channel)
+    m2_p = torch.stack(m2s).view(-1, n, g, rep)
+    total = cnt.sum() * rep
+    mean = (cnt * mean_p).sum((0, 3)) / total  # N,G
+    m2 = (m2_p + cnt * (mean_p - mean.view(1, n, g, 1)).square()).sum((0, 3))
+    rstd = (m2 / total + norm.eps).rsqrt()
     mean_c = mean.repeat_interleave(rep, dim=1)
     rstd_c = rstd.repeat_interleave(rep, dim=1)
     w = norm.weight.detach().double().to(x.device) if norm.affine else torch.ones(c, dtype=torch.float64)

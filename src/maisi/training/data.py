@@ -179,27 +179,14 @@ def conditions(meta: dict[str, Any], where: str, default_modality: int = 1) -> d
 
 
 def read_latent_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(mu, sigma or None) of a cached latent: C×x×y×z from .safetensors/.pt ({"mu", "sigma"} or
-    {"latent"}) or a channels-last NIfTI (x×y×z×C, the reference's `*_emb.nii.gz`)."""
-    from maisi.io.checkpoint import read_checkpoint_file
-    from maisi.io.volume import is_nifti
+    """(mu, sigma or None), C×x×y×z, of a cached latent (`maisi prepare`'s .safetensors or a reference NIfTI)."""
+    from maisi.data.datasets import load_latents
 
     path = Path(path)
-    if is_nifti(path):
-        import nibabel as nib
-
-        a = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
-        if a.ndim != 4:
-            raise ValueError(f"{path}: a latent NIfTI must be x×y×z×C, got shape {a.shape}")
-        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 0))), None
-    obj = read_checkpoint_file(path)
-    if not isinstance(obj, dict) or not ({"mu", "latent"} & set(obj)):
-        raise ValueError(f"{path}: a latent file must hold 'mu' (and 'sigma') or 'latent' tensors")
-    mu = obj.get("mu", obj.get("latent"))
-    sigma = obj.get("sigma")
-    mu = mu[0] if mu.ndim == 5 else mu
-    sigma = sigma[0] if sigma is not None and sigma.ndim == 5 else sigma
-    return mu.float(), None if sigma is None else sigma.float()
+    mu, sigma = load_latents(path)
+    if mu.ndim == 5 and mu.shape[0] == 1:
+        mu, sigma = mu[0], None if sigma is None else sigma[0]
+    return mu, sigma
 
 
 def sidecar(path: str | Path) -> dict[str, Any]:
