@@ -150,3 +150,20 @@ class VAEStage:
             self.opt_d.step()
             out["loss_disc"] = d_loss.item()
         return out
+
+
+def perceptual_loss(weights: str | None = None, fraction: float = 0.2) -> PerceptualLoss25D:
+    """The 2.5D perceptual loss on EfficientNet-Lite0 features (bundled ImageNet weights, or `weights`)."""
+    try:
+        from maisi.networks.backbones import efficientnet_lite0
+    except ImportError as e:
+        raise ValueError(
+            "the perceptual loss needs maisi.networks.backbones.efficientnet_lite0, which is not available "
+            f"in this installation ({e}); train with --perceptual-weight 0"
+        ) from e
+    net = efficientnet_lite0()
+    if weights:
+        from maisi.io.checkpoint import load_state_dict_strict, read_state_dict
+
+        load_state_dict_strict(net, read_state_dict(weights), source=str(weights))
+    return PerceptualLoss25D(net, fraction)
