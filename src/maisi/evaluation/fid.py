@@ -77,8 +77,28 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return max(d, 0.0)
 
 
+def _as64(f: torch.Tensor | np.ndarray) -> np.ndarray:
+    f = np.asarray(f.detach().cpu() if isinstance(f, torch.Tensor) else f, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature vectors (N×D), got shape {f.shape}")
+    return f
+
+
 def fid_from_features(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
-    return frechet_distance(*feature_stats(a), *feature_stats(b))
+    """Fréchet distance of two feature sets (N×D). With fewer samples than dimensions it uses the exact
+    low-rank identity tr (Σ1 Σ2)^½ = ‖A1 A2ᵀ‖_* (nuclear norm; Σi = AiᵀAi, Ai the centred features / √(n−1)),
+    which avoids D×D eigendecompositions."""
+    a, b = _as64(a), _as64(b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sets differ in dimension: {a.shape[1]} vs {b.shape[1]}")
+    n1, n2, dim = a.shape[0], b.shape[0], a.shape[1]
+    if n1 * n2 * min(n1, n2) >= dim ** 3:
+        return frechet_distance(*feature_stats(a), *feature_stats(b))
+    mu1, mu2 = a.mean(0), b.mean(0)
+    a1, a2 = (a - mu1) / np.sqrt(n1 - 1), (b - mu2) / np.sqrt(n2 - 1)
+    cross = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
+    d = float(np.sum((mu1 - mu2) ** 2) + np.sum(a1 * a1) + np.sum(a2 * a2) - 2 * cross)
+    return max(d, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
