@@ -2,15 +2,6 @@
 
 import pytest
 import torch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small convolutions on a shared, oversubscribed 2-core machine run ~40x faster on one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 from safetensors.torch import save_file
 
 from maisi.io.checkpoint import CheckpointError
@@ -21,6 +12,15 @@ from maisi.networks.backbones import (
     resnet50_radimagenet,
     torchscript_extractor,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Small convolutions on a shared, oversubscribed 2-core machine run ~40x faster on one thread.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

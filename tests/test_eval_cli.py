@@ -6,6 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from maisi.cli import main
+from maisi.data.phantom import make_phantom, write_phantom
+from maisi.evaluation.inputs import list_volumes, pair_volumes
+from maisi.evaluation.runs import evaluate_consistency
+from maisi.evaluation.segmenter import PHANTOM_LABELS, PhantomSegmenter, _net, load_segmenter, save_segmenter
+from maisi.io.volume import affine_from_spacing, read_volume, write_volume
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -14,13 +21,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-from maisi.cli import main
-from maisi.data.phantom import make_phantom, write_phantom
-from maisi.evaluation.inputs import list_volumes, pair_volumes
-from maisi.evaluation.runs import evaluate_consistency
-from maisi.evaluation.segmenter import PHANTOM_LABELS, PhantomSegmenter, _net, load_segmenter, save_segmenter
-from maisi.io.volume import affine_from_spacing, read_volume, write_volume
 
 
 @pytest.fixture(scope="module")
