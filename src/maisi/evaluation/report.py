@@ -70,7 +70,7 @@ def histogram_chart(series: Mapping[str, np.ndarray], title: str, lo: float = -1
             y = top + h - v / peak * h
             pts += [(left + b * w / bins, y), (left + (b + 1) * w / bins, y)]
         d.line(pts, fill=colour, width=2)
-        d.text((left + 120 * c, 20), f"— {name}", fill=colour, font=font)
+        d.text((left + 120 * c, 20), f"-- {name}", fill=colour, font=font)
     return img
 
 
