@@ -67,7 +67,7 @@ def list_volumes(source: str | Path, role: str = "image", key: str | None = None
         raise FileNotFoundError(f"no such file or folder: {src}")
     if src.is_file() and src.suffix == ".json":
         paths = _datalist(src, role, key)
-    elif src.is_file():
+    elif src.is_file() or any(src.glob("*.dcm")):  # one NIfTI file or one DICOM series folder
         paths = [src]
     else:
         files = sorted(p for p in src.iterdir() if is_nifti(p))
