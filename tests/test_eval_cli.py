@@ -116,3 +116,18 @@ def test_reconstruction_and_quality_cli(sets, tmp_path, capsys):
     rep = json.loads((out / "quality.json").read_text())
     assert rep["summary"]["passed"] == 2 and "liver" in rep["summary"]["groups"]
     assert (out / "quality_hist_liver.png").is_file()
+
+
+def test_train_phantom_segmenter_runs_and_reloads(tmp_path):
+    from maisi.evaluation.segmenter import train_phantom_segmenter
+
+    lines = []
+    seg = train_phantom_segmenter(tmp_path / "s.safetensors", steps=2, size=(32, 32, 32), spacing=(6, 6, 6),
+                                  n_phantoms=2, batch=1, log=lines.append)
+    assert lines[-1].startswith("step 2/2") and np.isfinite(seg.info["final_loss"])
+    again = load_segmenter(tmp_path / "s.safetensors")
+    hu = torch.from_numpy(make_phantom("chest", size=32, spacing=6.0, seed=3).image)
+    assert torch.equal(again(hu, spacing=(6, 6, 6)), seg(hu, spacing=(6, 6, 6)))
+    assert again(hu[:20], spacing=(6, 6, 6)).shape == (20, 32, 32)  # padded to ×16 inside, cropped back
+    with pytest.raises(ValueError, match="multiple of 16"):
+        train_phantom_segmenter(tmp_path / "x.safetensors", steps=1, size=(30, 32, 32))
