@@ -23,13 +23,14 @@ class DDPMScheduler:
         self.set_timesteps(config.num_inference_steps)
 
     def set_timesteps(self, num_inference_steps: int, latent_shape: Sequence[int] | None = None) -> None:
-        """Evenly spaced ("leading") steps T//n apart, descending; `latent_shape` is unused."""
+        """n steps linspace(T − 1, 0, n) rounded, descending (as MONAI 1.6); `latent_shape` is unused."""
         T = self.config.num_train_timesteps
         if not 1 <= num_inference_steps <= T:
             raise ValueError(f"num_inference_steps must be in 1..{T}, got {num_inference_steps}")
         self.num_inference_steps = num_inference_steps
-        self.step_ratio = T // num_inference_steps
-        self.timesteps = (torch.arange(num_inference_steps) * self.step_ratio).flip(0).float()
+        self.timesteps = torch.linspace(T - 1, 0, num_inference_steps).round()
+        nxt = torch.cat([self.timesteps[1:], torch.tensor([-1.0])])
+        self._next = {int(a): int(b) for a, b in zip(self.timesteps, nxt)}
 
     def _index(self, t: torch.Tensor) -> torch.Tensor:
         return t.round().long().clamp(0, self.config.num_train_timesteps - 1)
@@ -53,7 +54,10 @@ class DDPMScheduler:
         return torch.randint(0, self.config.num_train_timesteps, (n,), generator=generator).float()
 
     def _prev(self, t: int) -> int:
-        return t - self.step_ratio
+        """The next (smaller) scheduled timestep after t; -1 after the last (ᾱ = 1 there)."""
+        if t not in self._next:
+            raise ValueError(f"t = {t} is not in the current schedule; call set_timesteps first")
+        return self._next[t]
 
     def step(
         self,
@@ -69,7 +73,8 @@ class DDPMScheduler:
         ac = self.alphas_cumprod
         a_t = ac[ti]
         a_prev = ac[prev] if prev >= 0 else torch.tensor(1.0)
-        beta_t = 1 - a_t / a_prev
+        # one-step transitions use the stored β_t (as MONAI); skipped steps the effective 1 − ᾱ_t/ᾱ_prev
+        beta_t = self.betas[ti] if prev == ti - 1 else 1 - a_t / a_prev
         x0 = (x - (1 - a_t) ** 0.5 * model_output) / a_t**0.5
         mean = (a_prev**0.5 * beta_t / (1 - a_t)) * x0 + ((1 - beta_t) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
         if ti <= 0:
