@@ -1,160 +1,212 @@
-"""Schedulers against MONAI's reference implementations, and their contract."""
+"""Schedulers against MONAI's (timesteps and steps), oracle sampling, per-sample determinism, guidance."""
 
+import numpy as np
 import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler as MonaiDDIM
 from monai.networks.schedulers import DDPMScheduler as MonaiDDPM
 from monai.networks.schedulers import RFlowScheduler as MonaiRFlow
-from monai.networks.schedulers.rectified_flow import timestep_transform
 
 from maisi.config import SchedulerConfig
-from maisi.diffusion.rflow import shift_timesteps
-from maisi.diffusion.schedulers import make_scheduler, spatial_shape
-
-SHAPES = [(32, 32, 32), (64, 64, 32), (128, 128, 64), (16, 16, 8), (30, 40, 50)]
-
-
-def monai_rflow(shape, n=30):
-    m = MonaiRFlow(
-        1000, use_discrete_timesteps=False, use_timestep_transform=True, sample_method="uniform", scale=1.4
-    )
-    m.set_timesteps(n, input_img_size_numel=torch.prod(torch.tensor(shape)))
-    return m
+from maisi.diffusion.guidance import ClassifierFreeGuidance, ConditionedDenoiser, tumor_free_mask
+from maisi.diffusion.sampling import make_generators, make_noise, sample
+from maisi.diffusion.schedulers import make_scheduler
 
 
-def rflow(shape, n=30, **kw):
-    s = make_scheduler(SchedulerConfig(kind="rflow", num_inference_steps=n, **kw))
-    s.set_timesteps(n, shape)
+def _monai_ddpm(n):
+    s = MonaiDDPM(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, schedule="scaled_linear_beta",
+                  clip_sample=False)
+    s.set_timesteps(n)
     return s
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_rflow_reference_mode_is_bit_faithful_to_monai(shape):
-    m, s = monai_rflow(shape), rflow(shape, reference_timesteps=True)
-    assert s.timesteps.dtype == torch.float16 and torch.equal(s.timesteps, m.timesteps)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 3, 3, 3, generator=g)
-    nxt = torch.cat((m.timesteps[1:], torch.tensor([0], dtype=m.timesteps.dtype)))
-    for t, t_next in zip(m.timesteps, nxt):
-        v = torch.randn(x.shape, generator=g)
-        ours = s.step(v, t, x)
-        assert torch.equal(ours, m.step(v, t, x, t_next)[0])
-        x = ours
+@pytest.mark.parametrize("n", [1000, 50, 7])
+def test_ddpm_timesteps_and_noising_match_monai(n):
+    ours = make_scheduler(SchedulerConfig(kind="ddpm", num_inference_steps=n))
+    ref = _monai_ddpm(n)
+    assert torch.equal(ours.timesteps.long(), ref.timesteps.long())
+    x, eps = torch.randn(2, 4, 6, 6, 6), torch.randn(2, 4, 6, 6, 6)
+    t = torch.tensor([10, 900])
+    torch.testing.assert_close(ours.add_noise(x, eps, t.float()), ref.add_noise(x, eps, t), atol=1e-6, rtol=1e-6)
+    assert torch.equal(ours.training_target(x, eps, t), eps)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_rflow_clean_mode_agrees_with_monai_to_float16_rounding(shape):
-    m, s = monai_rflow(shape), rflow(shape)
-    assert s.timesteps.dtype == torch.float32
-    t = s.timesteps.double()
-    # fp16 keeps 11 significant bits: |err| <= t * 2^-11
-    assert ((t - m.timesteps.double()).abs() <= t * 2.0**-11 + 1e-9).all()
-    assert t[0] == 1000 and (t[:-1] > t[1:]).all() and t[-1] > 0
-    if shape == (32, 32, 32):  # base size: no shift, exact (1 - i/30)·T
-        assert torch.allclose(t, 1000 - 1000 / 30 * torch.arange(30.0, dtype=torch.float64))
+def test_ddpm_steps_match_monai_at_1000_steps():
+    ours = make_scheduler(SchedulerConfig(kind="ddpm", num_inference_steps=1000))
+    ref = _monai_ddpm(1000)
+    torch.manual_seed(0)
+    x, eps = torch.randn(2, 4, 6, 6, 6), torch.randn(2, 4, 6, 6, 6)
+    for t in [999, 500, 1, 0]:
+        expected, _ = ref.step(eps, t, x, generator=torch.Generator().manual_seed(5))
+        got = ours.step(eps, float(t), x, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_rflow_shift_formula_pinned():
-    # r = (64*64*32 / 32^3)^(1/3) = 4^(1/3); t = 500 -> r*0.5/(1+(r-1)*0.5)*1000
-    r = 4 ** (1 / 3)
-    got = shift_timesteps(torch.tensor([500.0], dtype=torch.float64), 64 * 64 * 32, 32**3, 3, 1000).item()
-    assert got == pytest.approx(r * 0.5 / (1 + (r - 1) * 0.5) * 1000, rel=1e-12)
-    assert got == pytest.approx(613.5118, abs=1e-3)
+def test_strided_ddpm_uses_the_posterior_between_listed_steps():
+    ours = make_scheduler(SchedulerConfig(kind="ddpm", num_inference_steps=10))
+    t, t_prev = int(ours.timesteps[0]), int(ours.timesteps[1])
+    x0, eps = torch.rand(1, 2, 3, 3, 3), torch.randn(1, 2, 3, 3, 3)
+    a_t, a_p = float(ours.alphas_cumprod[t]), float(ours.alphas_cumprod[t_prev])
+    x_t = ours.add_noise(x0, eps, torch.tensor([float(t)]))
+    # q(x_prev | x_t, x0) mean, DDPM eq. 7 with the strided alphas.
+    beta = 1 - a_t / a_p
+    mean = (a_p**0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_p) / (1 - a_t)) * x_t
+    std = ((1 - a_p) / (1 - a_t) * beta) ** 0.5
+    g = torch.Generator().manual_seed(9)
+    got = ours.step(eps, float(t), x_t, generator=g)
+    noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(got, mean + std * noise, atol=1e-5, rtol=1e-5)
 
 
-def test_rflow_training_add_noise_and_target_match_monai():
-    m, s = monai_rflow((8, 8, 8)), rflow((8, 8, 8))
-    g = torch.Generator().manual_seed(1)
-    x0, noise = torch.randn(3, 4, 8, 8, 8, generator=g), torch.randn(3, 4, 8, 8, 8, generator=g)
-    t = torch.tensor([0.0, 333.3, 999.0])
-    assert torch.allclose(s.add_noise(x0, noise, t), m.add_noise(x0, noise, t), atol=1e-6)
-    assert torch.equal(s.training_target(x0, noise, t), x0 - noise)
-    assert torch.equal(s.add_noise(x0, noise, torch.zeros(3)), x0)
+@pytest.mark.parametrize("n", [50, 10])
+def test_ddim_steps_match_monai(n):
+    ours = make_scheduler(SchedulerConfig(kind="ddim", num_inference_steps=n))
+    ref = MonaiDDIM(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, schedule="scaled_linear_beta",
+                    clip_sample=False)
+    ref.set_timesteps(n)
+    assert len(ours.timesteps) == n and ours.timesteps[-1] == 0
+    torch.manual_seed(1)
+    x, eps = torch.randn(1, 4, 5, 6, 7), torch.randn(1, 4, 5, 6, 7)
+    for t in ours.timesteps[[0, n // 2, -1]]:  # MONAI steps to t − T//n, as ours does from these timesteps
+        expected, _ = ref.step(eps, int(t), x, eta=0.0)
+        torch.testing.assert_close(ours.step(eps, float(t), x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_rflow_training_timesteps_use_monai_shift():
-    s = rflow(None)
-    t = s.sample_training_timesteps(1000, (64, 64, 32), torch.Generator().manual_seed(0))
-    # MONAI draws from the global RNG, so compare against its shift applied to the same uniform draw
-    u = torch.rand(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1000
-    want = timestep_transform(u, torch.tensor(64 * 64 * 32), spatial_dim=3).float()
-    assert torch.allclose(t, want, atol=1e-3) and t.shape == (1000,) and 0 <= t.min() and t.max() < 1000
-    assert t.mean() > 550  # the shift pushes training toward noisy times for bigger latents
+def _monai_rflow(n, shape):
+    s = MonaiRFlow(num_train_timesteps=1000, use_discrete_timesteps=False, use_timestep_transform=True,
+                   sample_method="uniform", scale=1.4)
+    s.set_timesteps(n, input_img_size_numel=int(np.prod(shape)))
+    return s
 
 
-@pytest.mark.parametrize("n", [1000, 50])
-def test_ddpm_matches_monai_scaled_linear(n):
-    m = MonaiDDPM(1000, beta_start=0.0015, beta_end=0.0195, schedule="scaled_linear_beta", clip_sample=False)
-    m.set_timesteps(n)
-    s = make_scheduler(SchedulerConfig(kind="ddpm", num_inference_steps=n))
-    assert torch.equal(s.timesteps.long(), m.timesteps)
-    assert torch.equal(s.alphas_cumprod, m.alphas_cumprod)
-    x = torch.randn(2, 4, 4, 4, 4, generator=torch.Generator().manual_seed(3))
-    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
-    if n == 1000:  # MONAI's DDPM step always goes to t-1, so only the full T-step schedule compares
-        for t in (999, 500, 1, 0):
-            ours = s.step(eps, float(t), x, generator=torch.Generator().manual_seed(5))
-            ref = m.step(eps, t, x, generator=torch.Generator().manual_seed(5))[0]
-            assert (ours - ref).abs().max() < 1e-5
-    t = torch.tensor([10.0, 900.0])
-    assert torch.allclose(s.add_noise(x, eps, t), m.add_noise(x, eps, t.long()), atol=1e-6)
-    assert torch.equal(s.training_target(x, eps, t), eps)
+@pytest.mark.parametrize("shape", [(32, 32, 32), (64, 64, 32), (16, 16, 8), (128, 128, 192)])
+def test_rflow_reference_mode_is_bit_faithful(shape):
+    ours = make_scheduler(SchedulerConfig(kind="rflow", reference_timesteps=True))
+    ours.set_timesteps(30, shape)
+    ref = _monai_rflow(30, shape)
+    assert ours.timesteps.dtype == ref.timesteps.dtype == torch.float16
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    nxt = torch.cat((ref.timesteps[1:], torch.tensor([0], dtype=ref.timesteps.dtype)))
+    torch.manual_seed(2)
+    x, v = torch.randn(1, 4, 4, 4, 4), torch.randn(1, 4, 4, 4, 4)
+    for t, tn in zip(ref.timesteps, nxt):
+        expected, _ = ref.step(v, t, x, tn)
+        assert torch.equal(ours.step(v, t, x), expected)
 
 
-@pytest.mark.parametrize("n", [50, 200, 1000])
-def test_ddim_matches_monai(n):
-    m = MonaiDDIM(1000, beta_start=0.0015, beta_end=0.0195, schedule="scaled_linear_beta", clip_sample=False)
-    m.set_timesteps(n)
-    s = make_scheduler(SchedulerConfig(kind="ddim", num_inference_steps=n))
-    assert torch.equal(s.timesteps.long(), m.timesteps)
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 4, 4, 4, 4, generator=g)
-    # MONAI steps to t - T//n, we to the next scheduled t: compare the steps where those coincide
-    nxt = torch.cat([m.timesteps[1:], torch.tensor([-1])])
-    same = [
-        int(t) for t, u in zip(m.timesteps, nxt) if int(t) - 1000 // n == u or (u < 0 and int(t) < 1000 // n)
-    ]
-    assert len(same) >= 3 and same[-1] == 0
-    for t in same:
-        eps = torch.randn(x.shape, generator=g)
-        assert (s.step(eps, float(t), x) - m.step(eps, t, x)[0]).abs().max() < 1e-5
+@pytest.mark.parametrize("shape", [(32, 32, 32), (64, 64, 32), (16, 16, 8)])
+def test_rflow_clean_mode_follows_the_reference_schedule_in_fp32(shape):
+    ours = make_scheduler(SchedulerConfig(kind="rflow"))
+    ours.set_timesteps(30, shape)
+    ref = _monai_rflow(30, shape)
+    assert ours.timesteps.dtype == torch.float32
+    torch.testing.assert_close(ours.timesteps, ref.timesteps.float(), rtol=1e-3, atol=0.3)
+    # Clean steps add up to exactly T: no truncation loss.
+    dts = [(float(t) - ours._next[i]) for i, t in enumerate(ours.timesteps)]
+    assert sum(dts) == pytest.approx(1000.0, abs=1e-3)
+    if shape == (32, 32, 32):  # shift r = 1: the plain linear schedule
+        torch.testing.assert_close(ours.timesteps, torch.tensor([1000 * (1 - i / 30) for i in range(30)]))
 
 
-def test_ddpm_per_sample_generators_are_batch_independent():
-    s = make_scheduler(SchedulerConfig(kind="ddpm"))
-    x = torch.zeros(3, 2, 4, 4)
-    eps = torch.zeros_like(x)
-
-    def gens(seeds):
-        return [torch.Generator().manual_seed(k) for k in seeds]
-
-    full = s.step(eps, 999.0, x, generator=gens([7, 8, 9]))
-    alone = s.step(eps[1:2], 999.0, x[1:2], generator=gens([8]))
-    assert torch.equal(full[1:2], alone) and not torch.equal(full[0], full[1])
-    with pytest.raises(ValueError, match="one generator per sample"):
-        s.step(eps, 999.0, x, generator=gens([1]))
-
-
-@pytest.mark.parametrize("kind", ["ddpm", "rflow"])
-def test_per_sample_timesteps_broadcast_in_training(kind):
-    s = make_scheduler(SchedulerConfig(kind=kind))
-    x0, noise = torch.ones(2, 1, 3, 3), torch.zeros(2, 1, 3, 3)
-    xt = s.add_noise(x0, noise, torch.tensor([0.0, 999.0]))
-    assert xt[0].mean() > 0.99 and xt[1].mean() < 0.1
-    with pytest.raises(ValueError, match="one per sample"):
-        s.add_noise(x0, noise, torch.tensor([1.0, 2.0, 3.0]))
+def test_rflow_training_side_matches_monai():
+    ours = make_scheduler(SchedulerConfig(kind="rflow"))
+    ref = MonaiRFlow(num_train_timesteps=1000, use_discrete_timesteps=False, use_timestep_transform=True,
+                     sample_method="uniform")
+    x = torch.randn(3, 4, 16, 16, 8)
+    torch.manual_seed(3)
+    t_ref = ref.sample_timesteps(x)
+    torch.manual_seed(3)
+    t_ours = ours.sample_training_timesteps(3, x.shape)
+    torch.testing.assert_close(t_ours, t_ref)
+    eps = torch.randn_like(x)
+    torch.testing.assert_close(ours.add_noise(x, eps, t_ours), ref.add_noise(x, eps, t_ref))
+    assert torch.equal(ours.training_target(x, eps, t_ours), x - eps)
 
 
-@pytest.mark.parametrize("bad", [(4,), (4, 4, 4, 4, 4, 4), (0, 4, 4), (1, 4, 0, 4, 4)])
-def test_bad_latent_shape_raises(bad):
-    with pytest.raises(ValueError, match="latent_shape"):
-        spatial_shape(bad)
+def _oracle(sched, x0):
+    """A perfect denoiser for one known clean latent."""
+    T = sched.num_train_timesteps
+
+    def denoiser(x, t):
+        if sched.prediction == "velocity":
+            s = (t / T).view(-1, 1, 1, 1, 1)
+            eps = (x - (1 - s) * x0) / s
+            return x0 - eps
+        a = sched.alphas_cumprod[t.long()].view(-1, 1, 1, 1, 1)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    return denoiser
 
 
-def test_full_shape_and_spatial_shape_agree_and_bad_steps_raise():
-    a, b = rflow((64, 64, 32)), rflow((1, 4, 64, 64, 32))
-    assert torch.equal(a.timesteps, b.timesteps)
-    with pytest.raises(ValueError, match="num_inference_steps"):
-        a.set_timesteps(0, (8, 8, 8))
-    with pytest.raises(ValueError, match="not in the current schedule"):
-        a.step(torch.zeros(1), 123.456, torch.zeros(1))
+@pytest.mark.parametrize("kind, steps, tol", [("rflow", 30, 1e-4), ("ddim", 20, 1e-3), ("rflow", 5, 1e-4)])
+def test_oracle_denoiser_recovers_the_clean_latent(kind, steps, tol):
+    sched = make_scheduler(SchedulerConfig(kind=kind, num_inference_steps=steps))
+    x0 = torch.rand(2, 4, 6, 6, 6)
+    sched.set_timesteps(steps, x0.shape)
+    out = sample(_oracle(sched, x0), sched, make_noise((4, 6, 6, 6), [0, 1]))
+    torch.testing.assert_close(out, x0, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["rflow", "ddpm"])
+def test_sample_k_does_not_depend_on_batch(kind):
+    sched = make_scheduler(SchedulerConfig(kind=kind, num_inference_steps=8))
+    sched.set_timesteps(8, (4, 4, 4))
+
+    def denoiser(x, t):
+        return 0.1 * x + 0.001 * t.view(-1, 1, 1, 1, 1)
+
+    seeds = [11, 12, 13]
+    batch = sample(denoiser, sched, make_noise((2, 4, 4, 4), seeds), generator=make_generators([s + 1000 for s in seeds]))
+    alone = sample(denoiser, sched, make_noise((2, 4, 4, 4), seeds[1:2]), generator=make_generators([1012]))
+    assert torch.equal(batch[1:2], alone)
+    again = sample(denoiser, sched, make_noise((2, 4, 4, 4), seeds), generator=make_generators([s + 1000 for s in seeds]))
+    assert torch.equal(batch, again)
+    assert not torch.equal(batch[0], batch[1])
+
+
+def test_scheduler_errors():
+    with pytest.raises(ValueError, match="num_inference_steps must be in"):
+        make_scheduler(SchedulerConfig(kind="rflow")).set_timesteps(0)
+    sched = make_scheduler(SchedulerConfig(kind="rflow"))
+    with pytest.raises(ValueError, match="not one of this scheduler's timesteps"):
+        sched.step(torch.zeros(1), 123.456, torch.zeros(1))
+
+
+class _FakeUNet(torch.nn.Module):
+    def forward(self, x, t, *, spacing=None, top_region=None, bottom_region=None, modality=None,
+                down_residuals=None, mid_residual=None):
+        out = x * 0 + modality.float().view(-1, 1, 1, 1, 1)
+        if mid_residual is not None:
+            out = out + mid_residual.mean()
+        return out
+
+
+class _FakeControlNet(torch.nn.Module):
+    def forward(self, x, t, mask, *, modality=None):
+        return [x * 0], mask.float().mean().expand(1)
+
+
+def test_guidance_combines_branches_and_scale_zero_is_conditional_only():
+    unet = _FakeUNet()
+    cond = ConditionedDenoiser(unet, modality=torch.tensor([3]))
+    uncond = cond.with_modality(torch.tensor([0]))
+    x, t = torch.zeros(1, 1, 2, 2, 2), torch.tensor([500.0])
+    assert torch.all(ClassifierFreeGuidance(cond, uncond, 0.0)(x, t) == 3)
+    assert torch.all(ClassifierFreeGuidance(cond, uncond, 2.0)(x, t) == 6)  # 0 + 2·(3 − 0)
+    with pytest.raises(ValueError, match=">= 0"):
+        ClassifierFreeGuidance(cond, uncond, -1)
+    mask = torch.full((1, 1, 8, 8, 8), 4)
+    ctrl = ConditionedDenoiser(unet, _FakeControlNet(), modality=torch.tensor([1]), mask=mask)
+    assert torch.all(ctrl(x, t) == 5)
+    with pytest.raises(ValueError, match="needs a label mask"):
+        ConditionedDenoiser(unet, _FakeControlNet())
+
+
+def test_tumor_free_mask_gives_tumours_their_host():
+    mask = np.zeros((1, 1, 10, 10, 10), np.uint8)
+    mask[0, 0, 2:8, 2:8, 2:8] = 1  # liver
+    mask[0, 0, 4:6, 4:6, 4:6] = 26  # hepatic tumour
+    out = tumor_free_mask(mask)
+    assert set(np.unique(out)) == {0, 1} and np.array_equal(out == 0, mask == 0)
+    t = tumor_free_mask(torch.from_numpy(mask))
+    assert isinstance(t, torch.Tensor) and torch.equal(t, torch.from_numpy(out))

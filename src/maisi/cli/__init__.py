@@ -12,6 +12,11 @@ from maisi import __version__
 # Subcommand modules under maisi.cli; each defines add_parser(subparsers) and run(args) -> int.
 COMMANDS: list[str] = [
     "info",
+    "generate",
+    "demo",
+    "phantom",
+    "prepare",
+    "train",
 ]
 
 

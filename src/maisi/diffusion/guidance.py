@@ -1,90 +1,85 @@
-"""Denoiser wrappers: ControlNet + UNet conditioning and classifier-free guidance (REFERENCE §2)."""
+"""Denoiser wrappers: conditioning (ControlNet → UNet) and classifier-free guidance (REFERENCE §2)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
+import numpy as np
 import torch
+from scipy import ndimage
 from torch import nn
 
-from maisi.labels import TUMOR_HOSTS
+from maisi.diffusion.sampling import Denoiser
+
+TUMOR_IDS = (23, 24, 26, 27, 128)  # lung, pancreatic, hepatic tumour, colon cancer primaries, bone lesion
 
 
-def remove_tumors(mask: torch.Tensor) -> torch.Tensor:
-    """The label map with every tumour id replaced by its host organ id (a tumour-free condition)."""
-    out = mask.clone()
-    for tumor, host in TUMOR_HOSTS.items():
-        out[mask == tumor] = host
-    return out
-
-
-@dataclass(frozen=True)
 class ConditionedDenoiser:
-    """denoiser(x, t) that runs ControlNet(mask) -> UNet with spacing / region / modality conditioning."""
+    """denoiser(x, t) for a UNet with fixed conditions, plus a ControlNet's residuals when a mask is given."""
 
-    unet: nn.Module
-    controlnet: nn.Module | None = None
-    spacing: torch.Tensor | None = None  # N×3 mm
-    top_region: torch.Tensor | None = None  # N×4 one-hot
-    bottom_region: torch.Tensor | None = None
-    modality: torch.Tensor | None = None  # N long codes
-    mask: torch.Tensor | None = None  # N×1×X×Y×Z label map at image resolution
+    def __init__(
+        self,
+        unet: nn.Module,
+        controlnet: nn.Module | None = None,
+        *,
+        spacing: torch.Tensor | None = None,
+        top_region: torch.Tensor | None = None,
+        bottom_region: torch.Tensor | None = None,
+        modality: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        controlnet_scale: float = 1.0,
+    ):
+        if controlnet is not None and mask is None:
+            raise ValueError("a ControlNet needs a label mask to condition on")
+        self.unet, self.controlnet, self.mask, self.scale = unet, controlnet, mask, controlnet_scale
+        self.conditions = dict(spacing=spacing, top_region=top_region, bottom_region=bottom_region, modality=modality)
 
-    def __post_init__(self) -> None:
-        if self.controlnet is not None and self.mask is None:
-            raise ValueError("a ControlNet needs a mask (N×1×X×Y×Z label map)")
+    def with_modality(self, modality: torch.Tensor | None) -> ConditionedDenoiser:
+        """The same denoiser with another modality code (0 = the unconditional branch)."""
+        return self._replace(modality=modality)
+
+    def with_mask(self, mask: torch.Tensor) -> ConditionedDenoiser:
+        return self._replace(mask=mask)
+
+    def _replace(self, **changes: torch.Tensor | None) -> ConditionedDenoiser:
+        kw = {**self.conditions, "mask": self.mask, **changes}
+        return ConditionedDenoiser(self.unet, self.controlnet, controlnet_scale=self.scale, **kw)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         down = mid = None
         if self.controlnet is not None:
-            down, mid = self.controlnet(x, t, self.mask, modality=self.modality)
-        return self.unet(
-            x,
-            t,
-            spacing=self.spacing,
-            top_region=self.top_region,
-            bottom_region=self.bottom_region,
-            modality=self.modality,
-            down_residuals=down,
-            mid_residual=mid,
-        )
-
-    def unconditional(self, *, tumor_free: bool = False) -> ConditionedDenoiser:
-        """The same denoiser with modality 0 ("unknown"), or with tumours removed from the mask."""
-        if tumor_free:
-            if self.mask is None:
-                raise ValueError("tumor_free needs a mask")
-            return replace(self, mask=remove_tumors(self.mask))
-        if self.modality is None:
-            raise ValueError("modality-free guidance needs a modality tensor on the conditional branch")
-        return replace(self, modality=torch.zeros_like(self.modality))
-
-    def joined(self, other: ConditionedDenoiser) -> ConditionedDenoiser | None:
-        """One denoiser for the batch [self; other] when both share the networks and conditions; else None."""
-        if self.unet is not other.unet or self.controlnet is not other.controlnet:
-            return None
-        fields = ("spacing", "top_region", "bottom_region", "modality", "mask")
-        cat = {}
-        for f in fields:
-            a, b = getattr(self, f), getattr(other, f)
-            if (a is None) != (b is None) or (a is not None and a.shape[1:] != b.shape[1:]):
-                return None
-            cat[f] = None if a is None else torch.cat([a, b])
-        return replace(self, **cat)
+            down, mid = self.controlnet(x, t, self.mask, modality=self.conditions["modality"])
+            if self.scale != 1.0:
+                down, mid = [d * self.scale for d in down], mid * self.scale
+        return self.unet(x, t, **self.conditions, down_residuals=down, mid_residual=mid)
 
 
 class ClassifierFreeGuidance:
-    """out = u + s·(c − u). Scale 0 or None means no guidance: only the conditional branch runs."""
+    """out = u + s·(c − u). As in the reference, s = 0 means no guidance: only the conditional branch runs."""
 
-    def __init__(self, cond: ConditionedDenoiser, uncond: ConditionedDenoiser, scale: float | None) -> None:
-        self.cond, self.uncond, self.scale = cond, uncond, scale
-        self.batched = cond.joined(uncond)
+    def __init__(self, cond: Denoiser, uncond: Denoiser, scale: float):
+        if scale < 0:
+            raise ValueError(f"guidance scale must be >= 0, got {scale}")
+        self.cond, self.uncond, self.scale = cond, uncond, float(scale)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if not self.scale:
-            return self.cond(x, t)
-        if self.batched is not None:  # both branches in one forward
-            c, u = self.batched(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
-        else:
-            c, u = self.cond(x, t), self.uncond(x, t)
+        c = self.cond(x, t)
+        if self.scale == 0.0:
+            return c
+        u = self.uncond(x, t)
         return u + self.scale * (c - u)
+
+
+def tumor_free_mask(mask: torch.Tensor | np.ndarray, tumor_ids: tuple[int, ...] = TUMOR_IDS):
+    """The mask with every tumour voxel given the label of the nearest non-tumour voxel (its host organ):
+    the unconditional branch for paired-CT guidance."""
+    is_tensor = isinstance(mask, torch.Tensor)
+    arr = mask.detach().cpu().numpy() if is_tensor else np.asarray(mask)
+    tumor = np.isin(arr, tumor_ids)
+    if not tumor.any():
+        return mask.clone() if is_tensor else arr.copy()
+    out = arr.copy()
+    flat = out.reshape((-1,) + arr.shape[-3:])
+    for k, vol in enumerate(tumor.reshape((-1,) + arr.shape[-3:])):
+        if vol.any() and not vol.all():
+            idx = ndimage.distance_transform_edt(vol, return_distances=False, return_indices=True)
+            flat[k] = flat[k][tuple(idx)]
+    return torch.from_numpy(out).to(mask.device) if is_tensor else out

@@ -1,0 +1,43 @@
+"""Train the demo model shipped in maisi/resources/demo_model/ (tiny preset, phantoms) with the project's code.
+
+    PYTHONPATH=src python3 scripts/train_demo_model.py --work /tmp/demo-train [--vae-steps 600 ...]
+
+Runs `maisi phantom`, `maisi train vae`, `maisi prepare`, `maisi train diffusion`, `maisi train controlnet`
+(re-running resumes), then copies the three exports and generation.json into the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from maisi.pipeline.demo import DemoRecipe, train_demo
+from maisi.pipeline.models import demo_model_dir
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, required=True, help="working folder (phantoms, latents, runs)")
+    p.add_argument("--phantoms-per-region", type=int, default=6)
+    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--diffusion-steps", type=int, default=1500)
+    p.add_argument("--controlnet-steps", type=int, default=400)
+    p.add_argument("--no-install", action="store_true", help="leave the package's demo model untouched")
+    a = p.parse_args()
+    recipe = DemoRecipe(phantoms_per_region=a.phantoms_per_region, vae_steps=a.vae_steps,
+                        diffusion_steps=a.diffusion_steps, controlnet_steps=a.controlnet_steps)
+    t0 = time.perf_counter()
+    model = train_demo(a.work, recipe)
+    print(f"trained {model} in {time.perf_counter() - t0:.0f} s")
+    if not a.no_install:
+        dst = demo_model_dir()
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(model, dst)
+        print(f"installed into {dst}")
+
+
+if __name__ == "__main__":
+    main()

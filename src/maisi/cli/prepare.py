@@ -1,0 +1,74 @@
+"""`maisi prepare`: CT scans (+ label maps) -> resampled label maps, VAE latents (μ, σ), sidecars, datalist."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="prepare CT scans for diffusion/ControlNet training (latents + sidecars)")
+    p.add_argument("--input", required=True,
+                   help="folder of NIfTI files / DICOM series folders (labels as <name>_label.nii.gz or in "
+                        "labels/), or a datalist JSON")
+    p.add_argument("--out", required=True, help="output folder (re-running skips finished cases)")
+    p.add_argument("--vae", help="autoencoder: a checkpoint folder (config.json + model.safetensors) or a "
+                                 "released .pt file; without it the resampled images are written instead")
+    p.add_argument("--vae-preset", default="rflow-ct", help="preset whose autoencoder config a .pt file uses")
+    p.add_argument("--spacing", type=float, nargs="+", help="resample to this voxel size in mm (1 or 3 values), "
+                                                           "then pad each axis to --multiple-of")
+    p.add_argument("--multiple-of", type=int, default=128,
+                   help="without --spacing: resize each axis to the nearest multiple of this (default 128)")
+    p.add_argument("--region", help="body region or span (e.g. chest-abdomen) instead of deriving it from labels")
+    p.add_argument("--modality", default="ct", help="modality name stored in the sidecars (default ct)")
+    p.add_argument("--device", help="device for the VAE (default: cuda when available, else cpu)")
+    p.add_argument("--memory-gb", type=float, help="memory budget for the VAE encoder (tensor splitting)")
+    p.add_argument("--label-mapping", help="JSON {source name or id: MAISI name or id} for non-MAISI label maps")
+    p.add_argument("--label-names", help="JSON {id: class name} of the source label maps (e.g. TotalSegmentator); "
+                                         "names are matched to the MAISI vocabulary")
+    p.add_argument("--unmapped", choices=["background", "error"], default="background",
+                   help="what happens to source labels the mapping does not cover (default: background)")
+    p.set_defaults(run=run)
+
+
+def load_encoder(path: str, preset_name: str):
+    from maisi.config import preset
+    from maisi.io.checkpoint import load_pretrained, load_released
+
+    p = Path(path)
+    if p.is_dir():
+        model, _, _ = load_pretrained(p)
+    elif p.is_file():
+        model, _ = load_released(p, "autoencoder", preset(preset_name))
+    else:
+        raise FileNotFoundError(f"--vae: no such checkpoint folder or file: {p}")
+    if not hasattr(model, "encode_within"):
+        raise ValueError(f"--vae {p}: the checkpoint is not an autoencoder")
+    return model.eval()
+
+
+def run(args: argparse.Namespace) -> int:
+    from maisi.data.labelmap import load_mapping, load_names
+    from maisi.data.prepare import PrepareConfig, prepare_all
+
+    spacing = None
+    if args.spacing:
+        if len(args.spacing) not in (1, 3):
+            raise ValueError(f"--spacing needs 1 or 3 values, got {len(args.spacing)}")
+        spacing = tuple(args.spacing * 3 if len(args.spacing) == 1 else args.spacing)
+    cfg = PrepareConfig(spacing=spacing, multiple_of=args.multiple_of, region=args.region, modality=args.modality,
+                        memory_gb=args.memory_gb, unmapped=args.unmapped)
+    mapping = load_mapping(args.label_mapping) if args.label_mapping else None
+    names = load_names(args.label_names) if args.label_names else None
+    encoder = load_encoder(args.vae, args.vae_preset) if args.vae else None
+    if encoder is not None:
+        import torch
+
+        encoder = encoder.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    encoder_id = str(Path(args.vae).resolve()) if args.vae else None
+    report = prepare_all(args.input, args.out, cfg, encoder, encoder_id, mapping, names)
+    print(f"prepared {len(report['done'])}, skipped {len(report['skipped'])} (already done), "
+          f"failed {len(report['failed'])}; datalist: {Path(args.out) / 'datalist.json'}")
+    for name, err in report["failed"].items():
+        print(f"  FAILED {name}: {err}")
+    return 1 if report["failed"] else 0

@@ -1,0 +1,81 @@
+"""`maisi train vae|diffusion|controlnet`: train or fine-tune one stage; re-running the command resumes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _common(p: argparse.ArgumentParser, lr: float, batch: int) -> None:
+    p.add_argument("--config", help="preset name or JSON config (default: the --init checkpoint's, else 'tiny')")
+    p.add_argument("--data", required=True, help="datalist JSON ({'training': [...]} or a list)")
+    p.add_argument("--out", required=True, type=Path, help="run folder (re-run the same command to resume)")
+    p.add_argument("--steps", type=int, default=1000, help="total optimisation steps (default 1000)")
+    p.add_argument("--batch-size", type=int, default=batch, help=f"global batch over all processes (default {batch})")
+    p.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g})")
+    p.add_argument("--init", help="start from weights: a maisi checkpoint folder or an NVIDIA .pt file")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between training checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between metrics records")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="bf16 autocast (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes per training process")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard log even if it is installed")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the VAE-GAN, the diffusion UNet or the ControlNet (resumable, torchrun)")
+    stages = p.add_subparsers(dest="stage", metavar="STAGE", required=True)
+
+    v = stages.add_parser("vae", help="VAE-GAN on image patches (L1 + KL + perceptual + adversarial)")
+    _common(v, 1e-4, 1)
+    v.add_argument("--patch", type=int, nargs="+", default=[64],
+                   help="patch edge(s) in voxels; several give a curriculum with --patch-switch (e.g. 64 128)")
+    v.add_argument("--patch-switch", type=int, nargs="*", default=[], help="steps at which the next --patch starts")
+    v.add_argument("--intensity", choices=["ct", "percentile"], default="ct",
+                   help="ct: HU [-1000, 1000] -> [0, 1]; percentile: p0.5..p99.5 -> [0, 1] (MR)")
+    v.add_argument("--kl-weight", type=float, default=1e-7)
+    v.add_argument("--perceptual-weight", type=float, default=0.3)
+    v.add_argument("--perceptual-fraction", type=float, default=0.2, help="share of slices per axis (default 0.2)")
+    v.add_argument("--perceptual-weights", help="state dict for the perceptual backbone (default: bundled ImageNet)")
+    v.add_argument("--adv-weight", type=float, default=0.1)
+    v.add_argument("--disc-lr", type=float, help="discriminator learning rate (default: --lr)")
+    v.add_argument("--disc-layers", type=int, default=3)
+    v.add_argument("--disc-channels", type=int, default=32)
+    v.add_argument("--recon-loss", choices=["l1", "mse"], default="l1")
+
+    d = stages.add_parser("diffusion", help="latent diffusion UNet on cached latents (`maisi prepare`)")
+    _common(d, 1e-4, 1)
+    _latent_args(d)
+    d.add_argument("--loss", choices=["l1", "mse"], default="l1")
+    d.add_argument("--modality-dropout", type=float, default=0.1, help="unconditional share for guidance")
+    d.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, exported (0: none)")
+    d.add_argument("--lr-power", type=float, default=2.0, help="polynomial learning-rate decay power")
+
+    c = stages.add_parser("controlnet", help="ControlNet on latents + label masks, with a frozen UNet")
+    _common(c, 1e-5, 1)
+    _latent_args(c)
+    c.add_argument("--unet", required=True, help="trained UNet: maisi export folder or NVIDIA .pt")
+    c.add_argument("--tumor-labels", nargs="+", default=None,
+                   help="label names or ids weighted in the loss (default: every tumour with a host organ)")
+    c.add_argument("--tumor-weight", type=float, default=100.0)
+    c.add_argument("--contrastive-weight", type=float, default=0.0, help="region-contrastive loss (MAISI-v2: 0.01)")
+    c.add_argument("--contrastive-delta", type=float, default=2.0)
+    p.set_defaults(run=run)
+
+
+def _latent_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--latent", choices=["mean", "sample"], default="mean",
+                   help="train on mu, or on mu + sigma*eps drawn per sample (the reference's cache)")
+    p.add_argument("--scale-factor", type=float,
+                   help="latent scale (default: the --init/--unet checkpoint's, else 1/std of the latents)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from maisi.training.run import run_stage
+
+    run_stage(args)
+    return 0

@@ -1,0 +1,273 @@
+"""Checkpoints, safe by construction: the project's folder format and NVIDIA's released .pt files.
+
+Nothing here unpickles code: `.pt` files go through `torch.load(weights_only=True)` and the project's
+own format is `config.json` + `model.safetensors`. Every load checks keys and shapes strictly and
+names what does not fit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from maisi import __version__
+from maisi.config import ModelConfig, from_dict, to_dict
+from maisi.io.atomic import atomic_path, atomic_write_text
+
+FORMAT = "maisi-checkpoint"
+FORMAT_VERSION = 1
+COMPONENTS = ("autoencoder", "unet", "controlnet")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+# Keys of NVIDIA's released checkpoint dicts that hold the weights of each component.
+RELEASED_KEYS = {"unet": "unet_state_dict", "controlnet": "controlnet_state_dict"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, is not a checkpoint, or does not fit the model."""
+
+
+def _check_component(component: str) -> None:
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r}; choose one of {list(COMPONENTS)}")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The project's format: <folder>/config.json + <folder>/model.safetensors
+# ---------------------------------------------------------------------------------------------
+
+
+def save_pretrained(
+    folder: str | Path,
+    model: nn.Module,
+    config: ModelConfig,
+    component: str,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model`'s weights and the config that builds it. Both files are written atomically; the
+    weights first, then config.json, which records the weights' sha256 so a mismatched pair is caught."""
+    _check_component(component)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(folder / WEIGHTS_FILE, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "component": component})
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "maisi_version": __version__,
+        "component": component,
+        "weights_sha256": sha256_file(folder / WEIGHTS_FILE),
+        "config": to_dict(config),
+        "extra": _jsonable(extra or {}),
+    }
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def _jsonable(extra: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in extra.items():
+        if isinstance(v, torch.Tensor):
+            v = v.item() if v.numel() == 1 else v.tolist()
+        out[k] = v
+    json.dumps(out)  # raises TypeError early for what JSON cannot hold
+    return out
+
+
+def read_pretrained_config(folder: str | Path) -> tuple[str, ModelConfig, dict[str, Any], dict[str, Any]]:
+    """(component, ModelConfig, extra, raw metadata) of a project checkpoint folder, without loading weights."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no checkpoint folder at {folder} (expected {CONFIG_FILE} + {WEIGHTS_FILE})")
+    cfg_path = folder / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{folder}: missing {CONFIG_FILE}; not a maisi checkpoint folder")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path}: not a maisi checkpoint config (no \"format\": \"{FORMAT}\")")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{cfg_path}: written by a newer maisi (format {meta['format_version']}); upgrade maisi"
+        )
+    component = meta.get("component")
+    _check_component(component)
+    try:
+        config = from_dict(ModelConfig, meta["config"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path}: invalid model config ({e})") from e
+    return component, config, dict(meta.get("extra", {})), meta
+
+
+def load_pretrained(
+    folder: str | Path, map_location: str | torch.device = "cpu", verify_hash: bool = True
+) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
+    """Build the model a project checkpoint folder describes and load its weights strictly."""
+    from maisi.networks import build
+
+    folder = Path(folder)
+    component, config, extra, meta = read_pretrained_config(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: missing {WEIGHTS_FILE}")
+    if verify_hash and meta.get("weights_sha256") and sha256_file(weights) != meta["weights_sha256"]:
+        raise CheckpointError(
+            f"{weights}: sha256 differs from the one in {CONFIG_FILE}; the weights file was changed, "
+            "truncated or belongs to another checkpoint"
+        )
+    state = read_state_dict(weights)
+    model = build(component, config)
+    load_state_dict_strict(model, state, source=str(weights))
+    return model.to(map_location), config, extra
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading any weights file safely
+# ---------------------------------------------------------------------------------------------
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, or of a .pt state dict (plain or NVIDIA's released dicts)."""
+    obj = read_checkpoint_file(path)
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise CheckpointError(f"{path}: not a plain state dict; use load_released for NVIDIA's checkpoint dicts")
+
+
+def read_checkpoint_file(path: str | Path) -> Any:
+    """The content of a .safetensors or .pt file, never executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: file is empty or truncated ({path.stat().st_size} bytes)")
+    if head[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from e
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():
+            raise CheckpointError(
+                f"{path}: refused to load: the file holds pickled objects other than tensors and plain "
+                f"containers (it could run code). Re-save it as a plain state dict. "
+                f"Detail: {_first_line(e)}"
+            ) from e
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {_first_line(e)}") from e
+    except Exception as e:  # the unpickler raises many types (KeyError, EOFError, RuntimeError…) on junk
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (corrupt, truncated or another kind of file): "
+            f"{type(e).__name__}: {_first_line(e)}"
+        ) from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def split_released(obj: Any, component: str, source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, extra) from one of NVIDIA's released layouts (REFERENCE §1): a raw state dict
+    (autoencoder), {"unet_state_dict", "scale_factor", ...} or {"controlnet_state_dict", ...}."""
+    _check_component(component)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
+    key = RELEASED_KEYS.get(component)
+    if key and key in obj:
+        state = obj[key]
+        extra = {k: v for k, v in obj.items() if k != key}
+    elif all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state, extra = obj, {}
+    else:
+        found = sorted(k for k in obj if not isinstance(obj[k], torch.Tensor))
+        raise CheckpointError(
+            f"{source}: no {component} weights found: expected a raw state dict"
+            + (f" or a dict with {key!r}" if key else "")
+            + f"; found keys {found[:10]}"
+        )
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{source}: {key or 'state dict'} does not hold tensors only")
+    extra = {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in extra.items()}
+    return state, extra
+
+
+def load_released(
+    path: str | Path, component: str, config: ModelConfig, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build `component` from `config` and load one of NVIDIA's released files into it strictly.
+
+    extra holds the other entries of the file (e.g. scale_factor, epoch, num_train_timesteps)."""
+    from maisi.networks import build
+
+    state, extra = split_released(read_checkpoint_file(path), component, source=str(path))
+    model = build(component, config)
+    load_state_dict_strict(model, state, source=str(path))
+    return model.to(map_location), extra
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict key check
+# ---------------------------------------------------------------------------------------------
+
+
+def state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, shape mismatches as 'key: file (shape) vs model (shape)')."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if tuple(own[k].shape) != tuple(state[k].shape)
+    )
+    return missing, unexpected, shapes
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> list[str]:
+    """Load with every key and shape checked. Known historical renames are applied first by the model's
+    own `upgrade_state_dict(state) -> (state, notes)` when it has one; the notes are returned and warned."""
+    notes: list[str] = []
+    upgrade = getattr(model, "upgrade_state_dict", None)
+    if callable(upgrade):
+        state, notes = upgrade(dict(state))
+        for note in notes:
+            warnings.warn(f"{source}: {note}", stacklevel=2)
+    missing, unexpected, shapes = state_dict_mismatch(model, state)
+    if missing or unexpected or shapes:
+        def show(name: str, items: list[str]) -> str:
+            more = f" … and {len(items) - 12} more" if len(items) > 12 else ""
+            return f"\n  {name} ({len(items)}): " + ", ".join(items[:12]) + more if items else ""
+
+        raise CheckpointError(
+            f"{source} does not fit {type(model).__name__} "
+            f"(is the config/preset the one these weights were trained with?)"
+            + show("missing in file", missing)
+            + show("unexpected in file", unexpected)
+            + show("shape mismatch", shapes)
+        )
+    model.load_state_dict(state, strict=True)
+    return notes

@@ -1,0 +1,258 @@
+"""The MAISI volume compression network (VAE-GAN generator) with exact tensor splitting (REFERENCE §1.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maisi.config import AutoencoderConfig
+from maisi.networks.split import _CONV, _MODE, Conv, Plan, SplitConv, conv_split, norm_affine, norm_pre
+
+LOGVAR_RANGE = (-30.0, 20.0)
+CHANNELS_LAST_DEFAULT = False  # channels_last_3d activations for the split path (see docs/readme/autoencoder.md)
+Devices = Sequence[str | torch.device] | None
+
+
+class ResBlock(nn.Module):
+    """GN → SiLU → conv3 → GN → SiLU → conv3, plus a 1×1 shortcut when the channel count changes."""
+
+    def __init__(self, sd: int, cin: int, cout: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps)
+        self.conv1 = SplitConv(sd, cin, cout, 3, pad=(1, 1))
+        self.norm2 = nn.GroupNorm(groups, cout, eps)
+        self.conv2 = SplitConv(sd, cout, cout, 3, pad=(1, 1))
+        self.nin_shortcut = SplitConv(sd, cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+    def run(self, x: torch.Tensor, plan: Plan, spare: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Split inference; consumes `x` and returns (output, a dead buffer the next block may reuse).
+
+        Memory: equal channels keep the hidden tensor in `spare` when it fits and add the residual in place;
+        halving channels (decoder) writes hidden and shortcut rows back into `x`'s own memory one segment
+        behind the conv that reads them, so no full-size tensor is allocated at all.
+        """
+        cin, cout, dim = x.shape[1], self.conv1.conv.conv.out_channels, plan.axis + 2
+        pre1 = norm_pre(*norm_affine(self.norm1, x, plan), True, plan)
+        if cin == cout:
+            buf = spare if spare is not None and spare.shape == x.shape and spare.dtype == x.dtype else None
+            h = conv_split(x, self.conv1.conv, plan, pre=pre1, out=buf)
+            pre2 = norm_pre(*norm_affine(self.norm2, h, plan), True, plan)
+            return conv_split(h, self.conv2.conv, plan, pre=pre2, out=x, add=True), h
+        sc = self.nin_shortcut.conv.conv
+
+        def shortcut(a: int, b: int) -> torch.Tensor:  # 1×1 conv of the rows [a, b) only
+            w, bias = plan.param(sc.weight, x.device), plan.param(sc.bias, x.device)
+            return _CONV[x.ndim - 2](x.narrow(dim, a, b - a), w, bias)
+
+        if 2 * cout > cin:  # channels grow (encoder): fresh tensors
+            h = conv_split(x, self.conv1.conv, plan, pre=pre1)
+            pre2 = norm_pre(*norm_affine(self.norm2, h, plan), True, plan)
+            return conv_split(h, self.conv2.conv, plan, pre=pre2, residual=shortcut), None
+        h, res = x[:, :cout], x[:, cout : 2 * cout]
+        pending: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+
+        def sink(a: int, b: int, rows: torch.Tensor) -> None:
+            # a 3-tap conv reads at most one row of the previous segment, so writing one segment late is safe
+            pending.append((a, b, rows, shortcut(a, b)))
+            if len(pending) > 1 or b == x.shape[dim]:
+                for a0, b0, hr, sr in pending[:-1] if b != x.shape[dim] else pending:
+                    h.narrow(dim, a0, b0 - a0).copy_(hr)
+                    res.narrow(dim, a0, b0 - a0).copy_(sr)
+                del pending[: len(pending) - 1 if b != x.shape[dim] else len(pending)]
+
+        conv_split(x, self.conv1.conv, plan, pre=pre1, sink=sink)
+        pre2 = norm_pre(*norm_affine(self.norm2, h, plan), True, plan)
+        return conv_split(h, self.conv2.conv, plan, pre=pre2, out=res, add=True), h
+
+
+class Downsample(nn.Module):
+    """Pad (0, 1) on every spatial axis, then a stride-2 3×3×3 conv."""
+
+    def __init__(self, sd: int, c: int):
+        super().__init__()
+        self.conv = SplitConv(sd, c, c, 3, stride=2, pad=(0, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+    def run(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
+        return conv_split(x, self.conv.conv, plan)
+
+
+class Upsample(nn.Module):
+    """(Tri)linear ×2 upsampling followed by a 3×3×3 conv (fused per segment when split)."""
+
+    def __init__(self, sd: int, c: int):
+        super().__init__()
+        self.conv = SplitConv(sd, c, c, 3, pad=(1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode=_MODE[x.ndim - 2]))
+
+    def run(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
+        return conv_split(x, self.conv.conv, plan, upsample=True)
+
+
+class Coder(nn.Module):
+    """A cascade of blocks (`blocks.{i}`, MONAI's MaisiEncoder/MaisiDecoder numbering)."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def run(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Split inference: a GroupNorm is folded into the conv that follows it (no SiLU there)."""
+        pre, spare = None, None
+        for block in self.blocks:
+            if isinstance(block, nn.GroupNorm):
+                pre = norm_pre(*norm_affine(block, x, plan), False, plan)
+            elif isinstance(block, SplitConv):
+                x, pre = conv_split(x, block.conv, plan, pre=pre), None
+            elif isinstance(block, ResBlock):
+                x, spare = block.run(x, plan, spare)
+            else:
+                x, spare = block.run(x, plan), None
+        return x
+
+
+def _encoder(c: AutoencoderConfig) -> Coder:
+    sd, g, eps = c.spatial_dims, c.norm_num_groups, c.norm_eps
+    blocks: list[nn.Module] = [SplitConv(sd, c.in_channels, c.channels[0], 3, pad=(1, 1))]
+    prev = c.channels[0]
+    for i, ch in enumerate(c.channels):
+        for _ in range(c.num_res_blocks[i]):
+            blocks.append(ResBlock(sd, prev, ch, g, eps))
+            prev = ch
+        if i < len(c.channels) - 1:
+            blocks.append(Downsample(sd, prev))
+    blocks += [nn.GroupNorm(g, prev, eps), SplitConv(sd, prev, c.latent_channels, 3, pad=(1, 1))]
+    return Coder(blocks)
+
+
+def _decoder(c: AutoencoderConfig) -> Coder:
+    sd, g, eps = c.spatial_dims, c.norm_num_groups, c.norm_eps
+    chans, nres = list(reversed(c.channels)), list(reversed(c.num_res_blocks))
+    blocks: list[nn.Module] = [SplitConv(sd, c.latent_channels, chans[0], 3, pad=(1, 1))]
+    prev = chans[0]
+    for i, ch in enumerate(chans):
+        for _ in range(nres[i]):
+            blocks.append(ResBlock(sd, prev, ch, g, eps))
+            prev = ch
+        if i < len(chans) - 1:
+            blocks.append(Upsample(sd, prev))
+    blocks += [nn.GroupNorm(g, prev, eps), SplitConv(sd, prev, c.out_channels, 3, pad=(1, 1))]
+    return Coder(blocks)
+
+
+class Autoencoder(nn.Module):
+    """Encoder, decoder and Gaussian posterior; state dict identical to MONAI's AutoencoderKlMaisi.
+
+    `encode`/`decode` use the plain autograd path while gradients are enabled (training, no splitting);
+    under `torch.no_grad()` they run the split inference path (exact; `num_splits`/`split_axis` default
+    to the config, `devices` places segments round-robin, `dtype` picks the compute precision with
+    GroupNorm statistics in fp32). `forward` samples mu + sigma·eps in training mode and uses mu in eval.
+    """
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        self.config = config
+        sd, lat = config.spatial_dims, config.latent_channels
+        self.encoder = _encoder(config)
+        self.decoder = _decoder(config)
+        self.quant_conv_mu = Conv(sd, lat, lat, 1)
+        self.quant_conv_log_sigma = Conv(sd, lat, lat, 1)
+        self.post_quant_conv = Conv(sd, lat, lat, 1)
+
+    # -- input checks -------------------------------------------------------------------------------
+    def _check(self, x: torch.Tensor, channels: int, what: str, divisible: int = 1) -> None:
+        sd = self.config.spatial_dims
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"{what} must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+        if x.ndim != sd + 2:
+            raise ValueError(f"{what} must be N×C×{'×'.join('XYZ'[:sd])} ({sd + 2} dims), got shape {tuple(x.shape)}")
+        if x.shape[1] != channels:
+            raise ValueError(f"{what} must have {channels} channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
+        if any(d % divisible for d in x.shape[2:]) or min(x.shape[2:]) < 1:
+            raise ValueError(
+                f"{what} spatial size {tuple(x.shape[2:])} must be a positive multiple of {divisible} "
+                f"on every axis (the encoder downsamples ×{divisible}); crop or pad it"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{what} contains NaN or inf values; only finite values are allowed")
+
+    def _plan(self, num_splits, split_axis, devices, dtype, channels_last) -> Plan:
+        c = self.config
+        n = c.num_splits if num_splits is None else int(num_splits)
+        axis = c.split_axis if split_axis is None else int(split_axis)
+        if n < 1 or not 0 <= axis < c.spatial_dims:
+            raise ValueError(f"num_splits must be >= 1 and split_axis in 0..{c.spatial_dims - 1}, got {n}, {axis}")
+        dtype = dtype or torch.float32
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+        devs = tuple(torch.device(d) for d in devices) if devices else ()
+        cl = CHANNELS_LAST_DEFAULT if channels_last is None else bool(channels_last)
+        return Plan(n, axis, devs, dtype, cl and c.spatial_dims == 3)
+
+    def _grad_path(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    # -- public API ---------------------------------------------------------------------------------
+    def encode(
+        self, x: torch.Tensor, *, num_splits: int | None = None, split_axis: int | None = None,
+        devices: Devices = None, dtype: torch.dtype | None = None, channels_last: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image N×in×X×Y×Z (each axis a multiple of the downsample factor) → (mu, sigma) latents."""
+        self._check(x, self.config.in_channels, "image", self.config.downsample_factor)
+        if self._grad_path(x):
+            h = self.encoder(x)
+        else:
+            with torch.no_grad():
+                plan = self._plan(num_splits, split_axis, devices, dtype, channels_last)
+                h = self.encoder.run(x.to(plan.dtype), plan).float()
+        mu = self.quant_conv_mu(h)
+        logvar = self.quant_conv_log_sigma(h).clamp(*LOGVAR_RANGE)
+        return mu, torch.exp(logvar / 2)
+
+    def decode(
+        self, z: torch.Tensor, *, num_splits: int | None = None, split_axis: int | None = None,
+        devices: Devices = None, dtype: torch.dtype | None = None, channels_last: bool | None = None,
+    ) -> torch.Tensor:
+        """Latent N×latent×x×y×z → image N×out×(f·x)×(f·y)×(f·z), f the downsample factor."""
+        self._check(z, self.config.latent_channels, "latent")
+        if self._grad_path(z):
+            return self.decoder(self.post_quant_conv(z))
+        with torch.no_grad():
+            plan = self._plan(num_splits, split_axis, devices, dtype, channels_last)
+            h = self.post_quant_conv(z.float()).to(plan.dtype)
+            return self.decoder.run(h, plan).float()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction, mu, sigma); the decoded z is mu + sigma·eps in training mode, mu in eval."""
+        mu, sigma = self.encode(x)
+        z = mu + sigma * torch.randn_like(sigma) if self.training else mu
+        return self.decode(z), mu, sigma
+
+    def encode_within(self, x: torch.Tensor, memory_gb: float | None = None, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode` with the fewest splits whose estimated peak fits `memory_gb` (see networks.memory)."""
+        from maisi.networks.memory import within
+
+        return within(self, "encode", x, memory_gb, **kw)
+
+    def decode_within(self, z: torch.Tensor, memory_gb: float | None = None, **kw) -> torch.Tensor:
+        """`decode` with the fewest splits whose estimated peak fits `memory_gb` (see networks.memory)."""
+        from maisi.networks.memory import within
+
+        return within(self, "decode", z, memory_gb, **kw)

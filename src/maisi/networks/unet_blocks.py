@@ -1,0 +1,207 @@
+"""Building blocks of the diffusion UNet and ControlNet (MONAI DiffusionModelUNet key layout)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_nd(spatial_dims: int, c_in: int, c_out: int, kernel: int = 3, stride: int = 1, padding: int = 1) -> nn.Module:
+    return (nn.Conv3d if spatial_dims == 3 else nn.Conv2d)(c_in, c_out, kernel, stride=stride, padding=padding)
+
+
+class Conv(nn.Module):
+    """A convolution stored as `.conv` (the released checkpoints' `...conv.weight` keys)."""
+
+    def __init__(self, spatial_dims: int, c_in: int, c_out: int, kernel: int = 3, stride: int = 1, padding: int = 1):
+        super().__init__()
+        self.conv = conv_nd(spatial_dims, c_in, c_out, kernel, stride, padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def zero_(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of float timesteps, ordered [cos, sin] (REFERENCE §1.2)."""
+    if t.ndim != 1:
+        raise ValueError(f"timesteps must be a 1D tensor of one value per sample, got shape {tuple(t.shape)}")
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def mlp(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(c_in, c_out), nn.SiLU(), nn.Linear(c_out, c_out))
+
+
+class ResBlock(nn.Module):
+    """GN–SiLU–(resample)–conv + time projection – GN–SiLU–conv (zero-init) + skip."""
+
+    def __init__(self, spatial_dims: int, c_in: int, c_out: int, temb: int, groups: int, eps: float,
+                 up: bool = False, down: bool = False):
+        super().__init__()
+        self.spatial_dims, self.up, self.down = spatial_dims, up, down
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
+        self.conv1 = Conv(spatial_dims, c_in, c_out)
+        self.time_emb_proj = nn.Linear(temb, c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
+        self.conv2 = zero_(Conv(spatial_dims, c_out, c_out))
+        self.skip_connection = nn.Identity() if c_in == c_out else Conv(spatial_dims, c_in, c_out, 1, padding=0)
+
+    def _resample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.up:
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if self.down:
+            return (F.avg_pool3d if self.spatial_dims == 3 else F.avg_pool2d)(x, 2, 2)
+        return x
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.norm1(x))
+        if self.up or self.down:
+            x, h = self._resample(x), self._resample(h)
+        h = self.conv1(h)
+        h = h + self.time_emb_proj(F.silu(emb)).reshape(*emb.shape[:1], -1, *([1] * self.spatial_dims))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip_connection(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over tokens (MONAI SABlock keys: to_q, to_k, to_v, optional out_proj)."""
+
+    def __init__(self, channels: int, heads: int, out_proj: bool):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.out_proj = nn.Linear(channels, channels) if out_proj else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)))
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class SpatialAttention(nn.Module):
+    """GroupNorm, self-attention over all voxels, residual."""
+
+    def __init__(self, channels: int, head_channels: int, groups: int, eps: float, out_proj: bool):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.attn = SelfAttention(channels, channels // head_channels, out_proj)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        h = self.norm(x).reshape(*shape[:2], -1).transpose(1, 2)
+        return x + self.attn(h).transpose(1, 2).reshape(shape)
+
+
+class Downsample(nn.Module):
+    """v1: 3×3 stride-2 convolution (`op.conv`)."""
+
+    def __init__(self, spatial_dims: int, channels: int):
+        super().__init__()
+        self.op = Conv(spatial_dims, channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """v1: nearest ×2 then 3×3 convolution (`postconv.conv`)."""
+
+    def __init__(self, spatial_dims: int, channels: int):
+        super().__init__()
+        self.postconv = Conv(spatial_dims, channels, channels)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.postconv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DownBlock(nn.Module):
+    """Res blocks (+ attention) then an optional downsampler; returns the skips it produced."""
+
+    def __init__(self, spatial_dims: int, c_in: int, c_out: int, temb: int, n_res: int, groups: int, eps: float,
+                 attention: bool, head_channels: int, out_proj: bool, downsample: bool, resblock_updown: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResBlock(spatial_dims, c_in if i == 0 else c_out, c_out, temb, groups, eps) for i in range(n_res)
+        )
+        if attention:
+            self.attentions = nn.ModuleList(
+                SpatialAttention(c_out, head_channels, groups, eps, out_proj) for _ in range(n_res)
+            )
+        self.downsampler: nn.Module | None = None
+        if downsample:
+            self.downsampler = (ResBlock(spatial_dims, c_out, c_out, temb, groups, eps, down=True)
+                                if resblock_updown else Downsample(spatial_dims, c_out))
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(h, emb)
+            if hasattr(self, "attentions"):
+                h = self.attentions[i](h)
+            skips.append(h)
+        if self.downsampler is not None:
+            h = self.downsampler(h, emb)
+            skips.append(h)
+        return h, skips
+
+
+class MidBlock(nn.Module):
+    def __init__(self, spatial_dims: int, c: int, temb: int, groups: int, eps: float, head_channels: int, out_proj: bool):
+        super().__init__()
+        self.resnet_1 = ResBlock(spatial_dims, c, c, temb, groups, eps)
+        self.attention = SpatialAttention(c, head_channels, groups, eps, out_proj)
+        self.resnet_2 = ResBlock(spatial_dims, c, c, temb, groups, eps)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.resnet_2(self.attention(self.resnet_1(h, emb)), emb)
+
+
+class UpBlock(nn.Module):
+    """Res blocks on [h, skip] concatenations (+ attention) then an optional upsampler."""
+
+    def __init__(self, spatial_dims: int, c_in: int, c_prev: int, c_out: int, temb: int, n_res: int, groups: int,
+                 eps: float, attention: bool, head_channels: int, out_proj: bool, upsample: bool,
+                 resblock_updown: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResBlock(spatial_dims, (c_prev if i == 0 else c_out) + (c_in if i == n_res - 1 else c_out), c_out,
+                     temb, groups, eps)
+            for i in range(n_res)
+        )
+        if attention:
+            self.attentions = nn.ModuleList(
+                SpatialAttention(c_out, head_channels, groups, eps, out_proj) for _ in range(n_res)
+            )
+        self.upsampler: nn.Module | None = None
+        if upsample:
+            self.upsampler = (ResBlock(spatial_dims, c_out, c_out, temb, groups, eps, up=True)
+                              if resblock_updown else Upsample(spatial_dims, c_out))
+
+    def forward(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+            if hasattr(self, "attentions"):
+                h = self.attentions[i](h)
+        if self.upsampler is not None:
+            h = self.upsampler(h, emb)
+        return h

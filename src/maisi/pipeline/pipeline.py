@@ -1,0 +1,307 @@
+"""The generation pipeline: load the networks once, then plan, sample, decode, check and write samples."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from maisi.labels import REGIONS, TUMOR_HOSTS, modality_code, regions_in_mask
+from maisi.pipeline import masks as M
+from maisi.pipeline.models import Networks, load_networks
+from maisi.pipeline.postprocess import check_quality, to_hu, to_int16
+from maisi.pipeline.record import sample_record, write_record
+from maisi.pipeline.validation import (
+    GenerationRequest,
+    Plan,
+    anatomy_ids,
+    check_geometry,
+    check_numbers,
+    check_sampler,
+    parse_regions,
+    rules_for,
+    triple,
+    tumor_ids,
+)
+
+
+@dataclass
+class Sample:
+    """One generated sample: HU volume (int16), its label map (or None), affine and written files."""
+
+    index: int
+    seed: int
+    image: np.ndarray
+    label: np.ndarray | None
+    affine: np.ndarray
+    record: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def shard(num_samples: int, rank: int, world_size: int) -> list[int]:
+    """The sample indices process `rank` of `world_size` generates (round robin: k % world_size == rank)."""
+    return list(range(rank, num_samples, world_size))
+
+
+def world_from_env() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) outside torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class Pipeline:
+    """`Pipeline.from_pretrained(weights)` then `pipe.generate(GenerationRequest(...), out=folder)`."""
+
+    def __init__(self, networks: Networks, device: str = "cpu", progress: bool = True) -> None:
+        self.nets = networks
+        self.config = networks.config
+        self.device = torch.device(device)
+        self.progress = progress
+
+    @classmethod
+    def from_pretrained(cls, weights: str | Path | Sequence[str | Path] | None = None, config: str | None = None,
+                        device: str | None = None, progress: bool = True) -> Pipeline:
+        """weights: None (the shipped demo model), a model folder, or NVIDIA's files (.pt)."""
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+        return cls(load_networks(weights, config, device), device, progress)
+
+    # -----------------------------------------------------------------------------------------
+    # Planning: every default resolved and every rule checked before any compute
+    # -----------------------------------------------------------------------------------------
+
+    def plan(self, request: GenerationRequest) -> Plan:
+        cfg, d = self.config, self.nets.defaults
+        check_numbers(request, cfg.scheduler.num_train_timesteps)
+        size = triple(request.size if request.size is not None else d.get("size", 64), "size", int)
+        spacing = triple(request.spacing if request.spacing is not None else d.get("spacing", 1.5), "spacing")
+        anatomy, tumors = anatomy_ids(request.anatomy), tumor_ids(request.tumor)
+        # no region given: the model's default, unless a mask decides or the anatomy asked for picks it
+        default_region = () if request.mask or anatomy or tumors else tuple(d.get("body_region", ()))
+        regions = parse_regions(request.body_region or default_region)
+        sampler = request.sampler or self.nets.trained_schedule
+        check_sampler(sampler, self.nets.trained_schedule)
+        modality = modality_code(request.modality if request.modality is not None else cfg.default_modality)
+        use_mask = request.mask_source != "none" and (request.mask is not None or self.nets.controlnet is not None)
+        if request.mask_source == "none" and (request.mask or anatomy or tumors):
+            raise ValueError("--mask, --anatomy and --tumor need a mask; they cannot be used with mask source 'none'")
+        if use_mask and self.nets.controlnet is None:
+            raise ValueError("this model has no ControlNet, so it cannot follow a mask (--mask, --anatomy, "
+                             "--tumor); give weights with a controlnet or generate without a mask")
+        if request.mask is not None and not Path(request.mask).exists():
+            raise FileNotFoundError(f"mask not found: {request.mask}")
+        if request.mask is not None and request.size is None and request.spacing is None:
+            size, spacing = self._mask_grid(request.mask, size, spacing)
+        warnings = check_geometry(size, spacing, regions or (1, 1), rules_for(cfg))
+        steps = request.steps or cfg.scheduler.num_inference_steps
+        guidance = cfg.guidance_scale if request.guidance is None else float(request.guidance)
+        if guidance > 0 and cfg.unet.num_class_embeds is None:
+            raise ValueError("classifier-free guidance needs a modality-conditioned UNet; this one has no "
+                             "modality input: use guidance 0")
+        return Plan(request, size, spacing, regions, modality, steps, sampler, guidance, anatomy, tumors,
+                    use_mask, tuple(warnings))
+
+    def _mask_grid(self, path: str, size: tuple, spacing: tuple) -> tuple[tuple, tuple]:
+        """A user mask without --size/--spacing: its own grid, rounded to sizes the model accepts."""
+        from maisi.io.volume import read_volume
+
+        vol = read_volume(path)
+        div = self.config.image_divisor
+        fov = np.asarray(vol.shape[:3]) * np.asarray(vol.spacing)
+        new_size = tuple(int(max(div, round(n / div) * div)) for n in vol.shape[:3])
+        return new_size, tuple(float(f / n) for f, n in zip(fov, new_size))
+
+    # -----------------------------------------------------------------------------------------
+    # Masks
+    # -----------------------------------------------------------------------------------------
+
+    def mask_for(self, plan: Plan, seed: int, attempt: int) -> M.Mask | None:
+        """The mask of one sample (user mask, or the `attempt`-th database match), tumours inpainted."""
+        r = plan.request
+        if not plan.use_mask:
+            return None
+        if r.mask is not None:
+            label, affine, info = M.load_user_mask(r.mask, r.mask_mapping)
+            label, affine = M.resample_label(label, affine, plan.size, plan.spacing)
+            mask = M.Mask(label, affine, info)
+            missing = [i for i in plan.anatomy if not (label == i).any()]
+            if missing:
+                raise ValueError(f"the mask {r.mask} lacks the requested anatomy ids {missing}")
+        else:
+            folder = r.mask_database or M.phantom_database(spans=None if plan.regions is None else [plan.regions])
+            hosts = tuple(TUMOR_HOSTS[t] for t in plan.tumors)  # a tumour needs its host organ in the mask
+            mask = M.database_mask(folder, plan.size, plan.spacing, plan.regions, (*plan.anatomy, *hosts), attempt)
+        if plan.tumors:
+            rng = np.random.default_rng([seed, attempt])
+            label = mask.label
+            for t in plan.tumors:
+                label = M.insert_tumor(label, t, plan.spacing, rng)
+            mask = M.Mask(label, mask.affine, {**mask.source, "tumors": list(plan.tumors)})
+        return mask
+
+    # -----------------------------------------------------------------------------------------
+    # Sampling and decoding
+    # -----------------------------------------------------------------------------------------
+
+    def _conditions(self, plan: Plan, n: int, regions: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        from maisi.labels import region_one_hot
+
+        cfg, dev = self.config.unet, self.device
+        cond: dict[str, torch.Tensor] = {}
+        if cfg.include_spacing_input:
+            cond["spacing"] = torch.tensor([plan.spacing] * n, dtype=torch.float32, device=dev)
+        if cfg.include_region_input:
+            cond["top_region"] = torch.tensor([region_one_hot(a) for a, _ in regions], device=dev)
+            cond["bottom_region"] = torch.tensor([region_one_hot(b) for _, b in regions], device=dev)
+        if cfg.num_class_embeds is not None:
+            cond["modality"] = torch.full((n,), plan.modality, dtype=torch.long, device=dev)
+        return cond
+
+    def _denoiser(self, plan: Plan, cond: dict[str, torch.Tensor], mask: torch.Tensor | None):
+        from maisi.diffusion.guidance import ClassifierFreeGuidance, ConditionedDenoiser
+
+        den = ConditionedDenoiser(self.nets.unet, self.nets.controlnet if mask is not None else None, mask=mask, **cond)
+        if plan.guidance > 0:  # unconditional branch: modality 0 (REFERENCE §2)
+            den = ClassifierFreeGuidance(den, den.with_modality(torch.zeros_like(cond["modality"])), plan.guidance)
+        return den
+
+    @torch.inference_mode()
+    def sample_latents(self, plan: Plan, seeds: Sequence[int], masks: Sequence[M.Mask | None],
+                       regions: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Latents of one batch: noise (and DDPM step noise) from each sample's own seed, then the sampler."""
+        from maisi.config import with_overrides
+        from maisi.diffusion.sampling import make_generators, make_noise, sample
+        from maisi.diffusion.schedulers import make_scheduler
+
+        f = self.config.autoencoder.downsample_factor
+        latent = (self.config.autoencoder.latent_channels, *(s // f for s in plan.size))
+        gens = make_generators(seeds)
+        noise = make_noise(latent, seeds, device=self.device, generators=gens)
+        sched_cfg = with_overrides(self.config, {"scheduler": {"kind": plan.sampler, "num_inference_steps": plan.steps}})
+        scheduler = make_scheduler(sched_cfg.scheduler, self.config.unet.spatial_dims)
+        scheduler.set_timesteps(plan.steps, latent)
+        mask = None
+        if masks and masks[0] is not None:
+            mask = torch.stack([torch.from_numpy(m.label.astype(np.int64)) for m in masks])[:, None].to(self.device)
+        den = self._denoiser(plan, self._conditions(plan, len(seeds), regions), mask)
+        bar = self._bar(len(scheduler.timesteps), f"sampling {len(seeds)} sample(s)")
+        z = sample(den, scheduler, noise, generator=gens, callback=lambda *a: bar.update(1))
+        bar.close()
+        return z
+
+    @torch.inference_mode()
+    def decode(self, z: torch.Tensor, memory_gb: float | None) -> np.ndarray:
+        """Latents → images in [0, 1] through the VAE's memory-aware decoder, one sample at a time."""
+        out = []
+        for i in self._bar_iter(range(z.shape[0]), "decoding"):
+            x = self.nets.autoencoder.decode_within(z[i:i + 1] / self.nets.scale_factor, memory_gb)
+            out.append(x[0, 0].float().cpu().numpy())
+        return np.stack(out)
+
+    def _bar(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
+
+    def _bar_iter(self, it, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(it, desc=desc, disable=not self.progress or len(it) < 2, leave=False)
+
+    # -----------------------------------------------------------------------------------------
+    # The whole job
+    # -----------------------------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest, out: str | Path | None = None, rank: int | None = None,
+                 world_size: int | None = None, plan: Plan | None = None) -> list[Sample]:
+        """Generate this process's share of the samples (torchrun: RANK/WORLD_SIZE), writing them to
+        `out` when given; sample k uses seed `request.seed + k` whatever the batch size or process count."""
+        plan = plan or self.plan(request)
+        env_rank, env_world = world_from_env()
+        rank = env_rank if rank is None else rank
+        world_size = env_world if world_size is None else world_size
+        mine = shard(request.num_samples, rank, world_size)
+        samples: list[Sample] = []
+        for start in range(0, len(mine), request.batch_size):
+            batch = mine[start:start + request.batch_size]
+            samples += self._batch(plan, batch, out)
+        return samples
+
+    def _batch(self, plan: Plan, indices: list[int], out: str | Path | None) -> list[Sample]:
+        t0 = time.perf_counter()
+        seeds = [plan.request.seed + k for k in indices]
+        attempts: dict[int, list[dict]] = {k: [] for k in indices}
+        results: dict[int, tuple] = {}
+        todo = list(zip(indices, seeds))
+        for attempt in range(plan.request.quality_retries + 1 if plan.request.quality_check else 1):
+            if not todo:
+                break
+            masks = [self.mask_for(plan, s, attempt) for _, s in todo]
+            regions = [self._regions(plan, m) for m in masks]
+            z = self.sample_latents(plan, [s for _, s in todo], masks, regions)
+            images = self.decode(z, plan.request.memory_gb)
+            retry = []
+            for (k, s), m, img in zip(todo, masks, images):
+                hu = to_hu(img, None if m is None else m.label)
+                quality = check_quality(hu, None if m is None else m.label) if plan.request.quality_check else {
+                    "passed": None, "reason": "quality check turned off", "organs": {}}
+                attempts[k].append({"attempt": attempt, "mask": None if m is None else m.source,
+                                    "quality_passed": quality.get("passed")})
+                results[k] = (s, m, hu, quality)
+                if quality.get("passed") is False:
+                    retry.append((k, s))
+            todo = retry
+        seconds = (time.perf_counter() - t0) / len(indices)
+        return [self._finish(plan, k, *results[k], attempts[k], out, seconds) for k in indices]
+
+    def _regions(self, plan: Plan, mask: M.Mask | None) -> tuple[int, int]:
+        if plan.regions is not None:
+            return plan.regions
+        found = regions_in_mask(np.unique(mask.label).tolist()) if mask is not None else None
+        return found or (REGIONS.index("chest"),) * 2
+
+    def _finish(self, plan: Plan, k: int, seed: int, mask: M.Mask | None, hu: np.ndarray, quality: dict,
+                attempts: list[dict], out: str | Path | None, seconds: float) -> Sample:
+        from maisi.io.volume import affine_from_spacing
+
+        affine = mask.affine if mask is not None else affine_from_spacing(plan.spacing, plan.size)
+        image = to_int16(hu)
+        label = None if mask is None else mask.label
+        model = {"config": self.config.name, "scale_factor": self.nets.scale_factor, "weights": self.nets.sources}
+        files = {} if out is None else self._files(Path(out), seed)
+        rec = sample_record(index=k, seed=seed, plan=replace(plan, regions=self._regions(plan, mask)), model=model,
+                            mask=None if mask is None else mask.source, quality=quality, attempts=attempts,
+                            files={n: p.name for n, p in files.items()}, device=str(self.device), seconds=seconds)
+        sample = Sample(k, seed, image, label, affine, rec, files)
+        if out is not None:
+            write_sample(sample, plan.spacing)
+        return sample
+
+    @staticmethod
+    def _files(out: Path, seed: int) -> dict[str, Path]:
+        stem = out / f"sample_seed{seed}"
+        return {"image": Path(f"{stem}_image.nii.gz"), "label": Path(f"{stem}_label.nii.gz"),
+                "preview": Path(f"{stem}_preview.png"), "record": Path(f"{stem}_record.json")}
+
+
+def write_sample(sample: Sample, spacing: Sequence[float]) -> None:
+    """Image (int16 HU), label (uint8), preview PNG and record JSON, each written atomically."""
+    from maisi.data.preview import save_preview
+    from maisi.io.volume import write_volume
+
+    f = sample.files
+    f["image"].parent.mkdir(parents=True, exist_ok=True)
+    write_volume(f["image"], sample.image, sample.affine, np.int16)
+    if sample.label is not None:
+        write_volume(f["label"], sample.label, sample.affine, np.uint8)
+    else:
+        f.pop("label")
+        sample.record["files"].pop("label", None)
+    save_preview(f["preview"], sample.image, sample.label, spacing, with_plain=sample.label is not None)
+    write_record(f["record"], sample.record)

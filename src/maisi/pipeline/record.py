@@ -1,0 +1,70 @@
+"""The JSON record of one generated sample: every input, seed, model and version needed to reproduce it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from maisi.io.atomic import atomic_write_text
+
+
+def jsonable(v: Any) -> Any:
+    import numpy as np
+
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return jsonable(dataclasses.asdict(v))
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple | frozenset | set):
+        return [jsonable(x) for x in (sorted(v) if isinstance(v, frozenset | set) else v)]
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def environment() -> dict[str, str]:
+    import numpy
+    import torch
+
+    from maisi import __version__
+
+    return {"maisi": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": sys.version.split()[0], "platform": platform.platform()}
+
+
+def sample_record(*, index: int, seed: int, plan: Any, model: dict, mask: dict | None, quality: dict,
+                  attempts: list[dict], files: dict[str, str], device: str, seconds: float) -> dict[str, Any]:
+    """Everything that made sample `index` (plan = the resolved request, model = weights + sha256)."""
+    return jsonable({
+        "sample": index,
+        "seed": seed,
+        "request": plan.request,
+        "resolved": {
+            "size": plan.size, "spacing": plan.spacing, "body_region": plan.regions, "modality": plan.modality,
+            "steps": plan.steps, "sampler": plan.sampler, "guidance": plan.guidance,
+            "anatomy": plan.anatomy, "tumors": plan.tumors, "use_mask": plan.use_mask,
+        },
+        "warnings": plan.warnings,
+        "model": model,
+        "mask": mask,
+        "quality": quality,
+        "attempts": attempts,
+        "files": files,
+        "device": device,
+        "seconds": round(seconds, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(),
+    })
+
+
+def write_record(path: str | Path, record: dict[str, Any]) -> Path:
+    return atomic_write_text(path, json.dumps(record, indent=2) + "\n")

@@ -1,0 +1,150 @@
+"""Latent diffusion stage: the UNet on cached, scaled latents with the scheduler's noise and target (REFERENCE §4)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maisi.config import ModelConfig, UNetConfig
+from maisi.training import distributed as D
+from maisi.training.loop import autocast
+from maisi.training.state import sample_generator
+
+
+@dataclass(frozen=True)
+class DiffusionOptions:
+    lr: float = 1e-4
+    lr_power: float = 2.0  # polynomial decay of the learning rate to 0 at the last step
+    loss: str = "l1"  # or "mse"
+    modality_dropout: float = 0.1  # share of samples trained unconditionally (modality 0), for guidance
+    ema_decay: float = 0.999  # 0: no EMA (the export holds the raw weights)
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("l1", "mse"):
+            raise ValueError(f"--loss must be l1 or mse, got {self.loss!r}")
+        if not 0 <= self.modality_dropout <= 1:
+            raise ValueError(f"--modality-dropout must be in [0, 1], got {self.modality_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr <= 0 or self.lr_power < 0:
+            raise ValueError("--lr must be > 0 and --lr-power >= 0")
+
+
+def poly_lr(lr: float, step: int, steps: int, power: float) -> float:
+    """Polynomial decay lr·(1 − step/steps)^power, a function of the step alone (so resuming is exact)."""
+    return lr * max(0.0, 1.0 - step / steps) ** power
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a model's weights: θ_ema ← d·θ_ema + (1 − d)·θ."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+def noised(scheduler: Any, z: Tensor, samples: Tensor, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_t, t, target) with each sample's noise and timestep drawn from its own generator."""
+    shape = tuple(z.shape[1:])
+    noise, ts = [], []
+    for s in samples.tolist():
+        noise.append(torch.randn(shape, generator=sample_generator(seed, s, 4)))
+        ts.append(scheduler.sample_training_timesteps(1, shape, sample_generator(seed, s, 5)).reshape(1))
+    noise = torch.stack(noise).to(z.device, z.dtype)
+    t = torch.cat(ts).to(z.device).float()
+    return scheduler.add_noise(z, noise, t), t, scheduler.training_target(z, noise, t)
+
+
+def unet_kwargs(config: UNetConfig, batch: dict[str, Any], modality: Tensor | None = None) -> dict[str, Any]:
+    """The condition inputs the UNet's config asks for, from a batch; a missing one is a clear error."""
+    kw: dict[str, Any] = {}
+    if config.include_spacing_input:
+        kw["spacing"] = batch["spacing"].float()
+    if config.include_region_input:
+        for k, name in (("top_region_index", "top_region"), ("bottom_region_index", "bottom_region")):
+            if k not in batch:
+                raise ValueError(f"this UNet is conditioned on body regions: give {k} (one-hot of 4 or a region "
+                                 "name) in each case's sidecar or datalist entry")
+            kw[name] = batch[k].float()
+    if config.num_class_embeds is not None:
+        kw["modality"] = batch["modality"] if modality is None else modality
+    return kw
+
+
+def drop_modality(modality: Tensor, samples: Tensor, p: float, seed: int) -> Tensor:
+    """Replace each sample's modality by 0 (unconditional) with probability p, per sample."""
+    if p <= 0:
+        return modality
+    drop = torch.tensor([bool(torch.rand(1, generator=sample_generator(seed, s, 6)) < p) for s in samples.tolist()])
+    return torch.where(drop.to(modality.device), torch.zeros_like(modality), modality)
+
+
+class DiffusionStage:
+    name = "diffusion"
+    component = "unet"
+
+    def __init__(self, unet: nn.Module, config: ModelConfig, opts: DiffusionOptions, world: D.World,
+                 steps: int, scale_factor: float, seed: int = 0):
+        from maisi.diffusion.schedulers import make_scheduler
+
+        self.config, self.opts, self.world, self.steps, self.seed = config, opts, world, steps, seed
+        self.scheduler = make_scheduler(config.scheduler)
+        self.unet = unet.to(world.device)
+        self.model = D.wrap(self.unet, world)
+        self.ema = EMA(self.unet, opts.ema_decay) if opts.ema_decay > 0 else None
+        self.opt = torch.optim.Adam(self.unet.parameters(), lr=opts.lr)
+        self.scale_factor = torch.tensor(float(scale_factor))
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, **({"ema": self.ema.model} if self.ema else {})}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"unet": self.opt}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"scale_factor": self.scale_factor}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.scale_factor = torch.as_tensor(state["scale_factor"]).cpu().float()
+
+    def export(self) -> tuple[nn.Module, dict[str, Any]]:
+        extra = {"scale_factor": float(self.scale_factor),
+                 "num_train_timesteps": self.config.scheduler.num_train_timesteps}
+        return (self.ema.model if self.ema else self.unet), extra
+
+    def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
+        o = self.opts
+        set_lr(self.opt, poly_lr(o.lr, step, self.steps, o.lr_power))
+        z = batch["latent"].float() * self.scale_factor.to(self.world.device)
+        x_t, t, target = noised(self.scheduler, z, batch["sample"], self.seed)
+        modality = drop_modality(batch["modality"], batch["sample"], o.modality_dropout, self.seed)
+        self.model.train()
+        with autocast(self.world.device, o.precision):
+            pred = self.model(x_t, t, **unet_kwargs(self.config.unet, batch, modality))
+        pred = pred.float()
+        loss = F.l1_loss(pred, target) if o.loss == "l1" else F.mse_loss(pred, target)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.unet)
+        return {"loss": loss.item(), "lr": self.opt.param_groups[0]["lr"]}

@@ -1,0 +1,239 @@
+"""The training loop shared by the three stages: setup → resume → step → report → checkpoint → export."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from maisi.config import ModelConfig, to_dict
+from maisi.io.atomic import atomic_write_text
+from maisi.training import distributed as D
+from maisi.training.state import (
+    batch_samples,
+    load_latest_checkpoint,
+    mix_seed,
+    save_checkpoint,
+    trim_metrics,
+)
+
+METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"
+EXPORT_DIR = "export"
+
+
+class Stage(Protocol):
+    """What a training stage gives the loop (see vae.py, diffusion.py, controlnet.py)."""
+
+    name: str
+    component: str
+    config: ModelConfig
+
+    def modules(self) -> dict[str, nn.Module]: ...  # everything whose weights the checkpoint holds
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
+
+    def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]: ...
+
+    def extra_state(self) -> dict[str, Any]: ...  # tensors / plain data, e.g. scale_factor
+
+    def load_extra_state(self, state: dict[str, Any]) -> None: ...
+
+    def export(self) -> tuple[nn.Module, dict[str, Any]]: ...  # inference model and its `extra`
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    run_dir: Path
+    steps: int  # total optimisation steps of the run (a resumed run continues up to it)
+    batch_size: int  # global batch: split evenly over the processes
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("--checkpoint-every and --log-every must be >= 1")
+
+
+class StepBatches(Sampler[list[int]]):
+    """Batches of global sample numbers for steps start..steps-1 of one rank (deterministic by step)."""
+
+    def __init__(self, start: int, steps: int, batch_size: int, world: D.World):
+        self.start, self.steps, self.batch_size, self.world = start, steps, batch_size, world
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.steps):
+            yield list(batch_samples(step, self.batch_size, self.world.rank, self.world.size))
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack one process's samples; samples of different shapes cannot share a batch."""
+    shapes = {k: {tuple(s[k].shape) for s in samples} for k in samples[0] if torch.is_tensor(samples[0][k])}
+    mixed = {k: sorted(v) for k, v in shapes.items() if len(v) > 1}
+    if mixed:
+        raise ValueError(
+            f"samples of different shapes in one batch ({mixed}); use one sample per process "
+            "(--batch-size = number of processes) or data of one size"
+        )
+    return default_collate(samples)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast when asked (the default on GPU), else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    return contextlib.nullcontext()
+
+
+def prepare_run_dir(run_dir: Path, stage: str, config: ModelConfig, options: dict[str, Any]) -> None:
+    """Write config.json and run.json; refuse a folder that holds a different stage or model config."""
+    run_file = run_dir / RUN_FILE
+    cfg = to_dict(config)
+    if run_file.is_file():
+        old = json.loads(run_file.read_text())
+        if old.get("stage") != stage:
+            raise ValueError(f"{run_dir} holds a {old.get('stage')!r} run, not {stage!r}; use another --out")
+        if old.get("config") != cfg:
+            raise ValueError(
+                f"{run_dir} holds a run with another model config; resume with the same --config "
+                "or use another --out"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.json", json.dumps(cfg, indent=2) + "\n")
+    atomic_write_text(run_file, json.dumps({"stage": stage, "config": cfg, "options": options}, indent=2) + "\n")
+
+
+def _state(stage: Stage, step: int) -> dict[str, Any]:
+    return {
+        "step": step,
+        "stage": stage.name,
+        "modules": {k: D.unwrap(m).state_dict() for k, m in stage.modules().items()},
+        "optimizers": {k: o.state_dict() for k, o in stage.optimizers().items()},
+        "extra": stage.extra_state(),
+    }
+
+
+def _restore(stage: Stage, state: dict[str, Any]) -> int:
+    if state.get("stage") != stage.name:
+        raise ValueError(f"checkpoint is of stage {state.get('stage')!r}, not {stage.name!r}")
+    for k, m in stage.modules().items():
+        D.unwrap(m).load_state_dict(state["modules"][k])
+    for k, o in stage.optimizers().items():
+        o.load_state_dict(state["optimizers"][k])
+    stage.load_extra_state(state.get("extra", {}))
+    return int(state["step"])
+
+
+def _tensorboard(run_dir: Path, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def training_loop(stage: Stage, dataset: Dataset, opts: LoopOptions, world: D.World) -> dict[str, float]:
+    """Train `stage` to opts.steps, resuming from the run folder's last checkpoint; returns the last metrics."""
+    # Setup.
+    if opts.batch_size % world.size:
+        raise ValueError(f"--batch-size {opts.batch_size} must be a multiple of the {world.size} processes")
+    run_dir = Path(opts.run_dir)
+    metrics_path = run_dir / METRICS_FILE
+
+    # Resume.
+    start = 0
+    state = load_latest_checkpoint(run_dir, map_location=world.device)
+    if state is not None:
+        start = _restore(stage, state)
+        del state
+    if world.is_main:
+        trim_metrics(metrics_path, start)
+        if start:
+            print(f"resuming {stage.name} training at step {start} from {run_dir}")
+    D.barrier(world)
+
+    loader = DataLoader(
+        dataset, batch_sampler=StepBatches(start, opts.steps, opts.batch_size, world),
+        num_workers=opts.num_workers, collate_fn=collate,
+    )
+    writer = _tensorboard(run_dir, opts.tensorboard) if world.is_main else None
+    bar = None
+    if world.is_main and opts.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=opts.steps, initial=start, desc=f"train {stage.name}", unit="step", dynamic_ncols=True)
+
+    sums: dict[str, float] = {}
+    count, last, t0 = 0, {}, time.perf_counter()
+    step = start
+    for step_batch in loader:
+        # Step: re-seed from (seed, rank, step) so a resumed run repeats the uninterrupted one.
+        torch.manual_seed(mix_seed(opts.seed, world.rank, step))
+        batch = {k: v.to(world.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in step_batch.items()}
+        metrics = stage.train_step(batch, step)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        count += 1
+        step += 1
+
+        # Report.
+        if step % opts.log_every == 0 or step == opts.steps:
+            means = D.mean_over_ranks({k: v / count for k, v in sums.items()}, world)
+            dt = time.perf_counter() - t0
+            rec = {"step": step, "samples": step * opts.batch_size, **means,
+                   "sec_per_step": dt / count}
+            if world.is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if writer is not None:
+                    for k, v in means.items():
+                        writer.add_scalar(f"{stage.name}/{k}", v, step)
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if k.startswith("loss")})
+            last, sums, count, t0 = means, {}, 0, time.perf_counter()
+        if bar is not None:
+            bar.update(1)
+
+        # Checkpoint.
+        if step % opts.checkpoint_every == 0 or step == opts.steps:
+            if world.is_main:
+                save_checkpoint(run_dir, step, _state(stage, step), keep=opts.keep_checkpoints)
+            D.barrier(world)
+
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+
+    # Export: slim inference weights + config (rank 0).
+    if world.is_main:
+        from maisi.io.checkpoint import save_pretrained
+
+        model, extra = stage.export()
+        save_pretrained(run_dir / EXPORT_DIR, model, stage.config, stage.component, extra=extra)
+    D.barrier(world)
+    return last

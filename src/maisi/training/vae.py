@@ -1,0 +1,150 @@
+"""VAE-GAN stage: L1 + KL + 2.5D perceptual + least-squares adversarial against a 3D PatchGAN (REFERENCE §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maisi.config import ModelConfig
+from maisi.training import distributed as D
+from maisi.training.discriminator import Discriminator
+from maisi.training.loop import autocast
+from maisi.training.losses import (
+    PerceptualLoss25D,
+    discriminator_loss,
+    generator_adversarial_loss,
+    kl_loss,
+)
+from maisi.training.state import sample_generator
+
+
+@dataclass(frozen=True)
+class VAEOptions:
+    lr: float = 1e-4
+    disc_lr: float = 1e-4
+    kl_weight: float = 1e-7
+    perceptual_weight: float = 0.3
+    adv_weight: float = 0.1
+    perceptual_fraction: float = 0.2
+    disc_layers: int = 3
+    disc_channels: int = 32
+    recon_loss: str = "l1"  # or "mse"
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.recon_loss not in ("l1", "mse"):
+            raise ValueError(f"--recon-loss must be l1 or mse, got {self.recon_loss!r}")
+        for k in ("kl_weight", "perceptual_weight", "adv_weight"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"--{k.replace('_', '-')} must be >= 0")
+
+
+class SampledVAE(nn.Module):
+    """encode → z = μ + σ·ε (ε given, so each sample's noise is its own) → decode; one forward for DDP."""
+
+    def __init__(self, autoencoder: nn.Module):
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mu, sigma = self.autoencoder.encode(x)
+        z = mu + sigma * eps.to(mu.dtype)
+        return self.autoencoder.decode(z), mu, sigma
+
+
+class VAEStage:
+    name = "vae"
+    component = "autoencoder"
+
+    def __init__(self, autoencoder: nn.Module, config: ModelConfig, opts: VAEOptions, world: D.World,
+                 seed: int = 0, perceptual: PerceptualLoss25D | None = None):
+        if opts.perceptual_weight > 0 and perceptual is None:
+            raise ValueError("a perceptual weight > 0 needs a perceptual loss (backbone); pass --perceptual-weight 0")
+        self.config, self.opts, self.world, self.seed = config, opts, world, seed
+        self.autoencoder = autoencoder.to(world.device)
+        self.model = D.wrap(SampledVAE(self.autoencoder), world)
+        self.disc = None
+        if opts.adv_weight > 0:
+            d = Discriminator(config.autoencoder.spatial_dims, config.autoencoder.out_channels,
+                              opts.disc_channels, opts.disc_layers).to(world.device)
+            self.disc_module = d
+            self.disc = D.wrap(d, world)
+        self.perceptual = perceptual.to(world.device) if perceptual is not None else None
+        self.opt_g = torch.optim.Adam(self.autoencoder.parameters(), lr=opts.lr)
+        self.opt_d = torch.optim.Adam(self.disc_module.parameters(), lr=opts.disc_lr) if self.disc else None
+
+    def modules(self) -> dict[str, nn.Module]:
+        out = {"autoencoder": self.autoencoder}
+        if self.disc is not None:
+            out["discriminator"] = self.disc_module
+        return out
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        out = {"autoencoder": self.opt_g}
+        if self.opt_d is not None:
+            out["discriminator"] = self.opt_d
+        return out
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def export(self) -> tuple[nn.Module, dict[str, Any]]:
+        return self.autoencoder, {}
+
+    def _eps(self, samples: Tensor, x: Tensor) -> Tensor:
+        """Per-sample latent noise, drawn on the CPU from (seed, sample) and moved to the device."""
+        f = self.config.autoencoder.downsample_factor
+        shape = (self.config.autoencoder.latent_channels, *(n // f for n in x.shape[2:]))
+        return torch.stack([torch.randn(shape, generator=sample_generator(self.seed, int(s), 2))
+                            for s in samples]).to(x.device)
+
+    def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
+        o = self.opts
+        x = batch["image"].float()
+        samples = batch["sample"]
+        self.model.train()
+
+        # Generator: reconstruction, KL, perceptual and adversarial terms.
+        with autocast(self.world.device, o.precision):
+            recon, mu, sigma = self.model(x, self._eps(samples, x))
+        recon = recon.float()
+        rec = F.l1_loss(recon, x) if o.recon_loss == "l1" else F.mse_loss(recon, x)
+        kl = kl_loss(mu, sigma)
+        loss = rec + o.kl_weight * kl
+        out = {"loss_recon": rec.item(), "loss_kl": kl.item()}
+        if o.perceptual_weight > 0:
+            gens = [sample_generator(self.seed, int(s), 3) for s in samples]
+            with autocast(self.world.device, o.precision):
+                perc = self.perceptual(recon, x, gens)
+            loss = loss + o.perceptual_weight * perc
+            out["loss_perceptual"] = perc.item()
+        if self.disc is not None:
+            self.disc_module.requires_grad_(False)
+            with autocast(self.world.device, o.precision):
+                adv = generator_adversarial_loss(self.disc_module(recon).float())
+            self.disc_module.requires_grad_(True)
+            loss = loss + o.adv_weight * adv
+            out["loss_adv"] = adv.item()
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        out["loss"] = loss.item()
+
+        # Discriminator: fakes → 0, reals → 1, in one forward (instance norm keeps samples independent).
+        if self.disc is not None:
+            with autocast(self.world.device, o.precision):
+                logits = self.disc(torch.cat([recon.detach(), x])).float()
+            fake, real = logits.chunk(2)
+            d_loss = discriminator_loss(fake, real)
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
+            out["loss_disc"] = d_loss.item()
+        return out

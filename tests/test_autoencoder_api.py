@@ -1,0 +1,100 @@
+"""Autoencoder API: bad inputs, forward modes, checkpoint round trip, memory-aware entry points."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from maisi.config import PRESETS, AutoencoderConfig
+from maisi.io.checkpoint import load_pretrained, save_pretrained
+from maisi.networks import build
+from maisi.networks.autoencoder import Autoencoder
+from maisi.networks.memory import GB, choose_splits, estimate_peak
+
+TINY = AutoencoderConfig(channels=(4, 8, 8), num_res_blocks=(1, 1, 1), norm_num_groups=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Autoencoder(TINY).eval()
+
+
+@pytest.mark.parametrize(
+    "x,match",
+    [
+        (torch.rand(1, 2, 8, 8, 8), "1 channel"),
+        (torch.rand(1, 8, 8, 8), "5 dims"),
+        (torch.rand(1, 1, 8, 10, 8), "multiple of 4"),
+        (torch.full((1, 1, 8, 8, 8), float("nan")), "NaN or inf"),
+        (torch.ones(1, 1, 8, 8, 8, dtype=torch.long), "floating-point"),
+    ],
+)
+def test_bad_images_raise(model, x, match):
+    with pytest.raises(ValueError, match=match):
+        model.encode(x)
+
+
+def test_bad_latent_and_options_raise(model):
+    with pytest.raises(ValueError, match="4 channel"):
+        model.decode(torch.rand(1, 3, 2, 2, 2))
+    with torch.no_grad(), pytest.raises(ValueError, match="split_axis"):
+        model.decode(torch.rand(1, 4, 2, 2, 2), split_axis=3)
+    with torch.no_grad(), pytest.raises(ValueError, match="dtype"):
+        model.decode(torch.rand(1, 4, 2, 2, 2), dtype=torch.float64)
+
+
+def test_forward_samples_in_training_and_uses_mean_in_eval(model):
+    x = torch.rand(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        recon, mu, sigma = model(x)
+        assert torch.equal(recon, model.decode(mu)) and (sigma > 0).all()
+        model.train()
+        recon_train, _, _ = model(x)
+        model.eval()
+    assert not torch.allclose(recon, recon_train)
+
+
+def test_build_and_checkpoint_round_trip(tmp_path, model):
+    config = replace(PRESETS["tiny"], autoencoder=TINY)
+    assert isinstance(build("autoencoder", config), Autoencoder)
+    save_pretrained(tmp_path / "vae", model, config, "autoencoder")
+    loaded, cfg, _ = load_pretrained(tmp_path / "vae")
+    assert cfg.autoencoder == TINY
+    z = torch.randn(1, 4, 2, 3, 2)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval().decode(z), model.decode(z))
+
+
+def test_smaller_budget_picks_more_splits():
+    big = Autoencoder(AutoencoderConfig())
+    shape = (1, 4, 32, 32, 32)
+    ests = [estimate_peak(big, "decode", shape, k) for k in (1, 2, 4, 8)]
+    assert ests == sorted(ests, reverse=True) and ests[0] > ests[-1]
+    loose = choose_splits(big, "decode", shape, ests[0] / GB + 0.01)
+    tight = choose_splits(big, "decode", shape, ests[2] / GB + 0.001)
+    assert loose == 1 and tight > loose
+    with pytest.raises(ValueError, match="needs at least"):
+        choose_splits(big, "decode", shape, 0.05)
+
+
+def test_within_is_exact_and_raises_when_impossible(model):
+    torch.manual_seed(4)
+    x = torch.rand(1, 1, 16, 12, 8)
+    with torch.no_grad():
+        mu, sigma = model.encode(x, num_splits=1)
+        z = mu
+        img = model.decode(z, num_splits=1)
+    need1 = estimate_peak(model, "decode", tuple(z.shape), 1)
+    small = (estimate_peak(model, "decode", tuple(z.shape), 16) + need1) / 2 / GB
+    assert (model.decode_within(z, small) - img).abs().max() <= 1e-4
+    assert (model.encode_within(x, 1.0)[0] - mu).abs().max() <= 1e-4
+    assert (model.decode_within(z) - img).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="needs at least"):
+        model.decode_within(z, 1e-6)
+
+
+def test_sliding_window_fallback_only_when_asked(model):
+    z = torch.randn(1, 4, 4, 4, 4)
+    out = model.decode_within(z, 1e-4, sliding_window=True, roi_size=(2, 4, 4))
+    assert out.shape == (1, 1, 16, 16, 16) and torch.isfinite(out).all()

@@ -1,0 +1,67 @@
+"""Label conversion into the MAISI vocabulary: by id, by name, TotalSegmentator names, unmapped labels."""
+
+import json
+
+import numpy as np
+import pytest
+
+from maisi.cli import main
+from maisi.data.labelmap import convert_labels, load_mapping, match_name
+from maisi.data.phantom import make_phantom
+from maisi.io.volume import read_volume, write_volume
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("liver", 1), ("kidney_right", 5), ("kidney_left", 14), ("lung_upper_lobe_left", 28),
+    ("lung_middle_lobe_right", 31), ("vertebrae_L5", 33), ("vertebrae_C1", 56), ("rib_left_1", 63),
+    ("rib_right_12", 86), ("femur_left", 93), ("hip_right", 96), ("urinary_bladder", 15),
+    ("iliac_artery_left", 58), ("Spinal Cord", 121), ("pancreas", 4), ("femur", None), ("tumour", None),
+])
+def test_match_totalsegmentator_names(name, expected):
+    assert match_name(name) == expected
+
+
+def test_convert_by_id_name_and_report_unmapped():
+    src = np.array([[[0, 1, 2], [3, 4, 4], [7, 7, 7]]], dtype=np.int16)
+    names = {1: "liver", 2: "kidney_right", 3: "my_lesion", 4: "spleen", 7: "something_odd"}
+    conv = convert_labels(src, mapping={"3": "hepatic tumor", "spleen": 3}, names=names)
+    np.testing.assert_array_equal(conv.label, [[[0, 1, 5], [26, 3, 3], [0, 0, 0]]])
+    assert conv.label.dtype == np.uint8
+    assert conv.unmapped == {7: 3} and conv.mapped == {1: 1, 2: 5, 3: 26, 4: 3}
+    assert "7 (something_odd): 3 voxels" in conv.summary(names)
+    with pytest.raises(ValueError, match="something_odd"):
+        convert_labels(src, mapping={"3": 26}, names=names, unmapped="error")
+
+
+@pytest.mark.parametrize("content,match", [
+    ({"1": "not an organ"}, "unknown anatomy name"), ({"1": 2}, "not in the MAISI vocabulary"), ({}, "non-empty"),
+])
+def test_bad_mapping_files(tmp_path, content, match):
+    (tmp_path / "m.json").write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=match):
+        load_mapping(tmp_path / "m.json")
+
+
+def test_prepare_converts_a_foreign_label_map(tmp_path):
+    """A TotalSegmentator-style map (own ids + class table) prepared into MAISI ids via --label-names."""
+    ph = make_phantom("abdomen", (32, 32, 24), 8.0, seed=2)
+    own = {1: 10, 3: 11, 5: 12, 14: 13, 4: 14}  # MAISI id -> foreign id
+    foreign = np.zeros_like(ph.label)
+    for m, f in own.items():
+        foreign[ph.label == m] = f
+    foreign[ph.label == 6] = 99  # aorta, left out of the class table: unmapped -> background
+    names = {10: "liver", 11: "spleen", 12: "kidney_right", 13: "kidney_left", 14: "pancreas"}
+    (tmp_path / "names.json").write_text(json.dumps({str(k): v for k, v in names.items()}))
+    write_volume(tmp_path / "in" / "s_image.nii.gz", ph.image, ph.affine, np.int16)
+    write_volume(tmp_path / "in" / "s_label.nii.gz", foreign, ph.affine, np.uint8)
+    rc = main(["prepare", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--multiple-of", "8",
+               "--label-names", str(tmp_path / "names.json")])
+    assert rc == 0
+    lab = read_volume(tmp_path / "out" / "s_label.nii.gz").array
+    present = set(np.unique(lab).tolist())
+    assert {1, 3, 4, 5, 14, 200} <= present and not present & {10, 11, 12, 13, 99, 6}
+    rc = main(["prepare", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out2"), "--multiple-of", "8",
+               "--label-names", str(tmp_path / "names.json"), "--unmapped", "error"])
+    assert rc == 1
+    report = json.loads((tmp_path / "out2" / "prepare_report.json").read_text())
+    assert "99" in report["failed"]["s"]

@@ -1,0 +1,112 @@
+"""Mask sources: resampling keeps ids and geometry, body envelope added, database ranking, tumour inpainting."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from maisi.io.volume import affine_from_spacing, spacing_from_affine, write_volume
+from maisi.pipeline import masks as M
+
+
+def _blocks(shape=(20, 20, 20)) -> np.ndarray:
+    lab = np.zeros(shape, np.uint8)
+    lab[4:16, 4:16, 4:16] = 1  # liver
+    lab[8:12, 8:12, 8:12] = 26  # hepatic tumour inside
+    lab[2:5, 14:18, 6:10] = 14  # left kidney
+    return lab
+
+
+def test_resample_keeps_ids_and_physical_extent():
+    lab = _blocks()
+    aff = affine_from_spacing(2.0, lab.shape)
+    out, out_aff = M.resample_label(lab, aff, (40, 40, 40), (1.0, 1.0, 1.0))
+    assert set(np.unique(out)) == set(np.unique(lab)) and out.dtype == np.uint8
+    assert spacing_from_affine(out_aff) == (1.0, 1.0, 1.0)
+    # the liver block is 12 voxels of 2 mm = 24 mm: 24 voxels of 1 mm on the new grid
+    assert (out == 1).any(axis=(1, 2)).sum() + (out == 26).any(axis=(1, 2)).sum() >= 24
+    assert np.count_nonzero(out == 1) + np.count_nonzero(out == 26) == pytest.approx(8 * 12**3, rel=0.02)
+    # same grid: the identity
+    same, _ = M.resample_label(lab, aff, lab.shape, (2.0, 2.0, 2.0))
+    np.testing.assert_array_equal(same, lab)
+
+
+def test_resample_centred_on_source():
+    lab = _blocks()
+    aff = affine_from_spacing(2.0, lab.shape)
+    _, out_aff = M.resample_label(lab, aff, (10, 10, 10), (4.0, 4.0, 4.0))
+    centre_in = aff @ np.array([9.5, 9.5, 9.5, 1.0])
+    centre_out = out_aff @ np.array([4.5, 4.5, 4.5, 1.0])
+    np.testing.assert_allclose(centre_in, centre_out)
+
+
+def test_user_mask_without_body_gets_one(tmp_path):
+    lab = np.zeros((24, 24, 24), np.uint8)
+    lab[4:20, 4:20, 2:22] = 63  # a ring of "rib" around ...
+    lab[6:18, 6:18, 2:22] = 0
+    lab[9:15, 9:15, 6:18] = 1  # ... a liver, with a gap between them
+    write_volume(tmp_path / "m.nii.gz", lab, affine_from_spacing(2.0), np.uint8)
+    label, aff, info = M.load_user_mask(tmp_path / "m.nii.gz")
+    assert info["body_added"] is True
+    assert label[7, 7, 10] == 200  # the gap inside the ring is body
+    assert label[0, 0, 0] == 0 and label[12, 12, 10] == 1 and label[4, 10, 10] == 63
+    with_body, added = M.ensure_body(label)
+    assert not added and np.array_equal(with_body, label)
+
+
+def test_user_mask_mapping_and_unknown_ids(tmp_path):
+    lab = np.zeros((16, 16, 16), np.uint8)
+    lab[4:12, 4:12, 4:12] = 2  # placeholder id 2: not in the vocabulary
+    write_volume(tmp_path / "m.nii.gz", lab, affine_from_spacing(2.0), np.uint8)
+    with pytest.raises(ValueError, match=r"ids \[2\] are not in the MAISI vocabulary"):
+        M.load_user_mask(tmp_path / "m.nii.gz")
+    (tmp_path / "map.json").write_text(json.dumps({"2": "liver"}))
+    label, _, info = M.load_user_mask(tmp_path / "m.nii.gz", tmp_path / "map.json")
+    assert set(np.unique(label)) == {0, 1} and "all 1 source labels mapped" in info["conversion"]
+
+
+def test_database_ranking_and_missing_anatomy(tmp_path):
+    entries = [
+        M.Entry("a.nii.gz", (64, 64, 64), (4.0, 4.0, 4.0), 1, 1, frozenset({28, 200})),
+        M.Entry("b.nii.gz", (128, 128, 128), (1.0, 1.0, 1.0), 1, 1, frozenset({28, 200})),
+        M.Entry("c.nii.gz", (64, 64, 64), (4.0, 4.0, 4.0), 2, 2, frozenset({1, 3, 200})),
+    ]
+    ranked = M.rank_entries(entries, (32, 32, 32), (8.0, 8.0, 8.0), (1, 1), ())
+    assert [e.file for e in ranked] == ["a.nii.gz", "b.nii.gz"]  # same 256 mm field of view first
+    assert [e.file for e in M.rank_entries(entries, (128,) * 3, (1.0,) * 3, None, (1,))] == ["c.nii.gz"]
+    assert M.rank_entries(entries, (64,) * 3, (4.0,) * 3, (1, 1), (1,)) == []
+    assert "no mask in the database shows chest with liver" in M.describe_missing(entries, (1, 1), (1,))
+    M.write_index(tmp_path, entries)
+    assert M.read_index(tmp_path) == entries
+    (tmp_path / "index.json").write_text('{"masks": [{"file": "x"}]}')
+    with pytest.raises(ValueError, match="not a mask index"):
+        M.read_index(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no mask database"):
+        M.read_index(tmp_path / "nowhere")
+
+
+def test_phantom_database_serves_requested_region(tmp_path):
+    folder = M.phantom_database(tmp_path / "db", [(2, 2)], variants=1, size=32, spacing=8.0)
+    assert len(M.read_index(folder)) == 1
+    assert M.phantom_database(tmp_path / "db", [(1, 1), (2, 2)], variants=1, size=32, spacing=8.0) == folder
+    assert sorted(e.top_region_index for e in M.read_index(folder)) == [1, 2]  # chest added, abdomen kept
+    mask = M.database_mask(folder, (32, 32, 32), (6.0, 6.0, 6.0), (2, 2), (1,))
+    assert mask.label.shape == (32, 32, 32) and (mask.label == 1).any() and mask.source["file"].startswith("abdomen")
+    assert spacing_from_affine(mask.affine) == pytest.approx((6.0, 6.0, 6.0))
+    with pytest.raises(ValueError, match=r"shows head_neck with liver; the database has regions: chest, abdomen"):
+        M.database_mask(folder, (32,) * 3, (6.0,) * 3, (0, 0), (1,))
+
+
+def test_insert_tumour_inside_host():
+    lab = _blocks((32, 32, 32))
+    lab[lab == 26] = 1
+    out = M.insert_tumor(lab, 26, (2.0, 2.0, 2.0), np.random.default_rng(0))
+    tumour = out == 26
+    assert tumour.sum() > 10 and np.all(lab[tumour] == 1)
+    assert np.array_equal(out[~tumour], lab[~tumour])
+    again = M.insert_tumor(lab, 26, (2.0, 2.0, 2.0), np.random.default_rng(0))
+    assert np.array_equal(out, again)
+    with pytest.raises(ValueError, match="no pancreas to hold a pancreatic tumor"):
+        M.insert_tumor(lab, 24, (2.0, 2.0, 2.0), np.random.default_rng(0))

@@ -1,0 +1,115 @@
+"""VAE-GAN training: the loss falls, an interrupted run resumes bitwise, bad input is refused clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from maisi.training.vae import VAEStage
+from train_support import (
+    assert_bitwise_equal,
+    export_weights,
+    mean_loss,
+    metrics,
+    phantom_datalist,
+    state_weights,
+    train,
+)
+
+FAST = ["--config", "tiny", "--patch", "16", "--perceptual-weight", "0", "--disc-layers", "1",
+        "--disc-channels", "8", "--batch-size", "2", "--lr", "1e-3", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return phantom_datalist(tmp_path_factory.mktemp("phantoms"), n=3, size=32)
+
+
+def test_vae_loss_decreases_and_exports(data, tmp_path):
+    run = tmp_path / "run"
+    assert train("vae", "--data", str(data), "--out", str(run), "--steps", "40", *FAST) == 0
+    recs = metrics(run)
+    assert len(recs) == 20 and {"loss_recon", "loss_kl", "loss_adv", "loss_disc"} <= recs[0].keys()
+    assert mean_loss(recs[-3:], "loss_recon") < 0.7 * mean_loss(recs[:3], "loss_recon")
+    from maisi.io.checkpoint import load_pretrained
+
+    model, config, _ = load_pretrained(run / "export")
+    assert config.name == "tiny" and json.loads((run / "config.json").read_text())["name"] == "tiny"
+    x = torch.rand(1, 1, 16, 16, 16)
+    assert model(x)[0].shape == x.shape
+
+
+def test_vae_resume_after_interruption_is_bitwise(data, tmp_path, monkeypatch):
+    args = ["--data", str(data), "--steps", "10", "--checkpoint-every", "4", *FAST]
+    train("vae", "--out", str(tmp_path / "a"), *args)
+
+    real = VAEStage.train_step
+
+    def dies_at_step_6(self, batch, step):
+        if step == 6:
+            raise RuntimeError("killed")
+        return real(self, batch, step)
+
+    monkeypatch.setattr(VAEStage, "train_step", dies_at_step_6)
+    with pytest.raises(RuntimeError, match="killed"):
+        train("vae", "--out", str(tmp_path / "b"), *args)
+    monkeypatch.setattr(VAEStage, "train_step", real)
+    assert [r["step"] for r in metrics(tmp_path / "b")] == [2, 4, 6]  # logged after the last checkpoint (4)
+    train("vae", "--out", str(tmp_path / "b"), *args)  # the same command resumes at step 4
+
+    assert [r["step"] for r in metrics(tmp_path / "b")] == [2, 4, 6, 8, 10]
+    assert_bitwise_equal(export_weights(tmp_path / "a"), export_weights(tmp_path / "b"))
+    assert_bitwise_equal(state_weights(tmp_path / "a"), state_weights(tmp_path / "b"))
+
+
+def test_vae_patch_curriculum(data, tmp_path):
+    from maisi.training.data import ImagePatches, read_datalist
+
+    patches = ImagePatches(read_datalist(data), [(0, 8), (3, 16)], batch_size=2)
+    g = torch.Generator().manual_seed(0)
+    assert patches.load(0, g, sample=5)["image"].shape == (1, 8, 8, 8)  # step 2
+    assert patches.load(0, g, sample=6)["image"].shape == (1, 16, 16, 16)  # step 3
+    run = tmp_path / "run"
+    assert train("vae", "--data", str(data), "--out", str(run), "--steps", "4",
+                 *FAST[:2], *FAST[4:], "--patch", "12", "16", "--patch-switch", "2") == 0
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty", "datalist is empty"),
+        ("missing", "missing file"),
+        ("no-datalist", "no datalist"),
+        ("bad-switch", "--patch-switch"),
+        ("bad-config", "unknown preset"),
+    ],
+)
+def test_vae_bad_input_is_a_clean_error(data, tmp_path, capsys, case, message):
+    datalist = data
+    extra: list[str] = []
+    if case == "empty":
+        datalist = tmp_path / "empty.json"
+        datalist.write_text('{"training": []}')
+    elif case == "missing":
+        datalist = tmp_path / "missing.json"
+        datalist.write_text('{"training": [{"image": "nowhere.nii.gz"}]}')
+    elif case == "no-datalist":
+        datalist = tmp_path / "absent.json"
+    elif case == "bad-switch":
+        extra = ["--patch", "8", "16"]
+    else:
+        extra = ["--config", "no-such-preset"]
+    code = train("vae", "--data", str(datalist), "--out", str(tmp_path / "run"), "--steps", "2", *FAST, *extra)
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_vae_refuses_a_run_folder_of_another_config(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    train("vae", "--data", str(data), "--out", str(run), "--steps", "1", *FAST)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"preset": "tiny", "autoencoder": {"channels": [4, 8, 8]}}))
+    assert train("vae", "--data", str(data), "--out", str(run), "--steps", "2", *FAST, "--config", str(other)) == 2
+    assert "another model config" in capsys.readouterr().err
