@@ -101,3 +101,10 @@ def test_segments_across_cpu_and_cuda(model, ref):
     assert img2.device.type == "cpu" and (img2 - img).abs().max() <= 1e-4
     assert (mu2.cpu() - mu).abs().max() <= 1e-4
     assert (img_half.cpu() - img).abs().max() / img.abs().max() < 0.05
+
+
+def test_channels_last_split_equals_unsplit(model, ref):
+    x, z, (mu, _), img = ref
+    with torch.no_grad():
+        assert (model.encode(x, num_splits=3, channels_last=True)[0] - mu).abs().max() <= 1e-4
+        assert (model.decode(z, num_splits=5, split_axis=1, channels_last=True) - img).abs().max() <= 1e-4
