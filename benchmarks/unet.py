@@ -1,9 +1,9 @@
 """Forward benchmark of the released rflow-ct UNet (alone and ControlNet + UNet): ours (fp32 / bf16) vs MONAI, CPU.
 
-Every case runs in its own subprocess (its peak RSS is its own); cases are interleaved ours/MONAI so that
-the ratios, not the absolute times, are the result on a shared machine. Run by hand, e.g.
+Timings: all implementations in one process, forward by forward in turn, so that the ratios, not the
+absolute times, are the result on a shared machine. Peak RSS and outputs: one subprocess per implementation. Run by hand, e.g.
     PYTHONPATH=src python3 benchmarks/unet.py                       # 4x32^3 and 4x16^3, all cases
-    PYTHONPATH=src python3 benchmarks/unet.py --latents 16 --repeats 5 --rounds 2
+    PYTHONPATH=src python3 benchmarks/unet.py --latents 16 --repeats 5
 """
 
 from __future__ import annotations
@@ -49,39 +49,37 @@ def _prepare(folder: str) -> None:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, os.path.join(folder, f"{name}.safetensors"))
 
 
-def _child(args) -> None:
+def _build(impl: str, with_cn: bool, folder: str):
     import torch
     from safetensors.torch import load_file
 
     from maisi.config import ControlNetConfig, preset
-    from maisi.networks.controlnet import ControlNet, mask_to_bit_planes
+    from maisi.networks.controlnet import ControlNet
     from maisi.networks.precision import for_inference
     from maisi.networks.unet import DiffusionUNet
 
-    torch.set_num_threads(args.threads)
-    impl, net, s = args.child, args.net, args.latent
     cfg, ccfg = preset("rflow-ct").unet, ControlNetConfig()
-    with_cn = net == "cn+unet"
-    if impl == "monai":
-        unet, cn = _monai_nets(cfg, ccfg)
-    else:
-        unet, cn = DiffusionUNet(cfg).eval(), ControlNet(cfg, ccfg).eval()
-    unet.load_state_dict(load_file(os.path.join(args.folder, "unet.safetensors")), strict=True)
-    if with_cn:
-        cn.load_state_dict(load_file(os.path.join(args.folder, "controlnet.safetensors")), strict=True)
-    else:
-        cn = None
+    unet, cn = _monai_nets(cfg, ccfg) if impl == "monai" else (DiffusionUNet(cfg).eval(), ControlNet(cfg, ccfg).eval())
+    unet.load_state_dict(load_file(os.path.join(folder, "unet.safetensors")), strict=True)
+    cn.load_state_dict(load_file(os.path.join(folder, "controlnet.safetensors")), strict=True) if with_cn else None
+    cn = cn if with_cn else None
     if impl in ("ours-cl", "ours-bf16"):  # fp32 channels_last_3d; bf16 weights (fp32 GroupNorm) + channels_last_3d
         for m in (unet, cn):
             if m is not None:
                 for_inference(m, torch.bfloat16 if impl == "ours-bf16" else torch.float32, channels_last=True)
+    return unet, cn
+
+
+def _forward(impl: str, unet, cn, s: int):
+    import torch
+
+    from maisi.networks.controlnet import mask_to_bit_planes
+
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 4, s, s, s, generator=g)
-    t = torch.tensor([500.0])
-    spacing, modality = torch.tensor([[1.5, 1.5, 2.0]]), torch.tensor([1])
+    t, spacing, modality = torch.tensor([500.0]), torch.tensor([[1.5, 1.5, 2.0]]), torch.tensor([1])
     mask = torch.randint(0, 133, (1, 1, 4 * s, 4 * s, 4 * s), generator=g, dtype=torch.uint8)
-
-    def forward():
+    with torch.no_grad():
         if impl == "monai":
             kw = {}
             if cn is not None:
@@ -94,16 +92,30 @@ def _child(args) -> None:
             kw = {"down_residuals": down, "mid_residual": mid}
         return unet(x, t, spacing=spacing, modality=modality, **kw)
 
-    times = []
-    with torch.no_grad():
-        out = forward()  # warm-up
-        for _ in range(args.repeats):
+
+def _child(args) -> None:
+    """--child IMPL: one forward of one implementation, for its peak RSS and its output.
+    --child all: every implementation in one process, timed forward by forward in turn (the ratios)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with_cn = args.net == "cn+unet"
+    if args.child != "all":
+        unet, cn = _build(args.child, with_cn, args.folder)
+        out = _forward(args.child, unet, cn, args.latent)
+        torch.save(out.float().contiguous(), args.out)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"peak_gb": peak / 1024**2}))
+        return
+    nets = {impl: _build(impl, with_cn, args.folder) for impl in IMPLS}
+    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    for r in range(args.repeats + 1):  # round 0 is the warm-up
+        for impl in IMPLS[r % 2:] + IMPLS[:r % 2]:  # interleaved, starting order rotated
             t0 = time.perf_counter()
-            out = forward()
-            times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    torch.save(out.float().contiguous(), args.out)
-    print(json.dumps({"wall_s": statistics.median(times), "peak_gb": peak / 1024**2}))
+            _forward(impl, *nets[impl], args.latent)
+            if r:
+                times[impl].append(time.perf_counter() - t0)
+    print(json.dumps(times))
 
 
 def _run(args, impl: str, net: str, latent: int, folder: str) -> dict:
@@ -128,10 +140,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--latents", default="32,16", help="comma list of latent edges (4 channels, batch 1)")
     p.add_argument("--nets", default=",".join(NETS), help=f"comma list from {NETS}")
-    p.add_argument("--repeats", type=int, default=3, help="timed forwards per case after one warm-up (median)")
-    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds (median over rounds)")
+    p.add_argument("--repeats", type=int, default=3, help="timed forwards per implementation after a warm-up")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=(*IMPLS, "all"), help=argparse.SUPPRESS)
     p.add_argument("--net", choices=NETS, help=argparse.SUPPRESS)
     p.add_argument("--latent", type=int, help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
@@ -150,34 +161,26 @@ def main() -> int:
         p.error(f"unknown nets {bad}; choose from {NETS}")
     with tempfile.TemporaryDirectory() as folder:
         subprocess.run([sys.executable, os.path.abspath(__file__), "--prepare", "--folder", folder], check=True)
-        rows: dict[tuple, list[dict]] = {}
-        for r in range(args.rounds):
-            for latent in latents:
-                for net in nets:
-                    for impl in IMPLS:  # interleaved: each round runs MONAI and ours back to back
-                        rows.setdefault((latent, net, impl), []).append(_run(args, impl, net, latent, folder))
-                        row = rows[(latent, net, impl)][-1]
-                        print(f"# round {r + 1} {net:8s} 4x{latent}^3 {impl:10s} {row['wall_s']:7.2f} s "
-                              f"{row['peak_gb']:5.2f} GB", flush=True)
-        print(f"\nrflow-ct, batch 1, {args.threads} threads, median of {args.repeats} after a warm-up, "
-              f"{args.rounds} round(s)")
-        print(f"{'net':8s} {'latent':>7s} {'impl':10s} {'time s':>7s} {'peak GB':>7s} {'ours/MONAI':>10s} "
-              f"{'max|diff|':>10s} {'rel err':>9s}")
+        print(f"rflow-ct, batch 1, {args.threads} threads; time: median of {args.repeats} forwards after a warm-up, "
+              "all implementations in one process, interleaved forward by forward; ratio: median of the per-round "
+              "ratios; peak: RSS of a separate process per implementation (one forward)", flush=True)
+        print(f"{'net':8s} {'latent':>7s} {'impl':10s} {'time s':>7s} {'vs MONAI':>8s} {'peak GB':>7s} "
+              f"{'max|diff|':>10s} {'rel err':>9s}", flush=True)
         for latent in latents:
             for net in nets:
-                ref = rows[(latent, net, "monai")]
-                fp32 = rows[(latent, net, "ours")]
+                mem = {impl: _run(args, impl, net, latent, folder) for impl in IMPLS}
+                res = _run(args, "all", net, latent, folder)
+                ref_max = _compare(mem["monai"]["out"], mem["monai"]["out"])[2]
                 for impl in IMPLS:
-                    case = rows[(latent, net, impl)]
-                    wall = statistics.median(c["wall_s"] for c in case)
-                    ratio = statistics.median(c["wall_s"] / m["wall_s"] for c, m in zip(case, ref))
-                    against = fp32 if impl == "ours-bf16" else ref  # fp32 vs MONAI; bf16 vs our fp32
-                    diff, rel, _ = _compare(case[-1]["out"], against[-1]["out"])
+                    wall = statistics.median(res[impl])
+                    ratio = statistics.median(a / b for a, b in zip(res[impl], res["monai"]))
+                    against = mem["ours" if impl == "ours-bf16" else "monai"]  # fp32 vs MONAI; bf16 vs our fp32
+                    diff, rel, _ = _compare(mem[impl]["out"], against["out"])
                     extra = "" if impl == "monai" else f"{diff:10.2e} {rel:9.2e}"
-                    print(f"{net:8s} {f'4x{latent}^3':>7s} {impl:10s} {wall:7.2f} {max(c['peak_gb'] for c in case):7.2f} "
-                          f"{ratio:10.2f} {extra}")
-                print(f"{'':8s} {'':7s} (max |MONAI output| = {_compare(ref[-1]['out'], ref[-1]['out'])[2]:.3g}; "
-                      "diffs vs MONAI, ours-bf16's vs ours fp32)")
+                    print(f"{net:8s} {f'4x{latent}^3':>7s} {impl:10s} {wall:7.2f} {ratio:8.2f} "
+                          f"{mem[impl]['peak_gb']:7.2f} {extra}", flush=True)
+                print(f"  (max |MONAI output| = {ref_max:.3g}; diffs vs MONAI, ours-bf16's vs ours fp32; "
+                      f"times {json.dumps({k: [round(v, 2) for v in res[k]] for k in IMPLS})})", flush=True)
     return 0
 
 
