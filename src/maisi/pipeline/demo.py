@@ -24,6 +24,8 @@ class DemoRecipe:
     controlnet_steps: int = 100
     config: str = "tiny"
     seed: int = 0
+    device: str = "cpu"
+    workers: int = 0  # data-loading processes per training run
 
 
 def _cli(*argv: str) -> None:
@@ -46,9 +48,10 @@ def train_demo(folder: str | Path, recipe: DemoRecipe = DemoRecipe(), progress: 
             n = r.phantoms_per_region if "-" not in region else max(1, r.phantoms_per_region // 2)
             _cli("phantom", "--region", region, "--size", str(r.size), "--spacing", str(r.spacing),
                  "--num", str(n), "--seed", str(r.seed + 100 * i), "--out", str(phantoms))
-    common = ["--no-tensorboard", "--checkpoint-every", "100", "--seed", str(r.seed), "--device", "cpu", *quiet]
+    common = ["--no-tensorboard", "--checkpoint-every", "200", "--seed", str(r.seed), "--device", r.device,
+              "--workers", str(r.workers), *quiet]
     _cli("train", "vae", "--config", r.config, "--data", str(phantoms / "datalist.json"), "--out", str(runs / "vae"),
-         "--steps", str(r.vae_steps), "--patch", str(min(r.size, 64)), "--batch-size", "2",
+         "--steps", str(r.vae_steps), "--patch", str(min(r.size, 32)), "--batch-size", "4",
          "--perceptual-weight", "0", *common)
     if not (latents / "datalist.json").is_file():
         _cli("prepare", "--input", str(phantoms / "datalist.json"), "--out", str(latents),
