@@ -51,13 +51,14 @@ def train_demo(folder: str | Path, recipe: DemoRecipe = DemoRecipe(), progress: 
     common = ["--no-tensorboard", "--checkpoint-every", "200", "--seed", str(r.seed), "--device", r.device,
               "--workers", str(r.workers), *quiet]
     _cli("train", "vae", "--config", r.config, "--data", str(phantoms / "datalist.json"), "--out", str(runs / "vae"),
-         "--steps", str(r.vae_steps), "--patch", str(min(r.size, 32)), "--batch-size", "4",
+         "--steps", str(r.vae_steps), "--patch", str(min(r.size, 32)), "--batch-size", "2",
          "--perceptual-weight", "0", *common)
     if not (latents / "datalist.json").is_file():
         _cli("prepare", "--input", str(phantoms / "datalist.json"), "--out", str(latents),
              "--vae", str(runs / "vae" / "export"), "--multiple-of", str(r.size))
     _cli("train", "diffusion", "--config", r.config, "--data", str(latents / "datalist.json"),
          "--out", str(runs / "diffusion"), "--steps", str(r.diffusion_steps), "--batch-size", "2", "--lr", "1e-3",
+         "--ema-decay", "0.99",  # short runs: a 0.999 average would still hold much of the random start
          *common)
     _cli("train", "controlnet", "--data", str(latents / "datalist.json"), "--unet", str(runs / "diffusion" / "export"),
          "--out", str(runs / "controlnet"), "--steps", str(r.controlnet_steps), "--batch-size", "2", "--lr", "1e-4",
