@@ -46,7 +46,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def database(tmp_path_factory) -> Path:
-    return phantom_database(tmp_path_factory.mktemp("db"), variants=1, size=32, spacing=8.0)
+    return phantom_database(tmp_path_factory.mktemp("db"), variants=2, size=32, spacing=8.0)
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +150,14 @@ def test_torchrun_two_processes_match_one(model_dir, database, tmp_path):
 def test_anatomy_without_region_searches_every_region(pipe, database):
     (s,) = pipe.generate(req(body_region=(), mask_database=str(database), anatomy=("brain",)))
     assert (s.label == 22).any() and s.record["resolved"]["body_region"] == [0, 0]
+
+
+def test_failed_quality_check_retries_with_another_mask(pipe, database, monkeypatch):
+    import maisi.pipeline.pipeline as P
+
+    verdicts = iter([False, True])
+    monkeypatch.setattr(P, "check_quality", lambda hu, label: {"passed": next(verdicts), "organs": {}})
+    (s,) = pipe.generate(req(mask_database=str(database), quality_check=True, quality_retries=2))
+    a = s.record["attempts"]
+    assert [x["quality_passed"] for x in a] == [False, True] and s.record["quality"]["passed"] is True
+    assert a[0]["mask"]["file"] != a[1]["mask"]["file"] and a[1]["mask"]["rank"] == 1
