@@ -161,3 +161,14 @@ def test_failed_quality_check_retries_with_another_mask(pipe, database, monkeypa
     a = s.record["attempts"]
     assert [x["quality_passed"] for x in a] == [False, True] and s.record["quality"]["passed"] is True
     assert a[0]["mask"]["file"] != a[1]["mask"]["file"] and a[1]["mask"]["rank"] == 1
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_story(tmp_path):
+    """`maisi demo`: phantoms → VAE → latents → UNet → ControlNet → a generated sample with its preview."""
+    assert main(["demo", "--out", str(tmp_path), "--steps", "2", "--no-progress"]) == 0
+    for comp in ("autoencoder", "unet", "controlnet"):
+        assert (tmp_path / "model" / comp / "model.safetensors").is_file()
+    rec = json.loads((tmp_path / "generated" / "sample_seed0_record.json").read_text())
+    assert rec["model"]["weights"]["controlnet"]["path"].startswith(str(tmp_path))
+    assert (tmp_path / "generated" / "sample_seed0_preview.png").is_file()
