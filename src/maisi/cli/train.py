@@ -21,6 +21,7 @@ def _common(p: argparse.ArgumentParser, lr: float, batch: int) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="bf16 autocast (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--threads", type=int, help="CPU threads per process (default: torch's choice)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes per training process")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard log even if it is installed")
@@ -42,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--perceptual-fraction", type=float, default=0.2, help="share of slices per axis (default 0.2)")
     v.add_argument("--perceptual-weights", help="state dict for the perceptual backbone (default: bundled ImageNet)")
     v.add_argument("--adv-weight", type=float, default=0.1)
+    v.add_argument("--adv-start", type=int, default=0, help="warm-up steps without the adversarial terms")
     v.add_argument("--disc-lr", type=float, help="discriminator learning rate (default: --lr)")
     v.add_argument("--disc-layers", type=int, default=3)
     v.add_argument("--disc-channels", type=int, default=32)

@@ -65,7 +65,7 @@ class ControlNetStage:
         from maisi.diffusion.schedulers import make_scheduler
 
         self.config, self.opts, self.world, self.seed = config, opts, world, seed
-        self.scheduler = make_scheduler(config.scheduler)
+        self.scheduler = make_scheduler(config.scheduler, config.unet.spatial_dims)
         self.unet = unet.to(world.device).eval().requires_grad_(False)
         self.controlnet = controlnet.to(world.device)
         self.model = D.wrap(self.controlnet, world)

@@ -107,7 +107,7 @@ class DiffusionStage:
         from maisi.diffusion.schedulers import make_scheduler
 
         self.config, self.opts, self.world, self.steps, self.seed = config, opts, world, steps, seed
-        self.scheduler = make_scheduler(config.scheduler)
+        self.scheduler = make_scheduler(config.scheduler, config.unet.spatial_dims)
         self.unet = unet.to(world.device)
         self.model = D.wrap(self.unet, world)
         self.ema = EMA(self.unet, opts.ema_decay) if opts.ema_decay > 0 else None

@@ -188,6 +188,7 @@ def training_loop(stage: Stage, dataset: Dataset, opts: LoopOptions, world: D.Wo
         bar = tqdm(total=opts.steps, initial=start, desc=f"train {stage.name}", unit="step", dynamic_ncols=True)
 
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     count, last, t0 = 0, {}, time.perf_counter()
     step = start
     for step_batch in loader:
@@ -197,12 +198,13 @@ def training_loop(stage: Stage, dataset: Dataset, opts: LoopOptions, world: D.Wo
         metrics = stage.train_step(batch, step)
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
+            counts[k] = counts.get(k, 0) + 1
         count += 1
         step += 1
 
         # Report.
         if step % opts.log_every == 0 or step == opts.steps:
-            means = D.mean_over_ranks({k: v / count for k, v in sums.items()}, world)
+            means = D.mean_over_ranks({k: v / counts[k] for k, v in sums.items()}, world)
             dt = time.perf_counter() - t0
             rec = {"step": step, "samples": step * opts.batch_size, **means,
                    "sec_per_step": dt / count}
@@ -214,7 +216,7 @@ def training_loop(stage: Stage, dataset: Dataset, opts: LoopOptions, world: D.Wo
                         writer.add_scalar(f"{stage.name}/{k}", v, step)
                 if bar is not None:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if k.startswith("loss")})
-            last, sums, count, t0 = means, {}, 0, time.perf_counter()
+            last, sums, counts, count, t0 = means, {}, {}, 0, time.perf_counter()
         if bar is not None:
             bar.update(1)
 

@@ -72,6 +72,10 @@ def run_stage(args: argparse.Namespace) -> dict[str, float]:
     """Train the stage `args.stage` asks for; returns the last logged metrics."""
     from maisi.networks import build
 
+    if args.threads:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     world = D.init(args.device)
     try:
         precision = args.precision if args.precision != "auto" else ("bf16" if world.device.type == "cuda" else "fp32")
@@ -100,7 +104,7 @@ def run_stage(args: argparse.Namespace) -> dict[str, float]:
                                   intensity=args.intensity)
             vopts = VAEOptions(
                 lr=args.lr, disc_lr=args.disc_lr or args.lr, kl_weight=args.kl_weight,
-                perceptual_weight=args.perceptual_weight, adv_weight=args.adv_weight,
+                perceptual_weight=args.perceptual_weight, adv_weight=args.adv_weight, adv_start=args.adv_start,
                 perceptual_fraction=args.perceptual_fraction, disc_layers=args.disc_layers,
                 disc_channels=args.disc_channels, recon_loss=args.recon_loss, precision=precision,
             )

@@ -29,6 +29,7 @@ class VAEOptions:
     kl_weight: float = 1e-7
     perceptual_weight: float = 0.3
     adv_weight: float = 0.1
+    adv_start: int = 0  # steps of plain VAE training before the adversarial terms start (warm-up)
     perceptual_fraction: float = 0.2
     disc_layers: int = 3
     disc_channels: int = 32
@@ -125,7 +126,8 @@ class VAEStage:
                 perc = self.perceptual(recon, x, gens)
             loss = loss + o.perceptual_weight * perc
             out["loss_perceptual"] = perc.item()
-        if self.disc is not None:
+        use_adv = self.disc is not None and step >= o.adv_start
+        if use_adv:
             self.disc_module.requires_grad_(False)
             with autocast(self.world.device, o.precision):
                 adv = generator_adversarial_loss(self.disc_module(recon).float())
@@ -138,7 +140,7 @@ class VAEStage:
         out["loss"] = loss.item()
 
         # Discriminator: fakes → 0, reals → 1, in one forward (instance norm keeps samples independent).
-        if self.disc is not None:
+        if use_adv:
             with autocast(self.world.device, o.precision):
                 logits = self.disc(torch.cat([recon.detach(), x])).float()
             fake, real = logits.chunk(2)
