@@ -131,3 +131,24 @@ def test_train_phantom_segmenter_runs_and_reloads(tmp_path):
     assert again(hu[:20], spacing=(6, 6, 6)).shape == (20, 32, 32)  # padded to ×16 inside, cropped back
     with pytest.raises(ValueError, match="multiple of 16"):
         train_phantom_segmenter(tmp_path / "x.safetensors", steps=1, size=(30, 32, 32))
+
+
+class _Threshold(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # logits: channel 1 (= label id 1) where HU > 0
+        return torch.cat([torch.zeros_like(x), (x > 0).float()], 1)
+
+
+def test_torchscript_segmenter(tmp_path):
+    path = tmp_path / "seg.pt"
+    torch.jit.script(_Threshold()).save(str(path))
+    seg = load_segmenter(path)
+    hu = torch.full((8, 8, 8), -500.0)
+    hu[:3] = 100
+    out = seg(hu)
+    assert out.dtype == torch.long and int(out.sum()) == 3 * 64
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk")
+    with pytest.raises(ValueError, match="neither"):
+        load_segmenter(junk)
+    with pytest.raises(FileNotFoundError, match="train one"):
+        load_segmenter(tmp_path / "missing.safetensors")
