@@ -24,10 +24,13 @@ def main() -> None:
     p.add_argument("--vae-steps", type=int, default=600)
     p.add_argument("--diffusion-steps", type=int, default=1500)
     p.add_argument("--controlnet-steps", type=int, default=400)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=0)
     p.add_argument("--no-install", action="store_true", help="leave the package's demo model untouched")
     a = p.parse_args()
     recipe = DemoRecipe(phantoms_per_region=a.phantoms_per_region, vae_steps=a.vae_steps,
-                        diffusion_steps=a.diffusion_steps, controlnet_steps=a.controlnet_steps)
+                        diffusion_steps=a.diffusion_steps, controlnet_steps=a.controlnet_steps,
+                        device=a.device, workers=a.workers)
     t0 = time.perf_counter()
     model = train_demo(a.work, recipe)
     print(f"trained {model} in {time.perf_counter() - t0:.0f} s")

@@ -98,3 +98,9 @@ def test_sliding_window_fallback_only_when_asked(model):
     z = torch.randn(1, 4, 4, 4, 4)
     out = model.decode_within(z, 1e-4, sliding_window=True, roi_size=(2, 4, 4))
     assert out.shape == (1, 1, 16, 16, 16) and torch.isfinite(out).all()
+
+
+def test_sliding_window_encode_returns_both_posteriors(model):
+    x = torch.rand(1, 1, 32, 16, 16)
+    mu, sigma = model.encode_within(x, 1e-5, sliding_window=True)  # window size chosen automatically
+    assert mu.shape == sigma.shape == (1, 4, 8, 4, 4) and (sigma > 0).all()

@@ -19,7 +19,7 @@ from maisi.pipeline.masks import phantom_database
 from maisi.pipeline.pipeline import Pipeline, shard
 from maisi.pipeline.validation import GenerationRequest
 
-FAST = dict(size=(64, 64, 64), spacing=(4.0, 4.0, 4.0), steps=2, quality_check=False, body_region=("chest",))
+FAST = dict(size=(32, 32, 32), spacing=(8.0, 8.0, 8.0), steps=1, quality_check=False, body_region=("chest",))
 
 
 def req(**change) -> GenerationRequest:
@@ -46,7 +46,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def database(tmp_path_factory) -> Path:
-    return phantom_database(tmp_path_factory.mktemp("db"), variants=1, size=32, spacing=8.0)
+    return phantom_database(tmp_path_factory.mktemp("db"), variants=2, size=32, spacing=8.0)
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +55,12 @@ def pipe(model_dir) -> Pipeline:
 
 
 def test_generate_writes_volume_label_preview_record(pipe, database, tmp_path):
-    r = req(mask_database=str(database), anatomy=("liver",), body_region=("abdomen",), seed=7, size=(64, 64, 32),
-            spacing=(5.0, 5.0, 6.0))
+    r = req(mask_database=str(database), anatomy=("liver",), body_region=("abdomen",), seed=7, size=(64, 32, 32),
+            spacing=(4.0, 8.0, 10.0))
     (s,) = pipe.generate(r, out=tmp_path)
-    assert s.seed == 7 and s.image.dtype == np.int16 and s.image.shape == (64, 64, 32)
+    assert s.seed == 7 and s.image.dtype == np.int16 and s.image.shape == (64, 32, 32)
     vol, lab = read_volume(s.files["image"]), read_volume(s.files["label"])
-    np.testing.assert_allclose(vol.spacing, (5.0, 5.0, 6.0))
+    np.testing.assert_allclose(vol.spacing, (4.0, 8.0, 10.0))
     np.testing.assert_allclose(vol.affine, lab.affine)
     assert vol.array.min() >= -1000 and vol.array.max() <= 1000
     assert np.all(vol.array[lab.array == 0] == -1000)  # air outside the body
@@ -72,10 +72,10 @@ def test_generate_writes_volume_label_preview_record(pipe, database, tmp_path):
 
 
 def test_same_seed_same_volume_whatever_batch_or_process(pipe, database):
-    one_by_one = pipe.generate(req(mask_database=str(database), num_samples=3, seed=11))
-    batched = pipe.generate(req(mask_database=str(database), num_samples=3, seed=11, batch_size=3))
-    rank1 = pipe.generate(req(mask_database=str(database), num_samples=3, seed=11), rank=1, world_size=2)
-    assert [s.index for s in rank1] == [1] and [s.seed for s in one_by_one] == [11, 12, 13]
+    one_by_one = pipe.generate(req(mask_database=str(database), num_samples=2, seed=11))
+    batched = pipe.generate(req(mask_database=str(database), num_samples=2, seed=11, batch_size=2))
+    rank1 = pipe.generate(req(mask_database=str(database), num_samples=2, seed=11), rank=1, world_size=2)
+    assert [s.index for s in rank1] == [1] and [s.seed for s in one_by_one] == [11, 12]
     np.testing.assert_array_equal(one_by_one[1].image, rank1[0].image)
     for a, b in zip(one_by_one, batched):
         assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 1  # batched convs: float rounding only
@@ -88,7 +88,7 @@ def test_image_only_and_user_mask(pipe, database, tmp_path):
     from maisi.data.phantom import make_phantom
     from maisi.io.volume import write_volume
 
-    ph = make_phantom("chest", size=40, spacing=6.0, seed=3)
+    ph = make_phantom("chest", size=24, spacing=11.0, seed=3)
     no_body = np.where(ph.label == 200, 0, ph.label).astype(np.uint8)
     write_volume(tmp_path / "mask.nii.gz", no_body, ph.affine, np.uint8)
     (s,) = pipe.generate(req(body_region=(), mask=str(tmp_path / "mask.nii.gz")))
@@ -121,7 +121,7 @@ def test_shard_covers_every_sample_once():
 
 
 def test_cli_generate_and_errors(model_dir, database, tmp_path, capsys):
-    args = ["generate", "--weights", str(model_dir), "--size", "64", "--spacing", "4", "--steps", "1",
+    args = ["generate", "--weights", str(model_dir), "--size", "32", "--spacing", "8", "--steps", "1",
             "--mask-database", str(database), "--no-quality-check", "--no-progress", "--out", str(tmp_path)]
     assert main(args) == 0
     assert (tmp_path / "sample_seed0_image.nii.gz").is_file() and (tmp_path / "sample_seed0_preview.png").is_file()
@@ -134,7 +134,7 @@ def test_cli_generate_and_errors(model_dir, database, tmp_path, capsys):
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(model_dir, database, tmp_path):
     """`torchrun --nproc_per_node=2` writes the same samples as one process."""
-    common = ["-m", "maisi", "generate", "--weights", str(model_dir), "--size", "64", "--spacing", "4",
+    common = ["-m", "maisi", "generate", "--weights", str(model_dir), "--size", "32", "--spacing", "8",
               "--steps", "2", "--num-samples", "3", "--mask-database", str(database), "--no-quality-check",
               "--no-progress", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
@@ -150,3 +150,25 @@ def test_torchrun_two_processes_match_one(model_dir, database, tmp_path):
 def test_anatomy_without_region_searches_every_region(pipe, database):
     (s,) = pipe.generate(req(body_region=(), mask_database=str(database), anatomy=("brain",)))
     assert (s.label == 22).any() and s.record["resolved"]["body_region"] == [0, 0]
+
+
+def test_failed_quality_check_retries_with_another_mask(pipe, database, monkeypatch):
+    import maisi.pipeline.pipeline as P
+
+    verdicts = iter([False, True])
+    monkeypatch.setattr(P, "check_quality", lambda hu, label: {"passed": next(verdicts), "organs": {}})
+    (s,) = pipe.generate(req(mask_database=str(database), quality_check=True, quality_retries=2))
+    a = s.record["attempts"]
+    assert [x["quality_passed"] for x in a] == [False, True] and s.record["quality"]["passed"] is True
+    assert a[0]["mask"]["file"] != a[1]["mask"]["file"] and a[1]["mask"]["rank"] == 1
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_story(tmp_path):
+    """`maisi demo`: phantoms → VAE → latents → UNet → ControlNet → a generated sample with its preview."""
+    assert main(["demo", "--out", str(tmp_path), "--steps", "2", "--no-progress"]) == 0
+    for comp in ("autoencoder", "unet", "controlnet"):
+        assert (tmp_path / "model" / comp / "model.safetensors").is_file()
+    rec = json.loads((tmp_path / "generated" / "sample_seed0_record.json").read_text())
+    assert rec["model"]["weights"]["controlnet"]["path"].startswith(str(tmp_path))
+    assert (tmp_path / "generated" / "sample_seed0_preview.png").is_file()

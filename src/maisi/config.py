@@ -267,20 +267,20 @@ _DDPM_SCHEDULER = SchedulerConfig(kind="ddpm", num_inference_steps=1000, use_tim
 PRESETS: dict[str, ModelConfig] = {
     "ddpm-ct": ModelConfig(
         name="ddpm-ct",
-        autoencoder=AutoencoderConfig(num_splits=8, split_axis=0),
+        autoencoder=AutoencoderConfig(num_splits=8, split_axis=1),
         unet=_DDPM_UNET,
         scheduler=_DDPM_SCHEDULER,
     ),
-    "rflow-ct": ModelConfig(name="rflow-ct", autoencoder=AutoencoderConfig(num_splits=4, split_axis=0)),
+    "rflow-ct": ModelConfig(name="rflow-ct", autoencoder=AutoencoderConfig(num_splits=4, split_axis=1)),
     "rflow-mr": ModelConfig(
         name="rflow-mr",
-        autoencoder=AutoencoderConfig(num_splits=4, split_axis=0),
+        autoencoder=AutoencoderConfig(num_splits=4, split_axis=1),
         default_modality=8,
         guidance_scale=10.0,
     ),
     "rflow-mr-brain": ModelConfig(
         name="rflow-mr-brain",
-        autoencoder=AutoencoderConfig(num_splits=4, split_axis=0),
+        autoencoder=AutoencoderConfig(num_splits=4, split_axis=1),
         default_modality=8,
         guidance_scale=2.0,
     ),

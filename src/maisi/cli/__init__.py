@@ -17,6 +17,7 @@ COMMANDS: list[str] = [
     "phantom",
     "prepare",
     "train",
+    "evaluate",
 ]
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="phantoms -> short training of all three networks -> generation, in minutes")
     p.add_argument("--out", type=Path, default=Path("maisi-demo"), help="output folder (default ./maisi-demo)")
-    p.add_argument("--steps", type=int, default=60, help="training steps per stage (default 60: a few minutes)")
+    p.add_argument("--steps", type=int, default=60,
+                   help="diffusion training steps (default 60); the VAE gets half, the ControlNet a third")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -25,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     t0 = time.perf_counter()
-    recipe = DemoRecipe(phantoms_per_region=2, vae_steps=args.steps, diffusion_steps=args.steps,
-                        controlnet_steps=max(1, args.steps // 2), seed=args.seed)
+    recipe = DemoRecipe(phantoms_per_region=2, vae_steps=max(1, args.steps // 2), diffusion_steps=args.steps,
+                        controlnet_steps=max(1, args.steps // 3), seed=args.seed)
     model = train_demo(args.out, recipe, progress=not args.no_progress)
     print(f"trained model: {model} ({time.perf_counter() - t0:.0f} s)")
     pipe = Pipeline.from_pretrained(model, device="cpu", progress=not args.no_progress)

@@ -43,6 +43,19 @@ class ConditionedDenoiser:
         kw = {**self.conditions, "mask": self.mask, **changes}
         return ConditionedDenoiser(self.unet, self.controlnet, controlnet_scale=self.scale, **kw)
 
+    def joined(self, other: ConditionedDenoiser) -> ConditionedDenoiser | None:
+        """One denoiser for the batch [self; other] (same networks, matching condition shapes), else None."""
+        if self.unet is not other.unet or self.controlnet is not other.controlnet or self.scale != other.scale:
+            return None
+        mine, theirs = {**self.conditions, "mask": self.mask}, {**other.conditions, "mask": other.mask}
+        cat: dict[str, torch.Tensor | None] = {}
+        for k, a in mine.items():
+            b = theirs[k]
+            if (a is None) != (b is None) or (a is not None and a.shape[1:] != b.shape[1:]):
+                return None
+            cat[k] = None if a is None else torch.cat([a, b])
+        return self._replace(**cat)
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         down = mid = None
         if self.controlnet is not None:
@@ -53,18 +66,26 @@ class ConditionedDenoiser:
 
 
 class ClassifierFreeGuidance:
-    """out = u + s·(c − u). As in the reference, s = 0 means no guidance: only the conditional branch runs."""
+    """out = u + s·(c − u). As in the reference, s = 0 means no guidance: only the conditional branch runs.
 
-    def __init__(self, cond: Denoiser, uncond: Denoiser, scale: float):
+    When both branches are ConditionedDenoisers over the same networks they run as one batch of 2N
+    (one forward per step instead of two); pass `batched=False` to save memory instead.
+    """
+
+    def __init__(self, cond: Denoiser, uncond: Denoiser, scale: float, *, batched: bool = True):
         if scale < 0:
             raise ValueError(f"guidance scale must be >= 0, got {scale}")
         self.cond, self.uncond, self.scale = cond, uncond, float(scale)
+        both = isinstance(cond, ConditionedDenoiser) and isinstance(uncond, ConditionedDenoiser)
+        self.joint = cond.joined(uncond) if batched and both else None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        c = self.cond(x, t)
         if self.scale == 0.0:
-            return c
-        u = self.uncond(x, t)
+            return self.cond(x, t)
+        if self.joint is not None:
+            c, u = self.joint(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
+        else:
+            c, u = self.cond(x, t), self.uncond(x, t)
         return u + self.scale * (c - u)
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maisi.config import ControlNetConfig, UNetConfig
+from maisi.networks.precision import match_input
 from maisi.networks.unet import build_encoder, check_latent, embed_time
 from maisi.networks.unet_blocks import Conv, conv_nd, zero_
 
@@ -90,7 +91,9 @@ class ControlNet(nn.Module):
                 f"mask must be N×1×{'×'.join(map(str, expected))} (image resolution, {self.mask_factor}× the "
                 f"latent {tuple(x.shape[2:])}), got {tuple(mask.shape)}"
             )
-        cond = mask_to_bit_planes(mask, self.config.conditioning_in_channels).to(x.dtype)
+        x = match_input(self.conv_in.conv, x)  # see maisi.networks.precision
+        cond = match_input(self.controlnet_cond_embedding.conv_in.conv,
+                           mask_to_bit_planes(mask, self.config.conditioning_in_channels))
         emb = embed_time(self, self.unet_config, x, torch.as_tensor(t, device=x.device), modality)
         h = self.conv_in(x) + self.controlnet_cond_embedding(cond).expand(x.shape[0], -1, *x.shape[2:])
         skips = [h]

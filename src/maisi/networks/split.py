@@ -147,7 +147,7 @@ def conv_split(
 
     Each output segment reads only the input rows its receptive field needs (the halo), so segments of
     any length (even shorter than the halo) and any number of splits give the same stitched output.
-    `upsample` fuses nearest-free ×2 (bi/tri)linear upsampling (align_corners=False) with the conv.
+    `upsample` fuses ×2 (bi/tri)linear upsampling (align_corners=False) with the conv.
     The result is written into `out` (allocated when None; added to it when `add`); `residual(a, b)`
     returns a tensor added to output rows [a, b) before they are written (it may read `out`'s memory).
     With `sink`, each segment's rows go to `sink(a, b, rows)` instead and nothing is allocated.

@@ -6,7 +6,17 @@ import torch
 from torch import nn
 
 from maisi.config import UNetConfig
-from maisi.networks.unet_blocks import Conv, DownBlock, MidBlock, UpBlock, mlp, timestep_embedding, zero_
+from maisi.networks.precision import match_input
+from maisi.networks.unet_blocks import (
+    Conv,
+    DownBlock,
+    GroupNorm,
+    MidBlock,
+    UpBlock,
+    mlp,
+    timestep_embedding,
+    zero_,
+)
 
 CONDITION_SCALE = 100.0  # spacing (mm) and region one-hots enter the network ×100, as in the reference
 
@@ -87,7 +97,7 @@ class DiffusionUNet(nn.Module):
             for i in range(len(ch))
         )
         self.out = nn.Sequential(
-            nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps), nn.SiLU(),
+            GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps), nn.SiLU(),
             zero_(Conv(cfg.spatial_dims, ch[0], cfg.out_channels)),
         )
 
@@ -132,6 +142,7 @@ class DiffusionUNet(nn.Module):
         """x: N×C×latent, t: N float timesteps in [0, T], spacing: N×3 mm, regions: N×4 one-hot,
         modality: N codes; ControlNet residuals are added out of place (so both nets can train)."""
         check_latent(self.config, x)
+        in_dtype, x = x.dtype, match_input(self.conv_in.conv, x)  # see maisi.networks.precision
         emb = embed_time(self, self.config, x, torch.as_tensor(t, device=x.device), modality)
         emb = self._conditions(x, emb, spacing, top_region, bottom_region)
         h = self.conv_in(x)
@@ -142,15 +153,15 @@ class DiffusionUNet(nn.Module):
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
                 raise ValueError(f"expected {len(skips)} ControlNet down residuals, got {len(down_residuals)}")
-            skips = [s + r for s, r in zip(skips, down_residuals)]
+            skips = [s + r.to(s.dtype) for s, r in zip(skips, down_residuals)]
             # The deepest skip is the middle block's input: the reference adds in place, so it sees the residual.
             h = skips[-1]
         h = self.middle_block(h, emb)
         if mid_residual is not None:
-            h = h + mid_residual
+            h = h + mid_residual.to(h.dtype)
         for block in self.up_blocks:
             h = block(h, skips, emb)
-        return self.out(h)
+        return self.out(h).to(in_dtype).contiguous()  # no-ops in fp32 contiguous
 
     def upgrade_state_dict(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         """Known historical key layouts → the current one, each change reported.

@@ -42,6 +42,17 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that normalises channels_last inputs in the contiguous layout: PyTorch's channels_last CPU
+    kernel loses precision when a group's mean is large against its spread (seen as 1e-1 output errors)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_contiguous() or x.ndim < 4:
+            return super().forward(x)
+        fmt = torch.channels_last_3d if x.ndim == 5 else torch.channels_last
+        return super().forward(x.contiguous()).contiguous(memory_format=fmt)
+
+
 def mlp(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(c_in, c_out), nn.SiLU(), nn.Linear(c_out, c_out))
 
@@ -53,10 +64,10 @@ class ResBlock(nn.Module):
                  up: bool = False, down: bool = False):
         super().__init__()
         self.spatial_dims, self.up, self.down = spatial_dims, up, down
-        self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
+        self.norm1 = GroupNorm(groups, c_in, eps=eps)
         self.conv1 = Conv(spatial_dims, c_in, c_out)
         self.time_emb_proj = nn.Linear(temb, c_out)
-        self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
+        self.norm2 = GroupNorm(groups, c_out, eps=eps)
         self.conv2 = zero_(Conv(spatial_dims, c_out, c_out))
         self.skip_connection = nn.Identity() if c_in == c_out else Conv(spatial_dims, c_in, c_out, 1, padding=0)
 
@@ -64,7 +75,10 @@ class ResBlock(nn.Module):
         if self.up:
             return F.interpolate(x, scale_factor=2.0, mode="nearest")
         if self.down:
-            return (F.avg_pool3d if self.spatial_dims == 3 else F.avg_pool2d)(x, 2, 2)
+            pool = F.avg_pool3d if self.spatial_dims == 3 else F.avg_pool2d
+            if x.dtype != torch.float32 and x.device.type == "cpu":  # no bf16/fp16 avg_pool3d kernel on CPU
+                return pool(x.float(), 2, 2).to(x.dtype)
+            return pool(x, 2, 2)
         return x
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -103,7 +117,7 @@ class SpatialAttention(nn.Module):
 
     def __init__(self, channels: int, head_channels: int, groups: int, eps: float, out_proj: bool):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.norm = GroupNorm(groups, channels, eps=eps)
         self.attn = SelfAttention(channels, channels // head_channels, out_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

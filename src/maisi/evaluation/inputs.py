@@ -1,0 +1,109 @@
+"""Evaluation inputs: volumes from a folder or a datalist, image/label pairing by name, HU volumes as tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from maisi.io.volume import is_nifti, read_volume
+
+LABEL_TAGS = ("_label", "_mask", "_seg")
+DATALIST_KEYS = ("testing", "validation", "training")
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _role(path: Path) -> str:
+    stem = _stem(path)
+    return "label" if any(stem.endswith(t) for t in LABEL_TAGS) else "image"
+
+
+def _key(path: Path) -> str:
+    """The shared stem of an image/label pair: 'case1_image' and 'case1_label' → 'case1'."""
+    stem = _stem(path)
+    for tag in ("_image", "_img", *LABEL_TAGS):
+        if stem.endswith(tag):
+            return stem[: -len(tag)]
+    return stem
+
+
+def _datalist(path: Path, role: str, key: str | None) -> list[Path]:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    keys = [key] if key else [k for k in DATALIST_KEYS if isinstance(data, dict) and k in data]
+    if not keys or not isinstance(data, dict) or not isinstance(data.get(keys[0]), list):
+        raise ValueError(f"{path}: expected a datalist with a list under one of {list(DATALIST_KEYS)}"
+                         + (f" (asked for {key!r})" if key else ""))
+    field = "image" if role == "image" else "label"
+    out = []
+    for i, e in enumerate(data[keys[0]]):
+        v = e.get(field) if isinstance(e, dict) else None
+        if v is None and role == "label":
+            v = e.get("mask") if isinstance(e, dict) else None
+        if not isinstance(v, str):
+            raise ValueError(f"{path}: entry {i} of {keys[0]!r} has no {field!r} path")
+        out.append((path.parent / v).resolve())
+    return out
+
+
+def list_volumes(source: str | Path, role: str = "image", key: str | None = None) -> list[Path]:
+    """NIfTI files (or DICOM series folders) of a folder, a datalist JSON or a single file.
+
+    In a folder holding both images and labels (names ending _label/_mask/_seg), `role` picks which."""
+    if role not in ("image", "label"):
+        raise ValueError(f"role must be 'image' or 'label', got {role!r}")
+    src = Path(source)
+    if not src.exists():
+        raise FileNotFoundError(f"no such file or folder: {src}")
+    if src.is_file() and src.suffix == ".json":
+        paths = _datalist(src, role, key)
+    elif src.is_file() or any(src.glob("*.dcm")):  # one NIfTI file or one DICOM series folder
+        paths = [src]
+    else:
+        files = sorted(p for p in src.iterdir() if is_nifti(p))
+        if any(_role(p) == "label" for p in files) and any(_role(p) == "image" for p in files):
+            files = [p for p in files if _role(p) == role]
+        dicom = sorted(p for p in src.iterdir() if p.is_dir() and any(p.glob("*.dcm")))
+        paths = files or dicom
+        if not paths:
+            raise ValueError(f"{src}: no volumes found (expected .nii/.nii.gz files, DICOM series folders or a "
+                             f"datalist .json)")
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{source}: missing files: {', '.join(missing[:3])}")
+    return paths
+
+
+def pair_volumes(images: str | Path, labels: str | Path, key: str | None = None) -> list[tuple[Path, Path]]:
+    """(image, label) pairs: by entry for one datalist, else by shared name stem, else by sorted order."""
+    a, b = list_volumes(images, "image", key), list_volumes(labels, "label", key)
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} images but {len(b)} label maps: give one label map per image")
+    keys_b = {_key(p): p for p in b}
+    if Path(images).suffix != ".json" and all(_key(p) in keys_b for p in a):
+        return [(p, keys_b[_key(p)]) for p in a]
+    return list(zip(a, b))
+
+
+def read_hu(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    vol = read_volume(path)
+    return np.asarray(vol.array, np.float32), tuple(float(s) for s in vol.spacing)
+
+
+def read_label(path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    arr = np.asarray(read_volume(path).array)
+    if not np.allclose(arr, np.round(arr)):
+        raise ValueError(f"{path}: a label map must hold integer ids")
+    if shape is not None and arr.shape != tuple(shape):
+        raise ValueError(f"{path}: label map shape {arr.shape} differs from its image's {tuple(shape)}")
+    return np.round(arr).astype(np.int32)

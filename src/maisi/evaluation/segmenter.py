@@ -1,0 +1,171 @@
+"""Segmenters for mask–image consistency: a tiny MONAI BasicUNet trained on phantoms, or a user's TorchScript model."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from monai.networks.nets import BasicUNet
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from maisi.io.atomic import atomic_path
+
+# A segmenter maps an X×Y×Z HU tensor (optionally with its voxel spacing, keyword `spacing`) to an integer
+# X×Y×Z map of MAISI label ids.
+Segmenter = Callable[..., torch.Tensor]
+
+# Organs the phantom segmenter learns (others are background): liver, spleen, pancreas, kidneys, aorta, stomach,
+# brain, the five lung lobes, heart, a few vertebrae levels are too small at coarse spacing and are left out.
+PHANTOM_LABELS: tuple[int, ...] = (1, 3, 4, 5, 6, 12, 14, 22, 28, 29, 30, 31, 32, 115, 120)
+REGIONS = ("head", "chest", "abdomen", "pelvis")
+FEATURES = (8, 16, 32, 32, 64, 8)
+DIVISOR = 16  # BasicUNet downsamples 4 times
+
+
+def _to01(hu: torch.Tensor) -> torch.Tensor:
+    return (hu.float().clamp(-1000, 1000) + 1000) / 2000
+
+
+def _pad_to(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    shape = x.shape[-3:]
+    pad = []
+    for n in reversed(shape):
+        pad += [0, (-n) % divisor]
+    return F.pad(x, pad), tuple(shape)
+
+
+class PhantomSegmenter:
+    """A trained BasicUNet plus its label ids and training spacing; call it on an X×Y×Z HU tensor."""
+
+    def __init__(self, net: BasicUNet, labels: Sequence[int], spacing: Sequence[float], info: dict | None = None):
+        self.net = net.eval()
+        self.labels = tuple(int(v) for v in labels)
+        self.spacing = tuple(float(s) for s in spacing)
+        self.info = dict(info or {})
+
+    @torch.no_grad()
+    def __call__(self, hu: torch.Tensor | np.ndarray, spacing: Sequence[float] | None = None) -> torch.Tensor:
+        hu = torch.as_tensor(np.asarray(hu, np.float32) if not isinstance(hu, torch.Tensor) else hu)
+        if hu.ndim != 3:
+            raise ValueError(f"segmenter input must be an X×Y×Z HU volume, got shape {tuple(hu.shape)}")
+        device = next(self.net.parameters()).device
+        x = _to01(hu)[None, None].to(device)
+        shape = tuple(hu.shape)
+        if spacing is not None:  # resample to the training spacing, predict, resample back (nearest)
+            size = [max(DIVISOR, round(n * s / t)) for n, s, t in zip(shape, spacing, self.spacing)]
+            x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+        x, inner = _pad_to(x, DIVISOR)
+        logits = self.net(x)[..., : inner[0], : inner[1], : inner[2]]
+        if logits.shape[2:] != shape:
+            logits = F.interpolate(logits, size=shape, mode="trilinear", align_corners=False)
+        lut = torch.tensor((0, *self.labels), dtype=torch.long)
+        return lut[logits.argmax(1)[0].cpu()]
+
+
+def _net(n_classes: int) -> BasicUNet:
+    return BasicUNet(spatial_dims=3, in_channels=1, out_channels=n_classes, features=FEATURES)
+
+
+def _compact(label: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    lut = np.zeros(256, np.int64)
+    for i, v in enumerate(labels, start=1):
+        lut[v] = i
+    return lut[label.astype(np.int64)]
+
+
+def phantom_pool(n: int, size: Sequence[int], spacing: Sequence[float], seed: int,
+                 regions: Sequence[str] = REGIONS) -> list[Any]:
+    from maisi.data.phantom import make_phantom
+
+    return [make_phantom(regions[i % len(regions)], size=size, spacing=spacing, seed=seed + i) for i in range(n)]
+
+
+def train_phantom_segmenter(out_path: str | Path, steps: int = 300, *, size: Sequence[int] = (48, 48, 48),
+                            spacing: Sequence[float] = (4.0, 4.0, 4.0), n_phantoms: int = 16, batch: int = 2,
+                            lr: float = 3e-3, seed: int = 0, labels: Sequence[int] = PHANTOM_LABELS,
+                            device: str | torch.device = "cpu",
+                            log: Callable[[str], None] | None = print) -> PhantomSegmenter:
+    """Train a tiny BasicUNet on `n_phantoms` phantoms (seeds seed.., regions in turn) for `steps` Adam steps
+    with Dice+CE, and save it to out_path (safetensors, settings in its metadata). Returns the segmenter."""
+    if steps < 1 or n_phantoms < 1 or batch < 1:
+        raise ValueError("steps, n_phantoms and batch must be >= 1")
+    if any(n % DIVISOR for n in size):
+        raise ValueError(f"size must be a multiple of {DIVISOR} per axis, got {list(size)}")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    pool = phantom_pool(n_phantoms, size, spacing, seed)
+    xs = torch.stack([_to01(torch.from_numpy(p.image))[None] for p in pool]).to(device)
+    ys = torch.stack([torch.from_numpy(_compact(p.label, labels))[None] for p in pool]).to(device)
+    net = _net(len(labels) + 1).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    start, loss = time.time(), torch.tensor(0.0)
+    net.train()
+    for step in range(1, steps + 1):
+        idx = torch.from_numpy(rng.choice(len(pool), size=min(batch, len(pool)), replace=False))
+        loss = loss_fn(net(xs[idx]), ys[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log and (step % 25 == 0 or step == steps):
+            log(f"step {step}/{steps}  loss {loss.item():.4f}  ({time.time() - start:.0f} s)")
+    info = {"steps": steps, "final_loss": round(float(loss.item()), 5), "n_phantoms": n_phantoms,
+            "size": list(size), "seed": seed}
+    seg = PhantomSegmenter(net.cpu().eval(), labels, spacing, info)
+    save_segmenter(seg, out_path)
+    return seg
+
+
+def save_segmenter(seg: PhantomSegmenter, path: str | Path) -> Path:
+    meta = {"kind": "maisi-phantom-segmenter", "labels": json.dumps(list(seg.labels)),
+            "spacing": json.dumps(list(seg.spacing)), "features": json.dumps(list(FEATURES)),
+            "info": json.dumps(seg.info)}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in seg.net.state_dict().items()}, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def load_segmenter(path: str | Path) -> Segmenter:
+    """A phantom segmenter (.safetensors written by train_phantom_segmenter) or a TorchScript model called
+    on a 1×1×X×Y×Z HU tensor that returns 1×C×X×Y×Z logits (channel c = label id c) or an X×Y×Z label map."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no segmenter at {path}; train one with `maisi evaluate train-segmenter`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        meta = None
+    if meta is not None:
+        if meta.get("kind") != "maisi-phantom-segmenter":
+            raise ValueError(f"{path}: a safetensors file but not a maisi phantom segmenter")
+        labels = json.loads(meta["labels"])
+        if tuple(json.loads(meta.get("features", "[]"))) != FEATURES:
+            raise ValueError(f"{path}: segmenter features {meta.get('features')} differ from {list(FEATURES)}")
+        net = _net(len(labels) + 1)
+        net.load_state_dict(load_file(str(path)))
+        return PhantomSegmenter(net, labels, json.loads(meta["spacing"]), json.loads(meta.get("info", "{}")))
+    try:
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: neither a maisi phantom segmenter nor a TorchScript model") from e
+
+    @torch.no_grad()
+    def segment(hu: torch.Tensor, spacing: Sequence[float] | None = None) -> torch.Tensor:
+        out = module(torch.as_tensor(hu).float()[None, None])
+        out = out.argmax(1)[0] if out.is_floating_point() else out.reshape(tuple(hu.shape))
+        if tuple(out.shape) != tuple(hu.shape):
+            raise ValueError(f"{path}: segmenter returned shape {tuple(out.shape)} for a {tuple(hu.shape)} volume")
+        return out.long()
+
+    return segment

@@ -1,0 +1,35 @@
+"""Faster inference settings for the UNet and ControlNet: bf16 weights with fp32 GroupNorm, channels_last_3d."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def for_inference(model: nn.Module, dtype: torch.dtype = torch.bfloat16, channels_last: bool = False) -> nn.Module:
+    """Convert `model` in place and return it: floating weights to `dtype` except GroupNorm's (kept fp32, so
+    normalisation statistics and affine stay fp32), and with `channels_last` the 3D conv weights to
+    channels_last_3d (the networks then move their input to that layout). Inputs of any float dtype are
+    cast on entry; the UNet returns its output in the input's dtype. State-dict keys are unchanged."""
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+    for m in model.modules():
+        for name, p in m.named_parameters(recurse=False):
+            target = torch.float32 if isinstance(m, nn.GroupNorm) else dtype
+            data = p.data.to(target)
+            if channels_last and isinstance(m, nn.Conv3d) and name == "weight":
+                data = data.contiguous(memory_format=torch.channels_last_3d)
+            p.data = data
+    return model
+
+
+def match_input(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x in the dtype and (channels_last_3d or not) layout of `conv`'s weight (a no-op for fp32 contiguous)."""
+    w = conv.weight
+    x = x.to(w.dtype)
+    if x.ndim == 5 and w.shape[2:] != (1, 1, 1) and not w.is_contiguous() and w.is_contiguous(
+            memory_format=torch.channels_last_3d):
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x
