@@ -10,7 +10,7 @@ from torch import nn
 from maisi.networks.split import SplitConv
 
 GB = 1024**3
-SAFETY = 1.1  # allocator slack over the layer-shape estimate (validated with ru_maxrss, docs/readme/autoencoder.md)
+SAFETY = 1.1  # allocator slack over the layer-shape estimate (validated with ru_maxrss, README "Numbers")
 
 
 def _bytes(dtype: torch.dtype) -> int:
