@@ -76,7 +76,7 @@ def main() -> None:
                 print(f"  {str(dtype)[6:]}, {budget:.0f} GiB: {str(e).split(';')[0]}")
         else:
             continue
-        out, t, m = timed(lambda: ae.decode_within(z, budget, dtype=dtype), dev)
+        out, t, m = timed(lambda b=budget, d=dtype: ae.decode_within(z, b, dtype=d), dev)
         print(f"512×512×768 decode {str(dtype)[6:]} within {budget:.0f} GiB: {k} splits, {t:.1f} s, "
               f"peak {m:.1f} GiB (estimate was within budget: {m <= budget}), output {tuple(out.shape)}")
         del out
