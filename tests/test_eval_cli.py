@@ -13,14 +13,7 @@ from maisi.evaluation.runs import evaluate_consistency
 from maisi.evaluation.segmenter import PHANTOM_LABELS, PhantomSegmenter, _net, load_segmenter, save_segmenter
 from maisi.io.volume import affine_from_spacing, read_volume, write_volume
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small convolutions on a shared, oversubscribed 2-core machine run ~40x faster on one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -83,11 +83,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+    """Plain JSON data: numpy scalars to Python, non-finite floats to None, paths to str."""
     if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
+        return {str(k): jsonable(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     if isinstance(v, np.generic):
         return v.item()
     if isinstance(v, float) and not np.isfinite(v):
@@ -109,6 +110,6 @@ def write_report(out_dir: str | Path, name: str, data: dict[str, Any], markdown:
             img.save(tmp, format="PNG")
         paths.append(p)
         markdown += f"\n\n![{key}]({p.name})"
-    paths.append(atomic_write_text(out / f"{name}.json", json.dumps(_jsonable(data), indent=2) + "\n"))
+    paths.append(atomic_write_text(out / f"{name}.json", json.dumps(jsonable(data), indent=2) + "\n"))
     paths.append(atomic_write_text(out / f"{name}.md", markdown.rstrip() + "\n"))
     return paths

@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from maisi.evaluation.report import jsonable
+
 HU_MIN, HU_MAX = -1000.0, 1000.0
 
 
@@ -46,14 +48,4 @@ def _as_dict(result: Any) -> dict[str, Any]:
         result = {"passed": bool(result[0]), "organs": result[1]}
     if not isinstance(result, dict) or "passed" not in result:
         raise TypeError(f"unexpected quality_check result {type(result).__name__}")
-    return _jsonable(result)
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
+    return jsonable(result)
