@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from maisi.data.datalist import read_datalist
 from maisi.io.volume import is_nifti, read_volume
 from maisi.labels import modality_code
 
@@ -22,20 +22,12 @@ def load_datalist(path: str | Path, key: str = "training", require: Sequence[str
     """Entries of a datalist JSON with file paths made absolute (relative ones are relative to the JSON).
 
     Raises ValueError for an empty list or entries missing a required key, FileNotFoundError for files."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    items = data.get(key) if isinstance(data, dict) else None
-    if not isinstance(items, list):
-        raise ValueError(f"{path}: expected a JSON object with a {key!r} list of entries")
     entries = []
-    for e in items:
-        e = dict(e)
-        for k in ("image", "label", "mask"):
+    for e in read_datalist(path, key):
+        e.pop("_where", None)
+        for k in ("image", "label", "mask"):  # read_datalist anchors image/label; mask too here
             if isinstance(e.get(k), str):
-                e[k] = str((path.parent / e[k]).resolve())
+                e[k] = str((Path(path).parent / e[k]).resolve())
         entries.append(e)
     return check_entries(entries, require, source=str(path))
 
