@@ -103,7 +103,8 @@ def main() -> int:
                                       f" (before decode {r['base_gb']:.2f} GB)" if "error" not in r else str(r["error"])),
                   flush=True)
         ok = {r["case"]: r for r in rows if "error" not in r}
-        ref_case = "ours" if "ours" in ok else ("monai" if "monai" in ok else None)
+        # reference: our unsplit fp32 output, else our exact split one, else MONAI's
+        ref_case = next((c for c in ("ours", "ours-split", "monai", "monai-split") if c in ok), None)
         ref = torch.load(ok[ref_case]["out"]) if ref_case else None
         print(f"\n{'case':12s} {'wall s':>8s} {'peak GB':>8s} {'max|diff| vs ' + str(ref_case):>22s} {'PSNR dB':>8s}")
         for case, r in ok.items():

@@ -129,3 +129,23 @@ def test_tiny_preset_runs_in_3d():
     x = torch.randn(1, 4, 8, 8, 8)
     out = unet(x, torch.tensor([100.0]), spacing=torch.tensor([[1.5, 1.5, 1.5]]), modality=torch.tensor([1]))
     assert out.shape == x.shape
+
+
+def test_small_3d_inference_convs_go_to_onednn_with_equal_results(monkeypatch):
+    from maisi.networks import unet_blocks
+
+    conv = unet_blocks.Conv(3, 16, 24)
+    x = torch.randn(1, 16, 8, 8, 8)  # N·C·D·H = 1024 ≤ 20480: PyTorch itself would pick its im2col kernel
+    with torch.no_grad():
+        expected = conv.conv(x)
+    calls = []
+    real = torch.mkldnn_convolution
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        got = conv(x)
+        conv(torch.randn(1, 16, 4, 4, 4))  # 4³: the im2col kernel is as fast; left to PyTorch
+    assert calls == [1]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    y = conv(x.requires_grad_())  # autograd: PyTorch's own path, gradients intact
+    y.sum().backward()
+    assert calls == [1] and x.grad is not None

@@ -21,7 +21,26 @@ class Conv(nn.Module):
         self.conv = conv_nd(spatial_dims, c_in, c_out, kernel, stride, padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_onednn(self.conv, x):
+            c = self.conv
+            return torch.mkldnn_convolution(x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups)
         return self.conv(x)
+
+
+def _use_onednn(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether to call oneDNN directly for this CPU fp32 3D inference conv.
+
+    PyTorch picks its im2col kernel for fp32 convs whose N·C·D·H ≤ 20480 (a 2D rule of thumb); for 3D
+    maps from 8³ voxels up (e.g. 64 channels at 16³, 256 at 8³) oneDNN is 2–5× faster (benchmarks/unet.py).
+    At 4³ the im2col kernel is as fast or faster, so it keeps those. Training (autograd) is left alone.
+    """
+    return (
+        x.ndim == 5 and x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+        and x.shape[2] * x.shape[3] * x.shape[4] >= 512 and x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3] <= 20480
+        and conv.weight.shape[2] > 1 and x.is_contiguous() and conv.weight.is_contiguous()
+        and hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
+    )
 
 
 def zero_(module: nn.Module) -> nn.Module:
