@@ -2,7 +2,8 @@
 
 Each case runs in its own subprocess so that its peak RSS (ru_maxrss) is its own. Run by hand, e.g.
     PYTHONPATH=src python3 benchmarks/autoencoder.py --latent 32 --splits 4
-    PYTHONPATH=src python3 benchmarks/autoencoder.py --latent 64 --cases ours-split,ours-bf16 --splits 8
+    PYTHONPATH=src python3 benchmarks/autoencoder.py --latent 32 --splits 8 --repeats 3   # ratios robust to noise
+    PYTHONPATH=src python3 benchmarks/autoencoder.py --latent 64 --cases ours-split,ours-bf16 --splits 32
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,6 +77,8 @@ def main() -> int:
     p.add_argument("--splits", type=int, default=4, help="num_splits for the split cases (axis 1)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list from {CASES}")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of all cases (order rotated); wall = median, ratio = median of per-round ratios")
     p.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
@@ -95,14 +99,24 @@ def main() -> int:
 
         torch.manual_seed(0)  # released layout, PyTorch default init
         save_file(Autoencoder(AutoencoderConfig()).state_dict(), os.path.join(folder, "weights.safetensors"))
-        rows = []
-        for case in cases:  # sequential: one case in memory at a time
-            rows.append(_run_case(args, case, folder))
-            r = rows[-1]
-            print(f"  {case:12s} " + (f"{r['wall_s']:7.1f} s  peak RSS {r['peak_gb']:.2f} GB"
-                                      f" (before decode {r['base_gb']:.2f} GB)" if "error" not in r else str(r["error"])),
-                  flush=True)
-        ok = {r["case"]: r for r in rows if "error" not in r}
+        rounds: list[dict[str, dict]] = []
+        for k in range(args.repeats):  # sequential: one case in memory at a time; order rotated each round
+            order = cases[k % len(cases):] + cases[:k % len(cases)]
+            rounds.append({})
+            for case in order:
+                r = rounds[-1][case] = _run_case(args, case, folder)
+                print(f"  round {k + 1} {case:12s} " + (f"{r['wall_s']:7.1f} s  peak RSS {r['peak_gb']:.2f} GB"
+                      f" (before decode {r['base_gb']:.2f} GB)" if "error" not in r else str(r["error"])), flush=True)
+        ok = {}
+        for case in cases:
+            runs = [rd[case] for rd in rounds if "error" not in rd[case]]
+            if runs:
+                ok[case] = {**runs[-1], "wall_s": statistics.median(r["wall_s"] for r in runs),
+                            "peak_gb": max(r["peak_gb"] for r in runs)}
+
+        def ratio(case: str) -> float:  # median over rounds of (case wall / MONAI unsplit wall) in that round
+            return statistics.median(rd[case]["wall_s"] / rd["monai"]["wall_s"] for rd in rounds
+                                     if "error" not in rd[case] and "error" not in rd["monai"])
         # reference: our unsplit fp32 output, else our exact split one, else MONAI's
         ref_case = next((c for c in ("ours", "ours-split", "monai", "monai-split") if c in ok), None)
         ref = torch.load(ok[ref_case]["out"]) if ref_case else None
@@ -121,11 +135,12 @@ def main() -> int:
         if monai:
             best_mem = min(m["peak_gb"] for m in monai)
             print(f"\nratios vs MONAI (best peak {best_mem:.2f} GB" +
-                  (f", unsplit wall {ok['monai']['wall_s']:.1f} s)" if "monai" in ok else ")"))
+                  (f", unsplit wall {ok['monai']['wall_s']:.1f} s; wall ratio = median over {len(rounds)} round(s))"
+                   if "monai" in ok else ")"))
             for case in ("ours", "ours-split", "ours-bf16"):
                 if case in ok:
                     r = ok[case]
-                    t = f"  wall {r['wall_s'] / ok['monai']['wall_s']:.2f}x" if "monai" in ok else ""
+                    t = f"  wall {ratio(case):.2f}x" if "monai" in ok else ""
                     print(f"  {case:12s} peak {r['peak_gb'] / best_mem:.2f}x{t}")
     return 0
 
