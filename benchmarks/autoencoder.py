@@ -62,7 +62,8 @@ def _child(case: str, latent: int, splits: int, out: str, threads: int, weights:
 
 def _run_case(args, case: str, folder: str) -> dict:
     out = os.path.join(folder, f"{case}.pt")
-    cmd = [sys.executable, __file__, "--child", case, "--latent", str(args.latent), "--splits", str(args.splits),
+    splits = args.monai_splits if case == "monai-split" and args.monai_splits else args.splits
+    cmd = [sys.executable, __file__, "--child", case, "--latent", str(args.latent), "--splits", str(splits),
            "--threads", str(args.threads), "--out", out, "--weights", os.path.join(folder, "weights.safetensors")]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"})
     if res.returncode:
@@ -75,6 +76,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--latent", type=int, default=32, help="latent edge (output edge is 4x)")
     p.add_argument("--splits", type=int, default=4, help="num_splits for the split cases (axis 1)")
+    p.add_argument("--monai-splits", type=int, help="num_splits of MONAI's split case (default: --splits; "
+                   "the released configs use 8 (v1) and 4 (v2))")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list from {CASES}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1,
@@ -90,7 +93,8 @@ def main() -> int:
 
     cases = [c for c in args.cases.split(",") if c]
     edge = 4 * args.latent
-    print(f"decode 4x{args.latent}^3 -> {edge}^3, splits={args.splits} (axis 1), threads={args.threads}")
+    print(f"decode 4x{args.latent}^3 -> {edge}^3, splits={args.splits} (MONAI's split case: "
+          f"{args.monai_splits or args.splits}; axis 1), threads={args.threads}")
     with tempfile.TemporaryDirectory() as folder:
         from safetensors.torch import save_file
 
