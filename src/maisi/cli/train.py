@@ -39,10 +39,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--intensity", choices=["ct", "percentile"], default="ct",
                    help="ct: HU [-1000, 1000] -> [0, 1]; percentile: p0.5..p99.5 -> [0, 1] (MR)")
     v.add_argument("--kl-weight", type=float, default=1e-7)
-    v.add_argument("--init-log-var", type=float, default=-8.0,
-                   help="fresh weights only: start the posterior log-variance here (sigma = exp(v/2)); with the "
-                        "reference's tiny KL weight a start at 0 (sigma 1) drowns the latent in noise for thousands "
-                        "of steps. 'nan' keeps PyTorch's default initialisation (default -8)")
     v.add_argument("--perceptual-weight", type=float, default=0.3)
     v.add_argument("--perceptual-fraction", type=float, default=0.2, help="share of slices per axis (default 0.2)")
     v.add_argument("--perceptual-weights", help="state dict for the perceptual backbone (default: bundled ImageNet)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +96,7 @@ def run_stage(args: argparse.Namespace) -> dict[str, float]:
         config = config or load_model_config("tiny")
 
         if args.stage == "vae":
-            from maisi.training.vae import VAEOptions, VAEStage, init_posterior
+            from maisi.training.vae import VAEOptions, VAEStage
 
             if len(args.patch_switch) != len(args.patch) - 1 or list(args.patch_switch) != sorted(args.patch_switch):
                 raise ValueError(f"--patch-switch needs {len(args.patch) - 1} increasing step(s) for --patch {args.patch}")
@@ -109,11 +108,7 @@ def run_stage(args: argparse.Namespace) -> dict[str, float]:
                 perceptual_fraction=args.perceptual_fraction, disc_layers=args.disc_layers,
                 disc_channels=args.disc_channels, recon_loss=args.recon_loss, precision=precision,
             )
-            if model is None:
-                model = build("autoencoder", config)
-                if not math.isnan(args.init_log_var):
-                    init_posterior(model, args.init_log_var)
-            stage = VAEStage(model, config, vopts, world, args.seed, _perceptual(args))
+            stage = VAEStage(model or build("autoencoder", config), config, vopts, world, args.seed, _perceptual(args))
         else:
             source = LatentCases(entries, config.autoencoder.latent_channels, args.latent,
                                  with_label=args.stage == "controlnet", default_modality=config.default_modality)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maisi.config import ModelConfig
-from maisi.networks.autoencoder import LOGVAR_RANGE
 from maisi.training import distributed as D
 from maisi.training.discriminator import Discriminator
 from maisi.training.loop import autocast
@@ -44,20 +42,6 @@ class VAEOptions:
         for k in ("kl_weight", "perceptual_weight", "adv_weight"):
             if getattr(self, k) < 0:
                 raise ValueError(f"--{k.replace('_', '-')} must be >= 0")
-
-
-def init_posterior(autoencoder: nn.Module, log_var: float) -> None:
-    """Start fresh weights with a narrow posterior: the log-variance conv's bias set to `log_var`.
-
-    PyTorch's default initialisation gives log σ² ≈ 0, i.e. σ ≈ 1 against |μ| of order 1, so early on the
-    decoder sees mostly noise; with the reference's KL weight (1e-7) only the reconstruction term shrinks σ,
-    and Adam moves that bias by about the learning rate per step. The architecture and the state dict are
-    unchanged; fine-tuning (--init) and resumed runs keep their own weights.
-    """
-    if not math.isfinite(log_var) or not LOGVAR_RANGE[0] <= log_var <= LOGVAR_RANGE[1]:
-        raise ValueError(f"--init-log-var must lie in [{LOGVAR_RANGE[0]:g}, {LOGVAR_RANGE[1]:g}], got {log_var}")
-    with torch.no_grad():
-        autoencoder.quant_conv_log_sigma.conv.bias.fill_(log_var)
 
 
 class SampledVAE(nn.Module):
