@@ -172,3 +172,19 @@ def test_demo_runs_the_whole_story(tmp_path):
     rec = json.loads((tmp_path / "generated" / "sample_seed0_record.json").read_text())
     assert rec["model"]["weights"]["controlnet"]["path"].startswith(str(tmp_path))
     assert (tmp_path / "generated" / "sample_seed0_preview.png").is_file()
+
+
+def test_bf16_generation_is_close_to_fp32_and_recorded(model_dir, database, pipe):
+    r = req(mask_database=str(database), seed=3)
+    bf16 = Pipeline.from_pretrained(model_dir, device="cpu", progress=False, precision="bf16")
+    assert bf16.nets.unet.conv_in.conv.weight.dtype == torch.bfloat16
+    (a,), (b,) = pipe.generate(r), bf16.generate(r)
+    assert a.record["model"]["precision"] == "fp32" and b.record["model"]["precision"] == "bf16"
+    diff = np.abs(a.image.astype(np.float32) - b.image.astype(np.float32))
+    body = a.label > 0
+    assert diff.max() > 0  # the bf16 path really ran
+    assert diff[body].mean() < 20.0  # HU; random tiny weights, one step
+    with pytest.raises(ValueError, match="fp16 is for GPUs"):
+        Pipeline.from_pretrained(model_dir, device="cpu", progress=False, precision="fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Pipeline.from_pretrained(model_dir, device="cpu", progress=False, precision="int8")

@@ -39,6 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quality-retries", type=int, default=2, help="other masks tried when the quality check fails")
     p.add_argument("--no-quality-check", action="store_true")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="compute precision of the UNet, ControlNet and VAE decoder (GroupNorm and the sampler "
+                        "steps stay fp32): bf16 on CPUs with AVX-512 BF16/AMX and GPUs, fp16 on GPUs (default fp32)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
 
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     elif world > 1:
         torch.set_num_threads(max(1, (torch.get_num_threads()) // world))
     request = request_from_args(args)
-    pipe = Pipeline.from_pretrained(args.weights, args.config, args.device, progress=not args.no_progress)
+    pipe = Pipeline.from_pretrained(args.weights, args.config, args.device, progress=not args.no_progress,
+                                    precision=args.precision)
     plan = pipe.plan(request)  # every check before any compute
     if rank == 0:
         for w in plan.warnings:

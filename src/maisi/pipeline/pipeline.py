@@ -49,6 +49,19 @@ def shard(num_samples: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, num_samples, world_size))
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The networks' compute dtype for a precision name; ValueError for unknown names or fp16 on a CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("fp16 is for GPUs (PyTorch's CPU fp16 convolutions are slow or missing); "
+                         "on a CPU use bf16 or fp32")
+    return PRECISIONS[precision]
+
+
 def world_from_env() -> tuple[int, int]:
     """(rank, world size) from torchrun's environment; (0, 1) outside torchrun."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -57,20 +70,30 @@ def world_from_env() -> tuple[int, int]:
 class Pipeline:
     """`Pipeline.from_pretrained(weights)` then `pipe.generate(GenerationRequest(...), out=folder)`."""
 
-    def __init__(self, networks: Networks, device: str = "cpu", progress: bool = True) -> None:
+    def __init__(self, networks: Networks, device: str = "cpu", progress: bool = True, precision: str = "fp32") -> None:
         self.nets = networks
         self.config = networks.config
         self.device = torch.device(device)
         self.progress = progress
+        self.precision = precision
+        self.dtype = compute_dtype(precision, self.device)
+        if self.dtype != torch.float32:  # UNet/ControlNet weights in dtype (GroupNorm fp32); the steps stay fp32
+            from maisi.networks.precision import for_inference
+
+            for net in (networks.unet, networks.controlnet):
+                if net is not None:
+                    for_inference(net, self.dtype, channels_last=self.config.unet.spatial_dims == 3)
 
     @classmethod
     def from_pretrained(cls, weights: str | Path | Sequence[str | Path] | None = None, config: str | None = None,
-                        device: str | None = None, progress: bool = True) -> Pipeline:
-        """weights: None (the shipped demo model), a model folder, or NVIDIA's files (.pt)."""
+                        device: str | None = None, progress: bool = True, precision: str = "fp32") -> Pipeline:
+        """weights: None (the shipped demo model), a model folder, or NVIDIA's files (.pt).
+        precision: fp32 (default), bf16 (CPUs with AVX-512 BF16 or AMX, GPUs) or fp16 (GPU only)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
-        return cls(load_networks(weights, config, device), device, progress)
+        compute_dtype(precision, torch.device(device))  # a bad precision fails before the weights load
+        return cls(load_networks(weights, config, device), device, progress, precision)
 
     # -----------------------------------------------------------------------------------------
     # Planning: every default resolved and every rule checked before any compute
@@ -200,7 +223,7 @@ class Pipeline:
         """Latents → images in [0, 1] through the VAE's memory-aware decoder, one sample at a time."""
         out = []
         for i in self._bar_iter(range(z.shape[0]), "decoding"):
-            x = self.nets.autoencoder.decode_within(z[i:i + 1] / self.nets.scale_factor, memory_gb)
+            x = self.nets.autoencoder.decode_within(z[i:i + 1] / self.nets.scale_factor, memory_gb, dtype=self.dtype)
             out.append(x[0, 0].float().cpu().numpy())
         return np.stack(out)
 
@@ -273,7 +296,8 @@ class Pipeline:
         affine = mask.affine if mask is not None else affine_from_spacing(plan.spacing, plan.size)
         image = to_int16(hu)
         label = None if mask is None else mask.label
-        model = {"config": self.config.name, "scale_factor": self.nets.scale_factor, "weights": self.nets.sources}
+        model = {"config": self.config.name, "scale_factor": self.nets.scale_factor, "weights": self.nets.sources,
+                 "precision": self.precision}
         files = {} if out is None else self._files(Path(out), seed)
         rec = sample_record(index=k, seed=seed, plan=replace(plan, regions=self._regions(plan, mask)), model=model,
                             mask=None if mask is None else mask.source, quality=quality, attempts=attempts,
