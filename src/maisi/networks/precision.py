@@ -6,6 +6,17 @@ import torch
 from torch import nn
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of a precision name; ValueError for unknown names or fp16 on a CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("fp16 is for GPUs (PyTorch's CPU fp16 convolutions are slow or missing); "
+                         "on a CPU use bf16 or fp32")
+    return PRECISIONS[precision]
 
 
 def for_inference(model: nn.Module, dtype: torch.dtype = torch.bfloat16, channels_last: bool = False) -> nn.Module:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from maisi.labels import REGIONS, TUMOR_HOSTS, modality_code, regions_in_mask
+from maisi.networks.precision import compute_dtype, for_inference
 from maisi.pipeline import masks as M
 from maisi.pipeline.models import Networks, load_networks
 from maisi.pipeline.postprocess import check_quality, to_hu, to_int16
@@ -49,19 +50,6 @@ def shard(num_samples: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, num_samples, world_size))
 
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The networks' compute dtype for a precision name; ValueError for unknown names or fp16 on a CPU."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("fp16 is for GPUs (PyTorch's CPU fp16 convolutions are slow or missing); "
-                         "on a CPU use bf16 or fp32")
-    return PRECISIONS[precision]
-
-
 def world_from_env() -> tuple[int, int]:
     """(rank, world size) from torchrun's environment; (0, 1) outside torchrun."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -78,8 +66,6 @@ class Pipeline:
         self.precision = precision
         self.dtype = compute_dtype(precision, self.device)
         if self.dtype != torch.float32:  # UNet/ControlNet weights in dtype (GroupNorm fp32); the steps stay fp32
-            from maisi.networks.precision import for_inference
-
             for net in (networks.unet, networks.controlnet):
                 if net is not None:
                     for_inference(net, self.dtype, channels_last=self.config.unet.spatial_dims == 3)
