@@ -27,6 +27,9 @@ class Conv(nn.Module):
         return self.conv(x)
 
 
+_ONEDNN = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
+
+
 def _use_onednn(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether to call oneDNN directly for this CPU fp32 3D inference conv.
 
@@ -35,11 +38,10 @@ def _use_onednn(conv: nn.Module, x: torch.Tensor) -> bool:
     At 4³ the im2col kernel is as fast or faster, so it keeps those. Training (autograd) is left alone.
     """
     return (
-        x.ndim == 5 and x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
+        _ONEDNN and x.ndim == 5 and x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
         and x.shape[2] * x.shape[3] * x.shape[4] >= 512 and x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3] <= 20480
         and conv.weight.shape[2] > 1 and x.is_contiguous() and conv.weight.is_contiguous()
-        and hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
     )
 
 
