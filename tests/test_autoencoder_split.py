@@ -25,7 +25,9 @@ def ref(model):
     torch.manual_seed(2)
     x, z = torch.rand(1, 1, 12, 20, 28), torch.randn(1, 4, 3, 5, 7)
     with torch.no_grad():
-        return x, z, model.encode(x, num_splits=1), model.decode(z, num_splits=1)
+        # the reference is unsplit and contiguous; the default on a CPU is channels_last_3d, so the tests below
+        # compare both layouts as well as the splits
+        return x, z, model.encode(x, num_splits=1, channels_last=False), model.decode(z, num_splits=1, channels_last=False)
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
@@ -110,3 +112,12 @@ def test_channels_last_split_equals_unsplit(model, ref):
     with torch.no_grad():
         assert (model.encode(x, num_splits=3, channels_last=True)[0] - mu).abs().max() <= 1e-4
         assert (model.decode(z, num_splits=5, split_axis=1, channels_last=True) - img).abs().max() <= 1e-4
+
+
+def test_cpu_default_layout_is_channels_last_in_fp32_and_bf16(model):
+    cpu = torch.device("cpu")
+    assert model._plan(None, None, None, None, None, cpu).channels_last
+    assert model._plan(None, None, None, torch.bfloat16, None, cpu).channels_last
+    assert not model._plan(None, None, None, None, False, cpu).channels_last
+    assert not model._plan(None, None, ["cpu", "cpu"], None, None, cpu).channels_last  # device lists: contiguous
+    assert not model._plan(None, None, None, None, None, torch.device("cuda")).channels_last  # GPU fp32
