@@ -42,7 +42,7 @@ def test_vae_loss_decreases_and_exports(data, tmp_path):
 
 
 def test_vae_resume_after_interruption_is_bitwise(data, tmp_path, monkeypatch):
-    args = ["--data", str(data), "--steps", "10", "--checkpoint-every", "4", *FAST]
+    args = ["--data", str(data), "--steps", "10", "--checkpoint-every", "4", "--lr-power", "1", *FAST]
     train("vae", "--out", str(tmp_path / "a"), *args)
 
     real = VAEStage.train_step
@@ -62,6 +62,20 @@ def test_vae_resume_after_interruption_is_bitwise(data, tmp_path, monkeypatch):
     assert [r["step"] for r in metrics(tmp_path / "b")] == [2, 4, 6, 8, 10]
     assert_bitwise_equal(export_weights(tmp_path / "a"), export_weights(tmp_path / "b"))
     assert_bitwise_equal(state_weights(tmp_path / "a"), state_weights(tmp_path / "b"))
+
+
+def test_vae_learning_rate_decays_polynomially_to_zero(data, tmp_path):
+    from maisi.training.loop import poly_lr
+
+    run = tmp_path / "run"
+    args = ["--data", str(data), "--out", str(run), "--steps", "8", *FAST, "--adv-weight", "0", "--lr-power", "2"]
+    assert train("vae", *args) == 0
+    logged = [r["lr"] for r in metrics(run)]  # each record: the mean over its two steps
+    expected = [(poly_lr(1e-3, s, 8, 2) + poly_lr(1e-3, s + 1, 8, 2)) / 2 for s in (0, 2, 4, 6)]
+    assert logged == pytest.approx(expected, rel=1e-6) and logged[-1] < 0.05 * logged[0]
+    constant = tmp_path / "constant"
+    assert train("vae", *args[:3], str(constant), *args[4:-2]) == 0  # the default: no decay
+    assert [r["lr"] for r in metrics(constant)] == pytest.approx([1e-3] * 4)
 
 
 def test_vae_patch_curriculum(data, tmp_path):

@@ -48,6 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--disc-layers", type=int, default=3)
     v.add_argument("--disc-channels", type=int, default=32)
     v.add_argument("--recon-loss", choices=["l1", "mse"], default="l1")
+    v.add_argument("--lr-power", type=float, default=0.0,
+                   help="polynomial learning-rate decay to 0 at --steps (default 0: constant, as the reference)")
 
     d = stages.add_parser("diffusion", help="latent diffusion UNet on cached latents (`maisi prepare`)")
     _common(d, 1e-4, 1)

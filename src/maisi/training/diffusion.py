@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from maisi.config import ModelConfig, UNetConfig
 from maisi.training import distributed as D
-from maisi.training.loop import autocast
+from maisi.training.loop import autocast, poly_lr, set_lr
 from maisi.training.state import sample_generator
 
 
@@ -34,16 +34,6 @@ class DiffusionOptions:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.lr <= 0 or self.lr_power < 0:
             raise ValueError("--lr must be > 0 and --lr-power >= 0")
-
-
-def poly_lr(lr: float, step: int, steps: int, power: float) -> float:
-    """Polynomial decay lr·(1 − step/steps)^power, a function of the step alone (so resuming is exact)."""
-    return lr * max(0.0, 1.0 - step / steps) ** power
-
-
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for group in opt.param_groups:
-        group["lr"] = lr
 
 
 class EMA(nn.Module):

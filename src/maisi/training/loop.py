@@ -107,6 +107,16 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def poly_lr(lr: float, step: int, steps: int, power: float) -> float:
+    """Polynomial decay lr·(1 − step/steps)^power, a function of the step alone (so resuming is exact)."""
+    return lr * max(0.0, 1.0 - step / steps) ** power
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 def prepare_run_dir(run_dir: Path, stage: str, config: ModelConfig, options: dict[str, Any]) -> None:
     """Write config.json and run.json; refuse a folder that holds a different stage or model config."""
     run_file = run_dir / RUN_FILE

@@ -103,12 +103,13 @@ def run_stage(args: argparse.Namespace) -> dict[str, float]:
             source = ImagePatches(entries, list(zip([0, *args.patch_switch], args.patch)), args.batch_size,
                                   intensity=args.intensity)
             vopts = VAEOptions(
-                lr=args.lr, disc_lr=args.disc_lr or args.lr, kl_weight=args.kl_weight,
+                lr=args.lr, disc_lr=args.disc_lr or args.lr, lr_power=args.lr_power, kl_weight=args.kl_weight,
                 perceptual_weight=args.perceptual_weight, adv_weight=args.adv_weight, adv_start=args.adv_start,
                 perceptual_fraction=args.perceptual_fraction, disc_layers=args.disc_layers,
                 disc_channels=args.disc_channels, recon_loss=args.recon_loss, precision=precision,
             )
-            stage = VAEStage(model or build("autoencoder", config), config, vopts, world, args.seed, _perceptual(args))
+            stage = VAEStage(model or build("autoencoder", config), config, vopts, world, args.seed, _perceptual(args),
+                             steps=args.steps)
         else:
             source = LatentCases(entries, config.autoencoder.latent_channels, args.latent,
                                  with_label=args.stage == "controlnet", default_modality=config.default_modality)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from maisi.config import ModelConfig
 from maisi.training import distributed as D
 from maisi.training.discriminator import Discriminator
-from maisi.training.loop import autocast
+from maisi.training.loop import autocast, poly_lr, set_lr
 from maisi.training.losses import (
     PerceptualLoss25D,
     discriminator_loss,
@@ -26,6 +26,7 @@ from maisi.training.state import sample_generator
 class VAEOptions:
     lr: float = 1e-4
     disc_lr: float = 1e-4
+    lr_power: float = 0.0  # 0: constant learning rates (the reference); p > 0: both decay as (1 - step/steps)^p
     kl_weight: float = 1e-7
     perceptual_weight: float = 0.3
     adv_weight: float = 0.1
@@ -37,6 +38,8 @@ class VAEOptions:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.lr <= 0 or self.disc_lr <= 0 or self.lr_power < 0:
+            raise ValueError("--lr and --disc-lr must be > 0 and --lr-power >= 0")
         if self.recon_loss not in ("l1", "mse"):
             raise ValueError(f"--recon-loss must be l1 or mse, got {self.recon_loss!r}")
         for k in ("kl_weight", "perceptual_weight", "adv_weight"):
@@ -62,10 +65,12 @@ class VAEStage:
     component = "autoencoder"
 
     def __init__(self, autoencoder: nn.Module, config: ModelConfig, opts: VAEOptions, world: D.World,
-                 seed: int = 0, perceptual: PerceptualLoss25D | None = None):
+                 seed: int = 0, perceptual: PerceptualLoss25D | None = None, steps: int = 0):
         if opts.perceptual_weight > 0 and perceptual is None:
             raise ValueError("a perceptual weight > 0 needs a perceptual loss (backbone); pass --perceptual-weight 0")
-        self.config, self.opts, self.world, self.seed = config, opts, world, seed
+        if opts.lr_power > 0 and steps < 1:
+            raise ValueError("a learning-rate decay (lr_power > 0) needs the run's total steps")
+        self.config, self.opts, self.world, self.seed, self.steps = config, opts, world, seed, steps
         self.autoencoder = autoencoder.to(world.device)
         self.model = D.wrap(SampledVAE(self.autoencoder), world)
         self.disc = None
@@ -111,6 +116,10 @@ class VAEStage:
         x = batch["image"].float()
         samples = batch["sample"]
         self.model.train()
+        if o.lr_power > 0:
+            set_lr(self.opt_g, poly_lr(o.lr, step, self.steps, o.lr_power))
+            if self.opt_d is not None:
+                set_lr(self.opt_d, poly_lr(o.disc_lr, step, self.steps, o.lr_power))
 
         # Generator: reconstruction, KL, perceptual and adversarial terms.
         with autocast(self.world.device, o.precision):
@@ -138,6 +147,7 @@ class VAEStage:
         loss.backward()
         self.opt_g.step()
         out["loss"] = loss.item()
+        out["lr"] = self.opt_g.param_groups[0]["lr"]
 
         # Discriminator: fakes → 0, reals → 1, in one forward (instance norm keeps samples independent).
         if use_adv:
