@@ -98,6 +98,7 @@ def test_vae_patch_curriculum(data, tmp_path):
         ("no-datalist", "no datalist"),
         ("bad-switch", "--patch-switch"),
         ("bad-config", "unknown preset"),
+        ("bad-lr-power", "--lr-power >= 0"),
     ],
 )
 def test_vae_bad_input_is_a_clean_error(data, tmp_path, capsys, case, message):
@@ -113,6 +114,8 @@ def test_vae_bad_input_is_a_clean_error(data, tmp_path, capsys, case, message):
         datalist = tmp_path / "absent.json"
     elif case == "bad-switch":
         extra = ["--patch", "8", "16"]
+    elif case == "bad-lr-power":
+        extra = ["--lr-power", "-1"]
     else:
         extra = ["--config", "no-such-preset"]
     code = train("vae", "--data", str(datalist), "--out", str(tmp_path / "run"), "--steps", "2", *FAST, *extra)
