@@ -67,14 +67,13 @@ def test_vae_resume_after_interruption_is_bitwise(data, tmp_path, monkeypatch):
 def test_vae_learning_rate_decays_polynomially_to_zero(data, tmp_path):
     from maisi.training.loop import poly_lr
 
-    run = tmp_path / "run"
-    args = ["--data", str(data), "--out", str(run), "--steps", "8", *FAST, "--adv-weight", "0", "--lr-power", "2"]
-    assert train("vae", *args) == 0
-    logged = [r["lr"] for r in metrics(run)]  # each record: the mean over its two steps
+    common = ["--data", str(data), "--steps", "8", *FAST, "--adv-weight", "0"]
+    decayed, constant = tmp_path / "decayed", tmp_path / "constant"
+    assert train("vae", *common, "--out", str(decayed), "--lr-power", "2") == 0
+    logged = [r["lr"] for r in metrics(decayed)]  # each record: the mean over its two steps
     expected = [(poly_lr(1e-3, s, 8, 2) + poly_lr(1e-3, s + 1, 8, 2)) / 2 for s in (0, 2, 4, 6)]
     assert logged == pytest.approx(expected, rel=1e-6) and logged[-1] < 0.05 * logged[0]
-    constant = tmp_path / "constant"
-    assert train("vae", *args[:3], str(constant), *args[4:-2]) == 0  # the default: no decay
+    assert train("vae", *common, "--out", str(constant)) == 0  # the default: no decay
     assert [r["lr"] for r in metrics(constant)] == pytest.approx([1e-3] * 4)
 
 
