@@ -21,15 +21,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True, help="working folder (phantoms, latents, runs)")
     p.add_argument("--phantoms-per-region", type=int, default=6)
-    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--tumor-phantoms", type=int, default=0, help="phantoms per tumour kind (maisi.pipeline.demo)")
+    p.add_argument("--vae-steps", type=int, default=600, help="VAE steps on 32^3 patches (0: keep --init's)")
+    p.add_argument("--vae-whole-steps", type=int, default=0, help="then VAE steps on whole volumes")
     p.add_argument("--diffusion-steps", type=int, default=1500)
     p.add_argument("--controlnet-steps", type=int, default=400)
+    p.add_argument("--controlnet-lr", type=float, default=1e-4)
+    p.add_argument("--init", help="model folder every stage starts from (e.g. a copy of the previous demo model)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--no-install", action="store_true", help="leave the package's demo model untouched")
     a = p.parse_args()
-    recipe = DemoRecipe(phantoms_per_region=a.phantoms_per_region, vae_steps=a.vae_steps,
-                        diffusion_steps=a.diffusion_steps, controlnet_steps=a.controlnet_steps,
+    recipe = DemoRecipe(phantoms_per_region=a.phantoms_per_region, tumor_phantoms=a.tumor_phantoms,
+                        vae_steps=a.vae_steps, vae_whole_steps=a.vae_whole_steps, diffusion_steps=a.diffusion_steps,
+                        controlnet_steps=a.controlnet_steps, controlnet_lr=a.controlnet_lr, init=a.init,
                         device=a.device, workers=a.workers)
     t0 = time.perf_counter()
     model = train_demo(a.work, recipe)
