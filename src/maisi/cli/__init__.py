@@ -18,6 +18,7 @@ COMMANDS: list[str] = [
     "prepare",
     "train",
     "evaluate",
+    "download",
 ]
 
 
