@@ -80,10 +80,16 @@ class FakeHub:
     def serve(self, h: BaseHTTPRequestHandler, body: bool) -> None:
         with self.lock:
             self.requests.append((h.command, h.path, h.headers))
-        org, name, resolve, revision, *rest = unquote(h.path).lstrip("/").split("/")
+        parts = unquote(h.path).lstrip("/").split("/")
+        if len(parts) < 5 or parts[2] != "resolve":  # not a file: e.g. /api/... lookups of newer clients
+            h.send_response(404)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        org, name, _, revision, *rest = parts
         repo, path = f"{org}/{name}", "/".join(rest)
         error = None
-        if repo not in COMMITS or resolve != "resolve":
+        if repo not in COMMITS:
             error = "RepoNotFound"
         elif repo in self.gated and h.headers.get("Authorization") != "Bearer hf_good":
             error = "GatedRepo"
@@ -134,6 +140,7 @@ def fake_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "hf" / "agents.json"), raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("MAISI_CACHE", str(tmp_path / "maisi"))
     yield server
@@ -303,8 +310,9 @@ def test_cli_damaged_file_exits_2(fake_hub, capsys):
 
 def test_cli_honours_hf_home_and_hf_endpoint(fake_hub, tmp_path):
     # The real environment variables, read by huggingface_hub at import in a fresh process.
-    env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_ENDPOINT": fake_hub.url,
-           "MAISI_CACHE": str(tmp_path / "maisi2"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN")}
+    env.update(HF_HOME=str(tmp_path / "home"), HF_ENDPOINT=fake_hub.url, HF_HUB_OFFLINE="0",
+               MAISI_CACHE=str(tmp_path / "maisi2"))
     run = subprocess.run([sys.executable, "-m", "maisi", "download", "rflow-mr", "--quiet"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr

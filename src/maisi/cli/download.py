@@ -51,7 +51,7 @@ def _list(names: Sequence[str]) -> None:
         more = f" + {unknown} file(s) of unknown size" if unknown else ""
         print(f"{rs.name}: {rs.description} ({_size(rs.approx_mb)}{more})")
         for f in rs.files:
-            print(f"  {f.repo:28s} {f.path:58s} {f.component:16s} {_size(f.approx_mb)}")
+            print(f"  {f.repo:28s} {f.path:60s} {f.component:16s} {_size(f.approx_mb)}")
 
 
 def run(args: argparse.Namespace) -> int:
