@@ -7,13 +7,15 @@ from pathlib import Path
 
 
 def _common(p: argparse.ArgumentParser, lr: float, batch: int) -> None:
-    p.add_argument("--config", help="preset name or JSON config (default: the --init checkpoint's, else 'tiny')")
+    p.add_argument("--config", help="preset name or JSON config (default: the --init/--unet maisi checkpoint's, else "
+                                    "the preset of their released files, else 'tiny')")
     p.add_argument("--data", required=True, help="datalist JSON ({'training': [...]} or a list)")
     p.add_argument("--out", required=True, type=Path, help="run folder (re-run the same command to resume)")
     p.add_argument("--steps", type=int, default=1000, help="total optimisation steps (default 1000)")
     p.add_argument("--batch-size", type=int, default=batch, help=f"global batch over all processes (default {batch})")
     p.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g})")
-    p.add_argument("--init", help="start from weights: a maisi checkpoint folder or an NVIDIA .pt file")
+    p.add_argument("--init", help="start from weights: a released set (rflow-ct, ...), a maisi checkpoint, model or "
+                                  "training run folder, or a released .pt file")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between training checkpoints")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
     p.add_argument("--log-every", type=int, default=10, help="steps between metrics records")
@@ -62,7 +64,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c = stages.add_parser("controlnet", help="ControlNet on latents + label masks, with a frozen UNet")
     _common(c, 1e-5, 1)
     _latent_args(c)
-    c.add_argument("--unet", required=True, help="trained UNet: maisi export folder or NVIDIA .pt")
+    c.add_argument("--unet", required=True, help="the frozen UNet: a released set, a maisi checkpoint, model or "
+                                                 "training run folder, or a released .pt file")
     c.add_argument("--tumor-labels", nargs="+", default=None,
                    help="label names or ids weighted in the loss (default: every tumour with a host organ)")
     c.add_argument("--tumor-weight", type=float, default=100.0)

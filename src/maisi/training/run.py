@@ -7,53 +7,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from maisi.config import ModelConfig, load_model_config, to_dict
+from maisi.config import load_model_config
+from maisi.networks.weights import WeightSources, load_component, merge, resolve
 from maisi.training import distributed as D
 from maisi.training.data import ImagePatches, LatentCases, SampleDataset, latent_std, read_datalist
 from maisi.training.loop import LoopOptions, prepare_run_dir, training_loop
 
 COMPONENT = {"vae": "autoencoder", "diffusion": "unet", "controlnet": "controlnet"}
-# The config parts whose weights a checkpoint of each component holds.
-PARTS = {"autoencoder": ("autoencoder",), "unet": ("unet",), "controlnet": ("unet", "controlnet")}
 
 
-def _check_parts(config: ModelConfig, other: ModelConfig, component: str, what: str) -> None:
-    for part in PARTS[component]:
-        if to_dict(getattr(config, part)) != to_dict(getattr(other, part)):
-            raise ValueError(f"the {part} config of --config does not match {what}; leave out --config "
-                             "to use the checkpoint's, or give the config the weights were trained with")
-
-
-def load_weights(source: str, component: str, config: ModelConfig | None) -> tuple[nn.Module, ModelConfig, dict]:
-    """A maisi checkpoint folder (its config checked against `config`) or an NVIDIA .pt (needs `config`)."""
-    from maisi.io.checkpoint import load_pretrained, load_released, read_pretrained_config
-
-    path = Path(source)
-    if path.is_dir():
-        found, ck_config, _, _ = read_pretrained_config(path)
-        if found != component:
-            raise ValueError(f"{path} holds a {found} checkpoint, not a {component}")
-        if config is not None:
-            _check_parts(config, ck_config, component, f"the checkpoint {path}")
-        model, ck_config, extra = load_pretrained(path)
-        return model, config or ck_config, extra
-    if config is None:
-        raise ValueError(f"{path} is a weights file without a config: give --config (the preset it was trained with)")
-    model, extra = load_released(path, component, config)
-    return model, config, extra
-
-
-def _config(args: argparse.Namespace) -> ModelConfig | None:
-    if args.config:
-        return load_model_config(args.config)
-    from maisi.io.checkpoint import read_pretrained_config
-
-    for src in (getattr(args, "init", None), getattr(args, "unet", None)):
-        if src and Path(src).is_dir():
-            return read_pretrained_config(src)[1]
-    return None
+def _weights(args: argparse.Namespace) -> WeightSources | None:
+    """What the run starts from: --init (this stage's network) and, for a ControlNet, the frozen --unet."""
+    parts = [resolve(args.unet, component="unet")] if args.stage == "controlnet" else []
+    if args.init:
+        parts.append(resolve(args.init, component=COMPONENT[args.stage]))
+    return merge(*parts) if parts else None
 
 
 def _perceptual(args: argparse.Namespace) -> Any:
@@ -80,7 +49,8 @@ def run_stage(args: argparse.Namespace) -> dict[str, float]:
     try:
         precision = args.precision if args.precision != "auto" else ("bf16" if world.device.type == "cuda" else "fp32")
         component = COMPONENT[args.stage]
-        config = _config(args)
+        weights = _weights(args)  # --config, else the checkpoints' own config, else their preset
+        config = weights.config(args.config) if weights else load_model_config(args.config or "tiny")
         entries = read_datalist(args.data)
         opts = LoopOptions(
             run_dir=args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
@@ -92,8 +62,8 @@ def run_stage(args: argparse.Namespace) -> dict[str, float]:
         init_extra: dict[str, Any] = {}
         model = None
         if args.init:
-            model, config, init_extra = load_weights(args.init, component, config)
-        config = config or load_model_config("tiny")
+            init = load_component(weights, component, config)
+            model, init_extra = init.model, init.extra
 
         if args.stage == "vae":
             from maisi.training.vae import VAEOptions, VAEStage
@@ -126,7 +96,8 @@ def run_stage(args: argparse.Namespace) -> dict[str, float]:
                 from maisi.networks.controlnet import ControlNet
                 from maisi.training.controlnet import ControlNetOptions, ControlNetStage
 
-                unet, _, unet_extra = load_weights(args.unet, "unet", config)
+                frozen = load_component(weights, "unet", config)
+                unet, unet_extra = frozen.model, frozen.extra
                 scale = args.scale_factor or unet_extra.get("scale_factor") or init_extra.get("scale_factor")
                 if not scale:
                     raise ValueError(f"{args.unet} records no scale_factor; give --scale-factor")
