@@ -48,8 +48,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", default="cpu")
 
     r = s.add_parser("reconstruction", help="VAE PSNR / SSIM / MAE (HU) through the memory-aware path")
-    r.add_argument("--vae", required=True, help="a project checkpoint folder or NVIDIA's autoencoder .pt (with --preset)")
-    r.add_argument("--preset", default="rflow-ct", help="model preset for a released .pt (default rflow-ct)")
+    r.add_argument("--vae", required=True, help="autoencoder weights: a released set (rflow-ct, ...), a maisi "
+                                                "checkpoint, model or training run folder, or a released .pt file")
+    r.add_argument("--preset", help="preset whose autoencoder a bare released .pt file has (default: from its name, "
+                                    "else rflow-ct)")
     r.add_argument("--data", required=True, help=DATA_HELP)
     r.add_argument("--memory-gb", type=float, default=None, help="memory budget for encode/decode splitting")
     r.add_argument("--device", default="cpu")

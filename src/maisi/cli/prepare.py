@@ -12,9 +12,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder of NIfTI files / DICOM series folders (labels as <name>_label.nii.gz or in "
                         "labels/), or a datalist JSON")
     p.add_argument("--out", required=True, help="output folder (re-running skips finished cases)")
-    p.add_argument("--vae", help="autoencoder: a checkpoint folder (config.json + model.safetensors) or a "
-                                 "released .pt file; without it the resampled images are written instead")
-    p.add_argument("--vae-preset", default="rflow-ct", help="preset whose autoencoder config a .pt file uses")
+    p.add_argument("--vae", help="autoencoder weights: a released set (rflow-ct, ...), a maisi checkpoint, model or "
+                                 "training run folder, or a released .pt file; without it the resampled images "
+                                 "are written instead")
+    p.add_argument("--vae-preset", help="preset whose autoencoder a bare released .pt file has (default: from its "
+                                        "name, else rflow-ct)")
     p.add_argument("--spacing", type=float, nargs="+", help="resample to this voxel size in mm (1 or 3 values), "
                                                            "then pad each axis to --multiple-of")
     p.add_argument("--multiple-of", type=int, default=128,
@@ -31,22 +33,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def load_encoder(path: str, preset_name: str):
-    from maisi.config import preset
-    from maisi.io.checkpoint import load_pretrained, load_released
-
-    p = Path(path)
-    if p.is_dir():
-        model, _, _ = load_pretrained(p)
-    elif p.is_file():
-        model, _ = load_released(p, "autoencoder", preset(preset_name))
-    else:
-        raise FileNotFoundError(f"--vae: no such checkpoint folder or file: {p}")
-    if not hasattr(model, "encode_within"):
-        raise ValueError(f"--vae {p}: the checkpoint is not an autoencoder")
-    return model.eval()
-
-
 def run(args: argparse.Namespace) -> int:
     from maisi.data.labelmap import load_mapping, load_names
     from maisi.data.prepare import PrepareConfig, prepare_all
@@ -60,12 +46,15 @@ def run(args: argparse.Namespace) -> int:
                         memory_gb=args.memory_gb, unmapped=args.unmapped)
     mapping = load_mapping(args.label_mapping) if args.label_mapping else None
     names = load_names(args.label_names) if args.label_names else None
-    encoder = load_encoder(args.vae, args.vae_preset) if args.vae else None
-    if encoder is not None:
+    encoder, encoder_id = None, None
+    if args.vae:
         import torch
 
-        encoder = encoder.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    encoder_id = str(Path(args.vae).resolve()) if args.vae else None
+        from maisi.networks.weights import load_component
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        vae = load_component(args.vae, "autoencoder", args.vae_preset, device)
+        encoder, encoder_id = vae.model, str(Path(vae.source["path"]).resolve())
     report = prepare_all(args.input, args.out, cfg, encoder, encoder_id, mapping, names)
     print(f"prepared {len(report['done'])}, skipped {len(report['skipped'])} (already done), "
           f"failed {len(report['failed'])}; datalist: {Path(args.out) / 'datalist.json'}")

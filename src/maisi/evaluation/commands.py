@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from maisi.evaluation.report import bar_chart, histogram_chart, markdown_table, write_report
 
@@ -90,28 +89,15 @@ def train_segmenter(args: argparse.Namespace, log: Log) -> int:
     return 0
 
 
-def _load_vae(path: str, preset: str) -> Any:
-    from maisi.config import load_model_config
-    from maisi.io.checkpoint import load_pretrained, load_released
-
-    p = Path(path)
-    if p.is_dir():
-        model, _, _ = load_pretrained(p)
-        return model
-    if not p.is_file():
-        raise FileNotFoundError(f"no VAE checkpoint at {p} (a project folder or NVIDIA's autoencoder .pt)")
-    model, _ = load_released(p, "autoencoder", load_model_config(preset))
-    return model
-
-
 def reconstruction(args: argparse.Namespace, log: Log) -> int:
     from maisi.evaluation.inputs import list_volumes
     from maisi.evaluation.runs import evaluate_reconstruction
+    from maisi.networks.weights import load_component
 
     paths = list_volumes(args.data, "image", args.key)
-    model = _load_vae(args.vae, args.preset)
-    res = evaluate_reconstruction(paths, model, args.memory_gb, args.device, log)
-    res["vae"] = str(args.vae)
+    vae = load_component(args.vae, "autoencoder", args.preset)
+    res = evaluate_reconstruction(paths, vae.model, args.memory_gb, args.device, log)
+    res["vae"], res["weights"] = str(args.vae), vae.source
     m = res["mean"]
     print(f"VAE reconstruction over {len(paths)} volumes: PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.4f}  "
           f"MAE {m['mae_hu']:.1f} HU")
