@@ -95,6 +95,7 @@ class WeightSources:
         """The model config these networks share, every maisi checkpoint checked against it: `config` (a
         ModelConfig, preset name or JSON file) when given; else the config saved with the maisi UNet (or
         another maisi checkpoint); else the released files' preset (rflow-ct when nothing names one)."""
+        # the maisi checkpoints, the UNet's first: the other networks are built around it
         own = [(c, s) for c, s in sorted(self.components.items(), key=lambda cs: cs[0] != "unet") if s.config]
         if config is not None:
             cfg, origin = (config if isinstance(config, ModelConfig) else load_model_config(config)), None
