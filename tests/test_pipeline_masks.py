@@ -1,8 +1,11 @@
-"""Mask sources: resampling keeps ids and geometry, body envelope added, database ranking, tumour inpainting."""
+"""Mask sources: resampling keeps ids and geometry, body envelope added, database ranking (ours and NVIDIA's
+released database), tumour inpainting."""
 
 from __future__ import annotations
 
 import json
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +113,104 @@ def test_insert_tumour_inside_host():
     assert np.array_equal(out, again)
     with pytest.raises(ValueError, match="no pancreas to hold a pancreatic tumor"):
         M.insert_tumor(lab, 24, (2.0, 2.0, 2.0), np.random.default_rng(0))
+
+
+RELEASED = "flexible_size_and_spacing_4000"
+
+
+def _label(n: int, ids: tuple[int, ...], centred: bool = False) -> np.ndarray:
+    """An n³ body (200) holding one block per id, side by side along x (or one block at the centre)."""
+    lab = np.zeros((n,) * 3, np.uint8)
+    lab[n // 10:-(n // 10)] = 200
+    for j, i in enumerate(ids):
+        x = slice(n * 2 // 5, n * 3 // 5) if centred else slice(n * (3 + 6 * j) // 20, n * (6 + 6 * j) // 20)
+        lab[x, n * 2 // 5:n * 3 // 5, n * 2 // 5:n * 3 // 5] = i
+    return lab
+
+
+def make_released_db(root: Path, zipped: bool = True) -> Path:
+    """A tiny database in NVIDIA's format (datasets/candidate_masks_<name>.json + all_masks_<name>.zip whose
+    members sit under all_masks_<name>/, as scripts/find_masks.py extracts and reads them); returns datasets/."""
+    specs = [  # name, voxels per axis, spacing (mm), top and bottom region, organ ids
+        ("a", 32, 8.0, 1, 2, (1, 28)),  # chest to abdomen, 256 mm
+        ("b", 16, 8.0, 2, 2, (1,)),  # abdomen, 128 mm, the requested spacing
+        ("c", 32, 8.0, 2, 2, (1, 26)),  # abdomen with a hepatic tumour, 256 mm
+        ("d", 64, 4.0, 2, 2, (1,)),  # abdomen, 256 mm, finer
+        ("e", 32, 8.0, 1, 1, (28,)),  # chest only
+    ]
+    datasets, folder = root / "datasets", f"all_masks_{RELEASED}"
+    (datasets / "tmp").mkdir(parents=True)
+    entries = []
+    with zipfile.ZipFile(datasets / f"{folder}.zip", "w") as zf:
+        for name, n, sp, top, bottom, ids in specs:
+            tmp = datasets / "tmp" / f"{name}.nii.gz"
+            write_volume(tmp, _label(n, ids), affine_from_spacing(sp), np.uint8)
+            zf.write(tmp, f"{folder}/{name}/pseudo_label.nii.gz")
+            entries.append({"pseudo_label_filename": f"{name}/pseudo_label.nii.gz", "label_list": sorted({*ids, 200}),
+                            "dim": [n] * 3, "spacing": [sp] * 3,
+                            "top_region_index": [int(i == top) for i in range(4)],
+                            "bottom_region_index": [int(i == bottom) for i in range(4)]})
+    (datasets / f"candidate_masks_{RELEASED}.json").write_text(json.dumps(entries))
+    if not zipped:
+        with zipfile.ZipFile(datasets / f"{folder}.zip") as zf:
+            zf.extractall(datasets)
+        (datasets / f"{folder}.zip").unlink()
+    return datasets
+
+
+def test_released_ranking_follows_the_reference(tmp_path):
+    """scripts/find_masks.py + LDMSampler.find_closest_masks: the regions inside the mask's span, every organ, no
+    tumour not asked for, then Σ |fov − FOV|/10 + |dim − size|/100 + |spacing − s| (field of view dominates)."""
+    db = M.open_database(make_released_db(tmp_path))
+    assert db.kind == "released" and db.folder is None and len(db.entries) == 5
+
+    def files(size, spacing, regions, anatomy):
+        return [e.file.split("/")[0] for e in db.rank((size,) * 3, (spacing,) * 3, regions, anatomy)]
+
+    # a: exact (score 0); d: same 256 mm field of view, 4 mm (12.96); b: the requested 8 mm but 128 mm (38.88);
+    # c has a tumour that was not asked for; e has no liver
+    assert files(32, 8.0, (2, 2), (1,)) == ["a", "d", "b"]
+    assert files(32, 8.0, (2, 2), (1, 26)) == ["c"]  # the tumour asked for
+    assert files(32, 8.0, (1, 1), ()) == ["a", "e"]  # a chest-abdomen mask shows the chest; ties keep file order
+    assert files(32, 8.0, (1, 2), ()) == ["a"]  # a span needs both regions
+    assert files(160, 1.6, None, (1,)) == ["d"]  # a and b are 128 voxels or more smaller than 160: skipped
+    assert files(32, 8.0, (0, 0), ()) == []
+
+
+def test_released_database_zip_extracted_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAISI_CACHE", str(tmp_path / "cache"))
+    datasets = make_released_db(tmp_path / "zip")
+    index = datasets / f"candidate_masks_{RELEASED}.json"
+    got = [M.database_mask(index, (32,) * 3, (8.0,) * 3, (2, 2), (1,), attempt) for attempt in range(4)]
+    assert [m.source["file"] for m in got] == [f"{n}/pseudo_label.nii.gz" for n in "adba"]  # wraps around
+    assert got[0].source["format"] == "released" and got[0].source["candidates"] == 3
+    assert (got[0].label == 1).any() and spacing_from_affine(got[0].affine) == pytest.approx((8.0,) * 3)
+    cached = list((tmp_path / "cache").rglob("pseudo_label.nii.gz"))
+    assert len(cached) == 3 and all(f"all_masks_{RELEASED}" in str(p) for p in cached)
+    stamps = {p: p.stat().st_mtime_ns for p in cached}
+    M.database_mask(datasets, (32,) * 3, (8.0,) * 3, (2, 2), (1,), 1)  # the folder names the same database
+    assert {p: p.stat().st_mtime_ns for p in cached} == stamps  # not extracted again
+    # the extracted folder gives the same masks, without the cache
+    folder = make_released_db(tmp_path / "folder", zipped=False)
+    same = M.database_mask(folder / f"all_masks_{RELEASED}", (32,) * 3, (8.0,) * 3, (2, 2), (1,), 0)
+    assert same.source["file"] == got[0].source["file"] and np.array_equal(same.label, got[0].label)
+    (datasets / f"all_masks_{RELEASED}.zip").unlink()
+    with pytest.raises(FileNotFoundError, match="label maps of .* are missing"):
+        M.open_database(index)
+    with pytest.raises(FileNotFoundError, match="no mask database"):
+        M.open_database(tmp_path / "nowhere")
+
+
+def test_database_skips_masks_that_lose_the_anatomy_when_resampled(tmp_path):
+    """A small field of view around the centre keeps the centred liver only (the reference skips the others)."""
+    for name, centred in (("a_side.nii.gz", False), ("b_centre.nii.gz", True)):
+        write_volume(tmp_path / name, _label(32, (1,), centred), affine_from_spacing(8.0), np.uint8)
+    M.write_index(tmp_path, [M.Entry(n, (32,) * 3, (8.0,) * 3, 2, 2, frozenset({1, 200}))
+                             for n in ("a_side.nii.gz", "b_centre.nii.gz")])
+    for attempt in range(2):
+        m = M.database_mask(tmp_path, (32,) * 3, (2.0,) * 3, (2, 2), (1,), attempt)
+        assert m.source["file"] == "b_centre.nii.gz" and m.source["rank"] == 1 and (m.label == 1).any()
+    assert M.database_mask(tmp_path, (32,) * 3, (2.0,) * 3, (2, 2), (), 0).source["file"] == "a_side.nii.gz"
+    M.write_index(tmp_path, [M.Entry("a_side.nii.gz", (32,) * 3, (8.0,) * 3, 2, 2, frozenset({1, 200}))])
+    with pytest.raises(ValueError, match="loses one of the organs"):
+        M.database_mask(tmp_path, (32,) * 3, (2.0,) * 3, (2, 2), (1,), 0)

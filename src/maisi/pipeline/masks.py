@@ -1,9 +1,12 @@
-"""Mask sources for generation: a user label map, a mask database (built-in: phantoms), tumour inpainting."""
+"""Mask sources for generation: a user label map, a mask database (built-in: phantoms; NVIDIA's), tumours."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +14,18 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from maisi.io.atomic import atomic_write_text
-from maisi.io.volume import affine_from_spacing
+from maisi.io.atomic import atomic_path, atomic_write_text
+from maisi.io.volume import affine_from_spacing, read_volume
 from maisi.labels import BODY, REGIONS, TUMOR_HOSTS, label_name
 
+try:  # maisi.io.hub (`maisi download`) may be absent from this installation: then there is no hub cache to search
+    from maisi.io.hub import local_set
+except ImportError:
+    local_set = None
+
 INDEX_FILE = "index.json"
+# NVIDIA's database (NV-Generate-CT datasets/): candidate_masks_<name>.json indexes all_masks_<name>/ (or its .zip).
+RELEASED_INDEX_PREFIX, RELEASED_FOLDER_PREFIX = "candidate_masks_", "all_masks_"
 # Host organs where a tumour may be placed (wider than labels.TUMOR_HOSTS: every lung lobe, every vertebra).
 TUMOR_HOST_SETS: dict[int, tuple[int, ...]] = {
     23: (28, 29, 30, 31, 32), 24: (4,), 26: (1,), 27: (62,), 128: tuple(range(33, 57)),
@@ -93,7 +103,6 @@ def load_user_mask(path: str | Path, mapping: str | Path | None = None) -> tuple
     """(label, affine, info) of a user label map, converted to the MAISI vocabulary when `mapping`
     (JSON {source: MAISI}) is given, with the body envelope (200) added when missing."""
     from maisi.data.labelmap import convert_labels, load_mapping
-    from maisi.io.volume import read_volume
 
     vol = read_volume(path)
     arr = np.asarray(vol.array)
@@ -131,8 +140,8 @@ class Entry:
     file: str
     dim: tuple[int, int, int]
     spacing: tuple[float, float, float]
-    top_region_index: int
-    bottom_region_index: int
+    top_region_index: int | None  # None: the entry names no body region (NVIDIA's format allows it)
+    bottom_region_index: int | None
     labels: frozenset[int]
 
     def to_json(self) -> dict:
@@ -179,7 +188,7 @@ def rank_entries(entries: Sequence[Entry], size: Sequence[int], spacing: Sequenc
 
 
 def describe_missing(entries: Sequence[Entry], regions: tuple[int, int] | None, anatomy: Sequence[int]) -> str:
-    spans = sorted({(e.top_region_index, e.bottom_region_index) for e in entries})
+    spans = sorted({(e.top_region_index, e.bottom_region_index) for e in entries if e.top_region_index is not None})
     names = ", ".join(REGIONS[a] if a == b else f"{REGIONS[a]}-{REGIONS[b]}" for a, b in spans)
     want = ", ".join(label_name(i) for i in anatomy) or "no particular anatomy"
     region = "any region" if regions is None else "-".join(dict.fromkeys(REGIONS[i] for i in regions))
@@ -223,20 +232,198 @@ def phantom_database(folder: str | Path | None = None, spans: Sequence[tuple[int
     return folder
 
 
+# ---------------------------------------------------------------------------------------------
+# NVIDIA's released mask database (datasets/candidate_masks_*.json + all_masks_*.zip)
+# ---------------------------------------------------------------------------------------------
+
+
+def _region_of(one_hot: Sequence[float] | None) -> int | None:
+    """The region index of NVIDIA's one-hot region vector (its first non-zero entry)."""
+    hot = [i for i, v in enumerate(one_hot or ()) if v != 0]
+    return hot[0] if hot else None
+
+
+@functools.lru_cache(maxsize=4)
+def _read_released(path: Path, stamp: tuple[int, int]) -> tuple[Entry, ...]:
+    """NVIDIA's candidate JSON: [{"pseudo_label_filename", "label_list", "dim", "spacing", "top_region_index"
+    (one-hot over head, chest, abdomen, pelvis), "bottom_region_index", optional "label_filename"}, ...]."""
+    try:
+        return tuple(Entry(e["pseudo_label_filename"], tuple(int(v) for v in e["dim"]),
+                           tuple(float(v) for v in e["spacing"]), _region_of(e.get("top_region_index")),
+                           _region_of(e.get("bottom_region_index")), frozenset(int(i) for i in e["label_list"]))
+                     for e in json.loads(path.read_text()))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not NVIDIA's candidate mask list ({e!r}); each entry needs "
+                         "pseudo_label_filename, label_list, dim, spacing") from e
+
+
+def rank_released(entries: Sequence[Entry], size: Sequence[int], spacing: Sequence[float],
+                  regions: tuple[int, int] | None, anatomy: Sequence[int]) -> list[Entry]:
+    """NVIDIA's choice (NV-Generate-CT scripts/find_masks.py `find_masks`, then `LDMSampler.find_closest_masks`
+    in scripts/sample.py): masks holding every requested organ, spanning every requested region, without a tumour
+    that was not asked for, and not 128 voxels or more smaller than the output on any axis; ranked by
+    Σ_axis |fov − FOV|/10 + |dim − size|/100 + |spacing − s| (mm, voxels), ties in file order. Exact matches
+    (score 0) come first, as the reference prefers them."""
+    want = set(anatomy)
+    span = set() if regions is None else set(range(regions[0], regions[1] + 1))
+    size, spacing = np.asarray(size, float), np.asarray(spacing, float)
+
+    def keep(e: Entry) -> bool:
+        covers = e.top_region_index is None or all(e.top_region_index <= r <= e.bottom_region_index for r in span)
+        tumour_free = not (e.labels & set(TUMOR_HOSTS)) - want
+        return want <= e.labels and covers and tumour_free and all(np.asarray(e.dim) > size - 128)
+
+    def score(e: Entry) -> float:
+        dim, sp = np.asarray(e.dim, float), np.asarray(e.spacing, float)
+        return float((np.abs(dim * sp - size * spacing) / 10 + np.abs(dim - size) / 100 + np.abs(sp - spacing)).sum())
+
+    return sorted((e for e in entries if keep(e)), key=score)  # stable: ties keep the JSON's order
+
+
+def _released_pair(index: Path) -> tuple[Path, Path]:
+    """(masks folder, zip) that belong to a candidate JSON: all_masks_<name>/ and all_masks_<name>.zip beside it."""
+    name = index.stem.removeprefix(RELEASED_INDEX_PREFIX)
+    folder = index.parent / f"{RELEASED_FOLDER_PREFIX}{name}"
+    return folder, folder.with_name(folder.name + ".zip")
+
+
+def _released_index(path: Path) -> Path | None:
+    """The candidate JSON that `path` names: the JSON itself, a folder holding it (NVIDIA's datasets/, or a
+    downloaded set with datasets/ inside), or the extracted all_masks_* folder beside it."""
+    if path.is_file() and path.suffix == ".json":
+        return path
+    if path.name.startswith(RELEASED_FOLDER_PREFIX):
+        cand = path.with_name(RELEASED_INDEX_PREFIX + path.name.removeprefix(RELEASED_FOLDER_PREFIX)).with_suffix(".json")
+        return cand if cand.is_file() else None
+    for folder in (path, path / "datasets"):
+        found = sorted(folder.glob(f"{RELEASED_INDEX_PREFIX}*.json")) if folder.is_dir() else []
+        if found:
+            return found[-1]  # the largest database when several are present (…_3000, …_4000)
+    return None
+
+
+@dataclass(frozen=True)
+class Database:
+    """A mask database: its entries, and where their label maps are (a folder, or NVIDIA's zip)."""
+
+    path: Path  # what was named: a folder with index.json, or NVIDIA's candidate JSON
+    kind: str  # "maisi" (index.json) or "released" (NVIDIA's candidate JSON)
+    entries: tuple[Entry, ...]
+    folder: Path | None  # the label maps; None: read from `zip`, each extracted once into the cache
+    zip: Path | None = None
+
+    def rank(self, size: Sequence[int], spacing: Sequence[float], regions: tuple[int, int] | None,
+             anatomy: Sequence[int]) -> list[Entry]:
+        ranker = rank_released if self.kind == "released" else rank_entries
+        return ranker(self.entries, size, spacing, regions, anatomy)
+
+    def file(self, entry: Entry) -> Path:
+        return self.folder / entry.file if self.folder is not None else extract_member(self.zip, entry.file)
+
+
+def open_database(path: str | Path) -> Database:
+    """A project database (folder + index.json) or NVIDIA's (candidate JSON + all_masks_* folder or zip)."""
+    path = Path(path)
+    path = path.parent if path.name == INDEX_FILE else path
+    if (path / INDEX_FILE).is_file():
+        return Database(path, "maisi", tuple(read_index(path)), path)
+    index = _released_index(path)
+    if index is None:
+        raise FileNotFoundError(
+            f"no mask database at {path}: expected a folder with {INDEX_FILE} "
+            '({"masks": [{"file", "dim", "spacing", "top_region_index", "bottom_region_index", "labels"}]}) or '
+            f"NVIDIA's {RELEASED_INDEX_PREFIX}*.json with its {RELEASED_FOLDER_PREFIX}* folder or zip beside it")
+    folder, zip_path = _released_pair(index)
+    if not folder.is_dir() and not zip_path.is_file():
+        raise FileNotFoundError(f"the label maps of {index} are missing: expected {folder}/ or {zip_path}")
+    st = index.stat()
+    entries = _read_released(index.resolve(), (st.st_mtime_ns, st.st_size))
+    return Database(index, "released", entries, folder if folder.is_dir() else None,
+                    None if folder.is_dir() else zip_path)
+
+
+def hub_database(names: Sequence[str] = ("rflow-ct", "ddpm-ct")) -> Path | None:
+    """NVIDIA's candidate JSON in the hub cache of `maisi download <name>`, or None when not downloaded.
+    Assumes `local_set(name)` gives the local folder of a downloaded set (the hub repo's layout) or None."""
+    for name in names if local_set is not None else ():
+        root = local_set(name)
+        index = None if root is None else _released_index(Path(root))
+        if index is not None:
+            return index
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _zip_members(zip_path: Path, stamp: tuple[int, int]) -> dict[str, str]:
+    """Entry file name (relative to the all_masks_* folder) → member name in NVIDIA's zip."""
+    top = zip_path.stem + "/"
+    with zipfile.ZipFile(zip_path) as zf:
+        return {n.removeprefix(top): n for n in zf.namelist() if not n.endswith("/")}
+
+
+def extract_member(zip_path: Path, name: str) -> Path:
+    """One label map of NVIDIA's zip, extracted on first use into the cache (atomically) and reused after."""
+    st = zip_path.stat()
+    cache = default_cache_dir() / f"released-{zip_path.stem}-{st.st_size}"
+    target = (cache / name).resolve()
+    if not target.is_relative_to(cache.resolve()):
+        raise ValueError(f"{zip_path}: entry {name!r} points outside the database")
+    if not target.is_file():
+        member = _zip_members(zip_path.resolve(), (st.st_mtime_ns, st.st_size)).get(name)
+        if member is None:
+            raise FileNotFoundError(f"{zip_path} holds no {name} (named by its candidate JSON)")
+        with zipfile.ZipFile(zip_path) as zf, zf.open(member) as src, atomic_path(target, "".join(target.suffixes)) as tmp:
+            with open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing a database mask
+# ---------------------------------------------------------------------------------------------
+
+
+def _resampled(path: Path, size: tuple[int, ...], spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A database label map on the output grid (read-only; the samples of a batch share it)."""
+    st = path.stat()
+    return _resampled_file(path, (st.st_mtime_ns, st.st_size), size, spacing)
+
+
+@functools.lru_cache(maxsize=2)
+def _resampled_file(path: Path, stamp: tuple[int, int], size: tuple[int, ...],
+                    spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    vol = read_volume(path)
+    label, affine = resample_label(np.asarray(vol.array).astype(np.uint8), vol.affine, size, spacing)
+    label.flags.writeable = False
+    return label, affine
+
+
 def database_mask(folder: str | Path, size: Sequence[int], spacing: Sequence[float],
                   regions: tuple[int, int] | None, anatomy: Sequence[int], attempt: int = 0) -> Mask:
-    """The `attempt`-th best matching mask of a database, resampled (nearest) to the output grid."""
-    from maisi.io.volume import read_volume
-
-    entries = read_index(folder)
-    ranked = rank_entries(entries, size, spacing, regions, anatomy)
+    """The `attempt`-th best matching mask of a database (either format), resampled (nearest) to the output
+    grid; candidates that lose a requested organ in the resampling are skipped (as NVIDIA's
+    `resample_mask_check_organ_list`), and the ranking wraps around when the attempts outnumber the candidates."""
+    db = open_database(folder)
+    ranked = db.rank(size, spacing, regions, anatomy)
     if not ranked:
-        raise ValueError(describe_missing(entries, regions, anatomy))
-    entry = ranked[attempt % len(ranked)]
-    vol = read_volume(Path(folder) / entry.file)
-    label, affine = resample_label(np.asarray(vol.array).astype(np.uint8), vol.affine, size, spacing)
-    return Mask(label, affine, {"kind": "database", "database": str(folder), "file": entry.file,
-                                "rank": attempt % len(ranked), "candidates": len(ranked)})
+        note = ("; NVIDIA's rule also skips masks with a tumour not asked for and masks 128 voxels or more smaller "
+                "than the output" if db.kind == "released" else "")
+        raise ValueError(describe_missing(db.entries, regions, anatomy) + note)
+    size, spacing = tuple(int(s) for s in size), tuple(float(s) for s in spacing)
+    usable: list[int] = [] if anatomy else list(range(len(ranked)))  # ranks whose resampled mask keeps the organs
+    for rank, entry in enumerate(ranked if anatomy else ()):
+        label, _ = _resampled(db.file(entry), size, spacing)
+        if all((label == i).any() for i in anatomy):
+            usable.append(rank)
+            if len(usable) > attempt:
+                break
+    if not usable:
+        raise ValueError(f"every candidate of {folder} loses one of the organs {[label_name(i) for i in anatomy]} "
+                         f"when resampled to {list(size)} voxels of {list(spacing)} mm; choose a larger field of view")
+    rank = usable[attempt % len(usable)]
+    label, affine = _resampled(db.file(ranked[rank]), size, spacing)
+    return Mask(label, affine, {"kind": "database", "database": str(db.path), "format": db.kind,
+                                "file": ranked[rank].file, "rank": rank, "candidates": len(ranked)})
 
 
 # ---------------------------------------------------------------------------------------------
