@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,15 @@ import torch
 
 from maisi.cli import main
 from maisi.config import preset
+from maisi.io.checkpoint import save_pretrained
 from maisi.io.volume import read_volume
+from maisi.networks import build
+from maisi.networks.controlnet import ControlNet
+from maisi.pipeline import masks as M
 from maisi.pipeline.masks import phantom_database
 from maisi.pipeline.pipeline import Pipeline, shard
 from maisi.pipeline.validation import GenerationRequest
+from test_pipeline_masks import RELEASED, make_released_db
 
 FAST = dict(size=(32, 32, 32), spacing=(8.0, 8.0, 8.0), steps=1, quality_check=False, body_region=("chest",))
 
@@ -26,22 +32,47 @@ def req(**change) -> GenerationRequest:
     return GenerationRequest(**{**FAST, **change})
 
 
+def tiny_networks(seed: int = 0) -> dict[str, torch.nn.Module]:
+    """Tiny random networks whose zero-initialised layers (UNet output, ControlNet zero convs, residual convs)
+    are randomised too, so that every output depends on the noise, the timestep and the mask."""
+    cfg = preset("tiny")
+    torch.manual_seed(seed)
+    unet = build("unet", cfg)
+    nets = {"autoencoder": build("autoencoder", cfg), "unet": unet,
+            "controlnet": ControlNet.from_unet(unet, cfg.controlnet)}
+    with torch.no_grad():
+        for net in nets.values():
+            for p in net.parameters():
+                if not p.any():
+                    torch.nn.init.normal_(p, std=0.05)
+    return nets
+
+
+def save_tiny_model(folder: Path, released: bool = False) -> list[Path]:
+    """The tiny networks as a project model folder, or as NVIDIA's three .pt files (released layouts)."""
+    nets, cfg = tiny_networks(), preset("tiny")
+    if not released:
+        save_pretrained(folder / "autoencoder", nets["autoencoder"], cfg, "autoencoder")
+        save_pretrained(folder / "unet", nets["unet"], cfg, "unet", extra={"scale_factor": 1.0})
+        save_pretrained(folder / "controlnet", nets["controlnet"], cfg, "controlnet")
+        return [folder]
+    files = [folder / "autoencoder_v1.pt", folder / "diff_unet_3d_rflow-ct.pt", folder / "controlnet_3d_rflow-ct.pt"]
+    torch.save(nets["autoencoder"].state_dict(), files[0])
+    torch.save({"unet_state_dict": nets["unet"].state_dict(), "scale_factor": torch.tensor(1.0)}, files[1])
+    torch.save({"controlnet_state_dict": nets["controlnet"].state_dict()}, files[2])
+    return files
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A model folder of tiny random networks (autoencoder/, unet/, controlnet/) in the project format."""
-    from maisi.io.checkpoint import save_pretrained
-    from maisi.networks import build
+    return save_tiny_model(tmp_path_factory.mktemp("model"))[0]
 
-    folder = tmp_path_factory.mktemp("model")
-    cfg = preset("tiny")
-    torch.manual_seed(0)
-    unet = build("unet", cfg)
-    save_pretrained(folder / "autoencoder", build("autoencoder", cfg), cfg, "autoencoder")
-    save_pretrained(folder / "unet", unet, cfg, "unet", extra={"scale_factor": 1.0})
-    from maisi.networks.controlnet import ControlNet
 
-    save_pretrained(folder / "controlnet", ControlNet.from_unet(unet, cfg.controlnet), cfg, "controlnet")
-    return folder
+@pytest.fixture(scope="module")
+def released_files(tmp_path_factory) -> list[Path]:
+    """The same tiny networks as NVIDIA's released .pt files (loaded with config="tiny")."""
+    return save_tiny_model(tmp_path_factory.mktemp("released"), released=True)
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +154,10 @@ def test_shard_covers_every_sample_once():
 def test_cli_generate_and_errors(model_dir, database, tmp_path, capsys):
     args = ["generate", "--weights", str(model_dir), "--size", "32", "--spacing", "8", "--steps", "1",
             "--mask-database", str(database), "--no-quality-check", "--no-progress", "--out", str(tmp_path)]
-    assert main(args) == 0
+    assert main([*args, "--timesteps", "reference"]) == 0
     assert (tmp_path / "sample_seed0_image.nii.gz").is_file() and (tmp_path / "sample_seed0_preview.png").is_file()
+    rec = json.loads((tmp_path / "sample_seed0_record.json").read_text())
+    assert rec["resolved"]["timesteps"] == "reference"  # the flag overrides the tiny config's clean schedule
     assert main([*args, "--size", "48"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
     assert main([*args, "--weights", str(tmp_path / "none")]) == 2
@@ -188,3 +221,44 @@ def test_bf16_generation_is_close_to_fp32_and_recorded(model_dir, database, pipe
         Pipeline.from_pretrained(model_dir, device="cpu", progress=False, precision="fp16")
     with pytest.raises(ValueError, match="precision must be one of"):
         Pipeline.from_pretrained(model_dir, device="cpu", progress=False, precision="int8")
+
+
+def test_released_files_default_to_reference_timesteps(released_files, model_dir, pipe, database):
+    """NVIDIA's networks sample with NVIDIA's float16 / int() timesteps unless `clean` is asked for; the project's
+    models keep their config's choice (tiny: clean)."""
+    released = Pipeline.from_pretrained(released_files, config="tiny", device="cpu", progress=False)
+    r = req(mask_database=str(database), steps=3, seed=2)
+    ref, clean = released.plan(r), released.plan(req(mask_database=str(database), steps=3, seed=2, timesteps="clean"))
+    assert (ref.timesteps, clean.timesteps, pipe.plan(r).timesteps) == ("reference", "clean", "clean")
+    t_ref, t_clean = released.scheduler(ref).timesteps, released.scheduler(clean).timesteps
+    assert t_ref.dtype == torch.float16 and t_clean.dtype == torch.float32
+    torch.testing.assert_close(t_ref, t_clean.half(), rtol=0, atol=0)  # the same schedule, stored as the reference does
+    assert not torch.equal(t_ref.float(), t_clean)
+    (a,), (b,) = released.generate(r), released.generate(replace(r, timesteps="clean"))
+    assert a.record["resolved"]["timesteps"] == "reference" and b.record["resolved"]["timesteps"] == "clean"
+    assert not np.array_equal(a.image, b.image)  # the schedule reaches the output
+    with pytest.raises(ValueError, match="timesteps must be one of"):
+        released.plan(replace(r, timesteps="float16"))
+
+
+def test_released_mask_database_in_generate(pipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAISI_CACHE", str(tmp_path / "cache"))
+    index = make_released_db(tmp_path) / f"candidate_masks_{RELEASED}.json"
+    (s,) = pipe.generate(req(mask_database=str(index), body_region=("abdomen",), anatomy=("liver",)))
+    assert s.record["mask"]["format"] == "released" and s.record["mask"]["file"] == "a/pseudo_label.nii.gz"
+    assert s.record["resolved"]["mask_database"] == str(index) and (s.label == 1).any()
+
+
+def test_hub_mask_database_preferred_for_released_models_only(released_files, pipe, database, tmp_path, monkeypatch):
+    """Without --mask-database, NVIDIA's networks take NVIDIA's downloaded masks; the project's models (the demo)
+    keep the phantom database; an explicit database or a user mask wins."""
+    root = tmp_path / "hub" / "rflow-ct"
+    make_released_db(root)
+    monkeypatch.setattr(M, "local_set", lambda name: root if name == "rflow-ct" else None)
+    released = Pipeline.from_pretrained(released_files, config="tiny", device="cpu", progress=False)
+    assert released.plan(req()).mask_database == str(root / "datasets" / f"candidate_masks_{RELEASED}.json")
+    assert pipe.plan(req()).mask_database is None  # phantoms
+    assert released.plan(req(mask_database=str(database))).mask_database == str(database)
+    assert released.plan(req(mask_source="none", body_region=())).mask_database is None
+    monkeypatch.setattr(M, "local_set", lambda name: None)  # nothing downloaded: phantoms
+    assert released.plan(req()).mask_database is None

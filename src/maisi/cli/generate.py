@@ -23,12 +23,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample k uses seed + k")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 30 for rectified flow)")
     p.add_argument("--sampler", choices=["rflow", "ddpm", "ddim"], help="default: the schedule the model was trained with")
+    p.add_argument("--timesteps", choices=["reference", "clean"],
+                   help="rectified-flow timesteps: reference = NVIDIA's (float16, int() truncation; reproduces their "
+                        "outputs), clean = exact; default: reference for NVIDIA's .pt files, the config's otherwise")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (0: off; default: the model's)")
     p.add_argument("--anatomy", nargs="+", default=[], metavar="NAME",
                    help="organs the mask must contain (MAISI vocabulary names, e.g. liver 'left kidney')")
     p.add_argument("--mask", help="your label map (NIfTI or DICOM folder); resampled (nearest) to the output grid")
     p.add_argument("--mask-mapping", help="JSON {your label name or id: MAISI name or id} to convert --mask")
-    p.add_argument("--mask-database", help="folder of label maps + index.json (default: built-in phantom masks)")
+    p.add_argument("--mask-database",
+                   help="folder of label maps + index.json, or NVIDIA's database (candidate_masks_*.json, or its folder, "
+                        "beside all_masks_*/ or all_masks_*.zip); default: NVIDIA's when `maisi download` brought it "
+                        "and the weights are NVIDIA's, else the built-in phantom masks")
     p.add_argument("--no-mask", action="store_true", help="image-only generation (no ControlNet)")
     p.add_argument("--tumor", nargs="+", default=[], metavar="NAME",
                    help="inpaint a tumour into its host organ: 'hepatic tumor', 'lung tumor', 'pancreatic tumor', ...")
@@ -36,7 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a maisi model folder, or NVIDIA's files (autoencoder, diffusion unet, controlnet .pt)")
     p.add_argument("--config", help="preset or JSON config for released .pt files (default rflow-ct / ddpm-ct)")
     p.add_argument("--memory-gb", type=float, help="memory budget of the VAE decoder (picks tensor splitting)")
-    p.add_argument("--quality-retries", type=int, default=2, help="other masks tried when the quality check fails")
+    p.add_argument("--quality-retries", type=int, default=2,
+                   help="attempts added when the quality check fails: attempt a uses seed + a*2^28 and the a-th "
+                        "ranked database mask (default 2)")
     p.add_argument("--no-quality-check", action="store_true")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
@@ -56,7 +64,7 @@ def request_from_args(args: argparse.Namespace):
         guidance=args.guidance, anatomy=tuple(args.anatomy), mask=args.mask, mask_mapping=args.mask_mapping,
         mask_source="none" if args.no_mask else "auto", mask_database=args.mask_database, tumor=tuple(args.tumor),
         batch_size=args.batch_size, memory_gb=args.memory_gb, quality_retries=args.quality_retries,
-        quality_check=not args.no_quality_check,
+        quality_check=not args.no_quality_check, timesteps=args.timesteps,
     )
 
 
@@ -77,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0:
         for w in plan.warnings:
             print(f"maisi generate: warning: {w}", file=sys.stderr)
-    samples = pipe.generate(request, out=args.out, plan=plan)
+    samples = pipe.generate(request, out=args.out, plan=plan, on_event=lambda line: print(line, flush=True))  # one line per retry
     for s in samples:
         q = s.record["quality"].get("passed")
         status = {True: "quality check passed", False: "quality check FAILED (see record)", None: "no quality check"}[q]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,11 +17,12 @@ from maisi.networks.precision import compute_dtype, for_inference
 from maisi.pipeline import masks as M
 from maisi.pipeline.models import Networks, load_networks
 from maisi.pipeline.postprocess import check_quality, to_hu, to_int16
-from maisi.pipeline.record import sample_record, write_record
+from maisi.pipeline.record import failed_organs, sample_record, write_record
 from maisi.pipeline.validation import (
     GenerationRequest,
     Plan,
     anatomy_ids,
+    attempt_seed,
     check_geometry,
     check_numbers,
     check_sampler,
@@ -113,8 +114,26 @@ class Pipeline:
         if guidance > 0 and cfg.unet.num_class_embeds is None:
             raise ValueError("classifier-free guidance needs a modality-conditioned UNet; this one has no "
                              "modality input: use guidance 0")
+        if request.timesteps is not None and sampler != "rflow":
+            raise ValueError(f"--timesteps chooses rectified-flow timesteps; the {sampler} sampler has its own")
+        timesteps = (request.timesteps or self.default_timesteps()) if sampler == "rflow" else None
+        database = request.mask_database
+        if use_mask and request.mask is None and database is None and self.released:
+            database = M.hub_database()  # NVIDIA's networks: NVIDIA's masks once `maisi download` brought them
+        if use_mask and request.mask is None and database is not None:
+            M.open_database(database)  # a missing or malformed database fails before any compute
         return Plan(request, size, spacing, regions, modality, steps, sampler, guidance, anatomy, tumors,
-                    use_mask, tuple(warnings))
+                    use_mask, tuple(warnings), timesteps, None if database is None else str(database))
+
+    @property
+    def released(self) -> bool:
+        """Whether the diffusion UNet comes from NVIDIA's released files (not a maisi checkpoint)."""
+        return self.nets.sources["unet"].get("format") == "released"
+
+    def default_timesteps(self) -> str:
+        """Rectified-flow timesteps without a request: NVIDIA's (float16, int()) for NVIDIA's networks, so that
+        they reproduce NVIDIA's outputs; the config's choice for the project's own models."""
+        return "reference" if self.released or self.config.scheduler.reference_timesteps else "clean"
 
     def _mask_grid(self, path: str, size: tuple, spacing: tuple) -> tuple[tuple, tuple]:
         """A user mask without --size/--spacing: its own grid, rounded to sizes the model accepts."""
@@ -143,7 +162,7 @@ class Pipeline:
             if missing:
                 raise ValueError(f"the mask {r.mask} lacks the requested anatomy ids {missing}")
         else:
-            folder = r.mask_database or M.phantom_database(spans=None if plan.regions is None else [plan.regions])
+            folder = plan.mask_database or M.phantom_database(spans=None if plan.regions is None else [plan.regions])
             hosts = tuple(TUMOR_HOSTS[t] for t in plan.tumors)  # a tumour needs its host organ in the mask
             mask = M.database_mask(folder, plan.size, plan.spacing, plan.regions, (*plan.anatomy, *hosts), attempt)
         if plan.tumors:
@@ -180,35 +199,43 @@ class Pipeline:
             den = ClassifierFreeGuidance(den, den.with_modality(torch.zeros_like(cond["modality"])), plan.guidance)
         return den
 
-    @torch.inference_mode()
-    def sample_latents(self, plan: Plan, seeds: Sequence[int], masks: Sequence[M.Mask | None],
-                       regions: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """Latents of one batch: noise (and DDPM step noise) from each sample's own seed, then the sampler."""
-        from maisi.config import with_overrides
-        from maisi.diffusion.sampling import make_generators, make_noise, sample
+    def latent_shape(self, plan: Plan) -> tuple[int, ...]:
+        f = self.config.autoencoder.downsample_factor
+        return (self.config.autoencoder.latent_channels, *(s // f for s in plan.size))
+
+    def scheduler(self, plan: Plan):
+        """The plan's sampler with its timesteps set (rectified flow: reference or clean, as the plan says)."""
         from maisi.diffusion.schedulers import make_scheduler
 
-        f = self.config.autoencoder.downsample_factor
-        latent = (self.config.autoencoder.latent_channels, *(s // f for s in plan.size))
+        cfg = replace(self.config.scheduler, kind=plan.sampler, num_inference_steps=plan.steps,
+                      reference_timesteps=plan.timesteps == "reference")
+        scheduler = make_scheduler(cfg, self.config.unet.spatial_dims)
+        scheduler.set_timesteps(plan.steps, self.latent_shape(plan))
+        return scheduler
+
+    @torch.inference_mode()
+    def sample_latents(self, plan: Plan, seeds: Sequence[int], masks: Sequence[M.Mask | None],
+                       regions: Sequence[tuple[int, int]], desc: str = "") -> torch.Tensor:
+        """Latents of one batch: noise (and DDPM step noise) from each sample's own seed, then the sampler."""
+        from maisi.diffusion.sampling import make_generators, make_noise, sample
+
         gens = make_generators(seeds)
-        noise = make_noise(latent, seeds, device=self.device, generators=gens)
-        sched_cfg = with_overrides(self.config, {"scheduler": {"kind": plan.sampler, "num_inference_steps": plan.steps}})
-        scheduler = make_scheduler(sched_cfg.scheduler, self.config.unet.spatial_dims)
-        scheduler.set_timesteps(plan.steps, latent)
+        noise = make_noise(self.latent_shape(plan), seeds, device=self.device, generators=gens)
+        scheduler = self.scheduler(plan)
         mask = None
         if masks and masks[0] is not None:
             mask = torch.stack([torch.from_numpy(m.label.astype(np.int64)) for m in masks])[:, None].to(self.device)
         den = self._denoiser(plan, self._conditions(plan, len(seeds), regions), mask)
-        bar = self._bar(len(scheduler.timesteps), f"sampling {len(seeds)} sample(s)")
+        bar = self._bar(len(scheduler.timesteps), f"sampling {len(seeds)} sample(s){desc}")
         z = sample(den, scheduler, noise, generator=gens, callback=lambda *a: bar.update(1))
         bar.close()
         return z
 
     @torch.inference_mode()
-    def decode(self, z: torch.Tensor, memory_gb: float | None) -> np.ndarray:
+    def decode(self, z: torch.Tensor, memory_gb: float | None, desc: str = "") -> np.ndarray:
         """Latents → images in [0, 1] through the VAE's memory-aware decoder, one sample at a time."""
         out = []
-        for i in self._bar_iter(range(z.shape[0]), "decoding"):
+        for i in self._bar_iter(range(z.shape[0]), f"decoding{desc}"):
             x = self.nets.autoencoder.decode_within(z[i:i + 1] / self.nets.scale_factor, memory_gb, dtype=self.dtype)
             out.append(x[0, 0].float().cpu().numpy())
         return np.stack(out)
@@ -228,9 +255,15 @@ class Pipeline:
     # -----------------------------------------------------------------------------------------
 
     def generate(self, request: GenerationRequest, out: str | Path | None = None, rank: int | None = None,
-                 world_size: int | None = None, plan: Plan | None = None) -> list[Sample]:
+                 world_size: int | None = None, plan: Plan | None = None,
+                 on_event: Callable[[str], None] | None = None) -> list[Sample]:
         """Generate this process's share of the samples (torchrun: RANK/WORLD_SIZE), writing them to
-        `out` when given; sample k uses seed `request.seed + k` whatever the batch size or process count."""
+        `out` when given; sample k uses seed `request.seed + k` whatever the batch size or process count.
+
+        A sample that fails the quality check is made again, up to `request.quality_retries` times: attempt a
+        uses seed `attempt_seed(seed, a)` = seed + a·2^28 (attempt 0: the sample's seed), which no other sample
+        or attempt can have, and the a-th ranked database mask (a user mask stays). `on_event` receives one line
+        per failed attempt (the library itself prints nothing)."""
         plan = plan or self.plan(request)
         env_rank, env_world = world_from_env()
         rank = env_rank if rank is None else rank
@@ -239,35 +272,51 @@ class Pipeline:
         samples: list[Sample] = []
         for start in range(0, len(mine), request.batch_size):
             batch = mine[start:start + request.batch_size]
-            samples += self._batch(plan, batch, out)
+            samples += self._batch(plan, batch, out, on_event)
         return samples
 
-    def _batch(self, plan: Plan, indices: list[int], out: str | Path | None) -> list[Sample]:
+    def _attempt(self, plan: Plan, k: int, attempt: int) -> tuple[int, int, M.Mask | None]:
+        """(sample, seed, mask) of one attempt: both follow from (sample seed, attempt) alone, and the seed is
+        different for every attempt, so no attempt can repeat an earlier one."""
+        seed = plan.request.seed + k
+        return k, attempt_seed(seed, attempt), self.mask_for(plan, seed, attempt)
+
+    def _batch(self, plan: Plan, indices: list[int], out: str | Path | None,
+               on_event: Callable[[str], None] | None) -> list[Sample]:
         t0 = time.perf_counter()
-        seeds = [plan.request.seed + k for k in indices]
-        attempts: dict[int, list[dict]] = {k: [] for k in indices}
-        results: dict[int, tuple] = {}
-        todo = list(zip(indices, seeds))
-        for attempt in range(plan.request.quality_retries + 1 if plan.request.quality_check else 1):
+        r = plan.request
+        total = r.quality_retries + 1 if r.quality_check else 1
+        history: dict[int, list[dict]] = {k: [] for k in indices}
+        kept: dict[int, tuple] = {}
+        todo = [self._attempt(plan, k, 0) for k in indices]
+        for attempt in range(total):
             if not todo:
                 break
-            masks = [self.mask_for(plan, s, attempt) for _, s in todo]
-            regions = [self._regions(plan, m) for m in masks]
-            z = self.sample_latents(plan, [s for _, s in todo], masks, regions)
-            images = self.decode(z, plan.request.memory_gb)
+            desc = f", attempt {attempt + 1}/{total}" if total > 1 else ""
+            masks = [m for _, _, m in todo]
+            z = self.sample_latents(plan, [s for _, s, _ in todo], masks, [self._regions(plan, m) for m in masks], desc)
             retry = []
-            for (k, s), m, img in zip(todo, masks, images):
-                hu = to_hu(img, None if m is None else m.label)
-                quality = check_quality(hu, None if m is None else m.label) if plan.request.quality_check else {
+            for (k, s, m), img in zip(todo, self.decode(z, r.memory_gb, desc)):
+                label = None if m is None else m.label
+                hu = to_hu(img, label)
+                quality = check_quality(hu, label) if r.quality_check else {
                     "passed": None, "reason": "quality check turned off", "organs": {}}
-                attempts[k].append({"attempt": attempt, "mask": None if m is None else m.source,
-                                    "quality_passed": quality.get("passed")})
-                results[k] = (s, m, hu, quality)
-                if quality.get("passed") is False:
-                    retry.append((k, s))
+                failed = failed_organs(quality)
+                history[k].append({"attempt": attempt, "seed": s, "mask": None if m is None else m.source,
+                                   "quality_passed": quality.get("passed"), "failed": failed})
+                kept[k] = (s, m, hu, quality)
+                if quality.get("passed") is not False:
+                    continue
+                head = f"sample {k} (seed {r.seed + k}): attempt {attempt + 1}/{total} failed — {describe_failed(failed)}"
+                if attempt + 1 < total:
+                    retry.append(self._attempt(plan, k, attempt + 1))
+                    _, s2, m2 = retry[-1]
+                    _emit(on_event, f"{head}; retrying (attempt {attempt + 2}/{total}) with seed {s2} and {mask_name(m2)}")
+                else:
+                    _emit(on_event, f"{head}; no attempts left, keeping it (see the record)")
             todo = retry
         seconds = (time.perf_counter() - t0) / len(indices)
-        return [self._finish(plan, k, *results[k], attempts[k], out, seconds) for k in indices]
+        return [self._finish(plan, k, *kept[k], history[k], out, seconds) for k in indices]
 
     def _regions(self, plan: Plan, mask: M.Mask | None) -> tuple[int, int]:
         if plan.regions is not None:
@@ -275,17 +324,18 @@ class Pipeline:
         found = regions_in_mask(np.unique(mask.label).tolist()) if mask is not None else None
         return found or (REGIONS.index("chest"),) * 2
 
-    def _finish(self, plan: Plan, k: int, seed: int, mask: M.Mask | None, hu: np.ndarray, quality: dict,
+    def _finish(self, plan: Plan, k: int, image_seed: int, mask: M.Mask | None, hu: np.ndarray, quality: dict,
                 attempts: list[dict], out: str | Path | None, seconds: float) -> Sample:
         from maisi.io.volume import affine_from_spacing
 
+        seed = plan.request.seed + k
         affine = mask.affine if mask is not None else affine_from_spacing(plan.spacing, plan.size)
         image = to_int16(hu)
         label = None if mask is None else mask.label
         model = {"config": self.config.name, "scale_factor": self.nets.scale_factor, "weights": self.nets.sources,
                  "precision": self.precision}
         files = {} if out is None else self._files(Path(out), seed)
-        rec = sample_record(index=k, seed=seed, plan=replace(plan, regions=self._regions(plan, mask)), model=model,
+        rec = sample_record(index=k, seed=seed, image_seed=image_seed, plan=replace(plan, regions=self._regions(plan, mask)), model=model,
                             mask=None if mask is None else mask.source, quality=quality, attempts=attempts,
                             files={n: p.name for n, p in files.items()}, device=str(self.device), seconds=seconds)
         sample = Sample(k, seed, image, label, affine, rec, files)
@@ -298,6 +348,24 @@ class Pipeline:
         stem = out / f"sample_seed{seed}"
         return {"image": Path(f"{stem}_image.nii.gz"), "label": Path(f"{stem}_label.nii.gz"),
                 "preview": Path(f"{stem}_preview.png"), "record": Path(f"{stem}_record.json")}
+
+
+def mask_name(mask: M.Mask | None) -> str:
+    """How a retry line names a mask: its file (database entry or user file), or that there is none."""
+    if mask is None:
+        return "no mask"
+    return f"mask {Path(str(mask.source.get('file', mask.source.get('kind', '?')))).name}"
+
+
+def describe_failed(failed: dict[str, dict]) -> str:
+    """'bone median -13 HU outside [71, 1000], ...' from failed_organs()."""
+    return ", ".join(f"{organ} median {o['median_hu']:.0f} HU outside [{o['range'][0]:.0f}, {o['range'][1]:.0f}]"
+                     for organ, o in failed.items()) or "quality check failed"
+
+
+def _emit(on_event: Callable[[str], None] | None, line: str) -> None:
+    if on_event is not None:
+        on_event(line)
 
 
 def write_sample(sample: Sample, spacing: Sequence[float]) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from maisi.io.atomic import atomic_write_text
+from maisi.pipeline.validation import SEED_BITS
 
 
 def jsonable(v: Any) -> Any:
@@ -41,17 +42,31 @@ def environment() -> dict[str, str]:
             "python": sys.version.split()[0], "platform": platform.platform()}
 
 
-def sample_record(*, index: int, seed: int, plan: Any, model: dict, mask: dict | None, quality: dict,
-                  attempts: list[dict], files: dict[str, str], device: str, seconds: float) -> dict[str, Any]:
-    """Everything that made sample `index` (plan = the resolved request, model = weights + sha256)."""
+SEED_RULE = f"attempt a uses seed + a * 2**{SEED_BITS} (attempt 0: the sample's seed); a database mask: the a-th ranked"
+
+
+def failed_organs(quality: dict) -> dict[str, dict]:
+    """The organs that failed a quality check: {organ: {"median_hu", "range"}}."""
+    return {name: {"median_hu": o["median_hu"], "range": o["range"]}
+            for name, o in quality.get("organs", {}).items() if o.get("passed") is False}
+
+
+def sample_record(*, index: int, seed: int, image_seed: int, plan: Any, model: dict, mask: dict | None,
+                  quality: dict, attempts: list[dict], files: dict[str, str], device: str,
+                  seconds: float) -> dict[str, Any]:
+    """Everything that made sample `index` (plan = the resolved request, model = weights + sha256);
+    `image_seed` is the seed of the attempt kept (the last), every attempt is listed in `attempts`."""
     return jsonable({
         "sample": index,
         "seed": seed,
+        "image_seed": image_seed,
+        "seed_rule": SEED_RULE,
         "request": plan.request,
         "resolved": {
             "size": plan.size, "spacing": plan.spacing, "body_region": plan.regions, "modality": plan.modality,
-            "steps": plan.steps, "sampler": plan.sampler, "guidance": plan.guidance,
+            "steps": plan.steps, "sampler": plan.sampler, "timesteps": plan.timesteps, "guidance": plan.guidance,
             "anatomy": plan.anatomy, "tumors": plan.tumors, "use_mask": plan.use_mask,
+            "mask_database": plan.mask_database,
         },
         "warnings": plan.warnings,
         "model": model,

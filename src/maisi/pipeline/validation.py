@@ -14,6 +14,11 @@ SAMPLERS = ("rflow", "ddpm", "ddim")
 # A model trained with one schedule can be sampled with these (DDPM-trained UNets also run DDIM).
 COMPATIBLE_SAMPLERS = {"rflow": ("rflow",), "ddpm": ("ddpm", "ddim"), "ddim": ("ddpm", "ddim")}
 MASK_SOURCES = ("auto", "database", "none")
+TIMESTEPS = ("reference", "clean")  # rectified flow: NVIDIA's float16/int() timesteps, or maisi's exact ones
+# Attempt a of the sample with seed s uses seed s + a·2^SEED_BITS: sample seeds stay below 2^SEED_BITS and at most
+# 2^(32 − SEED_BITS) attempts are made, so every (sample, attempt) of a run gets its own 32-bit seed.
+SEED_BITS = 28
+MAX_ATTEMPTS = 2 ** (32 - SEED_BITS)
 
 
 @dataclass(frozen=True)
@@ -37,8 +42,9 @@ class GenerationRequest:
     tumor: tuple[str, ...] = ()  # tumours to inpaint into the host organ of the mask
     batch_size: int = 1
     memory_gb: float | None = None
-    quality_retries: int = 2  # other masks tried when the quality check fails
+    quality_retries: int = 2  # attempts added when the quality check fails (new seed, next database mask)
     quality_check: bool = True
+    timesteps: str | None = None  # rflow: "reference" (NVIDIA's), "clean"; None: the model's (reference if released)
 
 
 @dataclass(frozen=True)
@@ -134,16 +140,31 @@ def check_numbers(request: GenerationRequest, num_train_timesteps: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {r.batch_size}")
     if r.seed < 0:
         raise ValueError(f"seed must be >= 0, got {r.seed}")
+    if r.seed + r.num_samples > 2**SEED_BITS:
+        raise ValueError(f"seeds must stay below 2^{SEED_BITS} = {2**SEED_BITS} (retries use the seeds above): "
+                         f"seed {r.seed} with {r.num_samples} samples reaches {r.seed + r.num_samples - 1}")
     if r.steps is not None and not 1 <= r.steps <= num_train_timesteps:
         raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {r.steps}")
     if r.guidance is not None and (not math.isfinite(r.guidance) or r.guidance < 0):
         raise ValueError(f"guidance must be a finite number >= 0 (0: off), got {r.guidance}")
     if r.memory_gb is not None and r.memory_gb <= 0:
         raise ValueError(f"memory_gb must be > 0, got {r.memory_gb}")
-    if r.quality_retries < 0:
-        raise ValueError(f"quality_retries must be >= 0, got {r.quality_retries}")
+    if not 0 <= r.quality_retries < MAX_ATTEMPTS:
+        raise ValueError(f"quality_retries must be in 0..{MAX_ATTEMPTS - 1}, got {r.quality_retries}")
+    if r.timesteps is not None and r.timesteps not in TIMESTEPS:
+        raise ValueError(f"timesteps must be one of {list(TIMESTEPS)} (or None: the model's), got {r.timesteps!r}")
     if r.mask_source not in MASK_SOURCES:
         raise ValueError(f"mask_source must be one of {list(MASK_SOURCES)}, got {r.mask_source!r}")
+
+
+def attempt_seed(seed: int, attempt: int) -> int:
+    """The seed of attempt `attempt` of the sample with seed `seed`: the seed itself for attempt 0, then
+    seed + attempt·2^SEED_BITS. Injective on (seed < 2^SEED_BITS, attempt < MAX_ATTEMPTS) into 32 bits, so a
+    retry never reuses the seed of any sample or attempt of any run (torch's CPU generator reads 32 bits only)."""
+    if not 0 <= seed < 2**SEED_BITS or not 0 <= attempt < MAX_ATTEMPTS:
+        raise ValueError(f"seed must be in 0..{2**SEED_BITS - 1} and attempt in 0..{MAX_ATTEMPTS - 1}, "
+                         f"got seed {seed}, attempt {attempt}")
+    return seed + (attempt << SEED_BITS)
 
 
 def parse_regions(regions: Sequence[str]) -> tuple[int, int] | None:
@@ -188,6 +209,8 @@ class Plan:
     tumors: tuple[int, ...]
     use_mask: bool
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    timesteps: str | None = None  # rflow: "reference" or "clean"; None for DDPM/DDIM
+    mask_database: str | None = None  # None: the built-in phantom database
 
     def with_grid(self, size: Sequence[int], spacing: Sequence[float]) -> Plan:
         return replace(self, size=tuple(int(s) for s in size), spacing=tuple(float(s) for s in spacing))
