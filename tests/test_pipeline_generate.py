@@ -16,6 +16,7 @@ import torch
 from maisi.cli import main
 from maisi.config import preset
 from maisi.io.checkpoint import save_pretrained
+from maisi.io.hub import MissingFilesError
 from maisi.io.volume import read_volume
 from maisi.networks import build
 from maisi.networks.controlnet import ControlNet
@@ -254,11 +255,20 @@ def test_hub_mask_database_preferred_for_released_models_only(released_files, pi
     keep the phantom database; an explicit database or a user mask wins."""
     root = tmp_path / "hub" / "rflow-ct"
     make_released_db(root)
-    monkeypatch.setattr(M, "local_set", lambda name: root if name == "rflow-ct" else None)
+    asked = []
+
+    def local_set(name, *, only=None, **kw):  # the hub cache holds rflow-ct's files only
+        asked.append((name, tuple(only or ())))
+        if name != "rflow-ct":
+            raise MissingFilesError(f"{name} not downloaded")
+        return {p: root / p for p in only}
+
+    monkeypatch.setattr(M, "local_set", local_set)
     released = Pipeline.from_pretrained(released_files, config="tiny", device="cpu", progress=False)
     assert released.plan(req()).mask_database == str(root / "datasets" / f"candidate_masks_{RELEASED}.json")
     assert pipe.plan(req()).mask_database is None  # phantoms
     assert released.plan(req(mask_database=str(database))).mask_database == str(database)
     assert released.plan(req(mask_source="none", body_region=())).mask_database is None
-    monkeypatch.setattr(M, "local_set", lambda name: None)  # nothing downloaded: phantoms
+    assert asked[0] == ("rflow-ct", (f"datasets/all_masks_{RELEASED}.zip", f"datasets/candidate_masks_{RELEASED}.json"))
+    monkeypatch.setattr(M, "local_set", lambda name, **kw: local_set("none", **kw))  # nothing downloaded: phantoms
     assert released.plan(req()).mask_database is None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -311,16 +311,20 @@ def download_set(name: str, *, revision: str | Mapping[str, str] | None = None, 
 
 
 def local_set(name: str, *, revision: str | Mapping[str, str] | None = None,
-              cache_dir: str | Path | None = None) -> dict[str, Path]:
+              cache_dir: str | Path | None = None, only: Sequence[str] | None = None) -> dict[str, Path]:
     """The files of set `name` from the hub cache only (no network); repo path -> verified local path.
+    `only`: just these repo paths of the set (e.g. the mask database without the 2 GB UNet).
 
     Raises `MissingFilesError` naming every missing file and how to get them.
     """
     rs = released_set(name)
     revisions = _revisions(rs, revision)
+    unknown = sorted(set(only or ()) - {f.path for f in rs.files})
+    if unknown:
+        raise ValueError(f"set {name!r} has no file(s) {unknown}; it has {[f.path for f in rs.files]}")
     found: dict[ReleasedFile, Path] = {}
     missing: list[str] = []
-    for file in rs.files:
+    for file in (f for f in rs.files if only is None or f.path in only):
         try:
             found[file] = Path(hf_hub_download(file.repo, file.path, revision=revisions[file.repo],
                                                cache_dir=cache_dir, local_files_only=True))

@@ -15,13 +15,9 @@ import numpy as np
 from scipy import ndimage
 
 from maisi.io.atomic import atomic_path, atomic_write_text
+from maisi.io.hub import MissingFilesError, local_set, released_set
 from maisi.io.volume import affine_from_spacing, read_volume
 from maisi.labels import BODY, REGIONS, TUMOR_HOSTS, label_name
-
-try:  # maisi.io.hub (`maisi download`) may be absent from this installation: then there is no hub cache to search
-    from maisi.io.hub import local_set
-except ImportError:
-    local_set = None
 
 INDEX_FILE = "index.json"
 # NVIDIA's database (NV-Generate-CT datasets/): candidate_masks_<name>.json indexes all_masks_<name>/ (or its .zip).
@@ -343,13 +339,16 @@ def open_database(path: str | Path) -> Database:
 
 
 def hub_database(names: Sequence[str] = ("rflow-ct", "ddpm-ct")) -> Path | None:
-    """NVIDIA's candidate JSON in the hub cache of `maisi download <name>`, or None when not downloaded.
-    Assumes `local_set(name)` gives the local folder of a downloaded set (the hub repo's layout) or None."""
-    for name in names if local_set is not None else ():
-        root = local_set(name)
-        index = None if root is None else _released_index(Path(root))
-        if index is not None:
-            return index
+    """NVIDIA's candidate JSON in the hub cache of `maisi download <name>` (sha256-checked, with its zip beside
+    it), or None when no set's mask database has been downloaded."""
+    for name in names:
+        wanted = [f.path for f in released_set(name).files
+                  if f.path.startswith(f"datasets/{RELEASED_INDEX_PREFIX}") or f.path.endswith(".zip")]
+        try:
+            files = local_set(name, only=wanted)
+        except MissingFilesError:
+            continue
+        return next(files[p] for p in wanted if p.endswith(".json"))
     return None
 
 
