@@ -1,0 +1,84 @@
+"""The shipped demo model passes its own quality check on the first attempt (README: the model that ships).
+
+These run the real shipped weights (a few seconds per 64³ sample). The default suite checks one chest and one
+abdomen sample on the built-in phantom mask database; `-m slow` checks every body-region setting, several
+seeds, held-out phantom masks given as user masks, and the tumour inpainting that used to leave dark holes.
+"""
+
+import numpy as np
+import pytest
+
+from maisi.data.phantom import make_phantom, write_phantom
+from maisi.evaluation.quality import QUALITY_GROUPS
+from maisi.pipeline.pipeline import Pipeline
+from maisi.pipeline.validation import GenerationRequest
+
+# Chest bone (thin ribs at 4 mm) still comes out at a median of 49-73 HU against the range's 71.4 on most
+# seeds (benchmarks/results/demo_model.json): a known gap of the shipped model, pinned with strict xfails so
+# that the model which closes it turns them into failures to remove.
+CHEST_BONE = pytest.mark.xfail(strict=True, reason="shipped demo model: chest bone median below 71.4 HU (issue 13)")
+SPANS = ("head_neck", pytest.param("chest", marks=CHEST_BONE), "abdomen", "pelvis", "head_neck-chest",
+         pytest.param("chest-abdomen", marks=CHEST_BONE), "abdomen-pelvis")
+
+
+@pytest.fixture(scope="module")
+def pipe(one_thread, tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("MAISI_CACHE", str(tmp_path_factory.mktemp("cache")))
+    return Pipeline.from_pretrained(None, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def first_attempt(pipe, **kw):
+    [s] = pipe.generate(GenerationRequest(quality_retries=0, **kw))
+    return s
+
+
+def assert_passed(s):
+    q = s.record["quality"]
+    detail = {k: (v["median_hu"], v["range"]) for k, v in q["organs"].items()}
+    assert q["passed"], f"seed {s.seed}: failed {q['failed']}: {detail}"
+    assert len(s.record["attempts"]) == 1
+    return q
+
+
+@pytest.mark.parametrize("region", [pytest.param("chest", marks=CHEST_BONE), "abdomen", "pelvis"])
+def test_shipped_model_passes_quality_check_first_time(pipe, region):
+    s = first_attempt(pipe, body_region=(region,), seed=0)
+    q = assert_passed(s)
+    assert "bone" in q["organs"]  # bone is judged, not skipped: it is what the previous model missed
+    bone = np.isin(s.label, QUALITY_GROUPS["bone"])
+    body = s.label == 200
+    # bone is visible: brighter than the surrounding soft tissue by a clear margin
+    assert np.median(s.image[bone]) > np.median(s.image[body]) + 100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("span", SPANS)
+def test_every_region_passes_for_most_seeds(pipe, span):
+    passed = [first_attempt(pipe, body_region=tuple(span.split("-")), seed=seed).record["quality"]["passed"]
+              for seed in range(5)]
+    assert sum(passed) >= 4, passed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("region", [pytest.param("chest", marks=CHEST_BONE), "abdomen", "pelvis", "head_neck"])
+def test_held_out_phantom_mask_passes(pipe, region, tmp_path):
+    p = make_phantom(region, size=64, spacing=4.0, seed=90_500)  # a seed the demo recipe never trains on
+    label = tmp_path / write_phantom(p, tmp_path, "heldout")["label"]
+    assert_passed(first_attempt(pipe, mask=str(label), seed=3))
+
+
+@pytest.mark.slow
+def test_hepatic_tumour_leaves_the_liver_in_range(pipe):
+    s = first_attempt(pipe, body_region=("abdomen",), tumor=("hepatic tumor",), seed=1)
+    q = assert_passed(s)
+    assert "liver" in q["organs"]
+    tumour = s.label == 26
+    assert tumour.any()
+    assert np.median(s.image[tumour]) > -200  # a tumour is tissue, not an air-dark hole
