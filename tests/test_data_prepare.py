@@ -14,6 +14,7 @@ from maisi.data.labelmap import body_mask
 from maisi.data.phantom import make_phantom, write_phantom
 from maisi.data.prepare import PrepareConfig, discover, prepare_all, target_shape
 from maisi.io.volume import read_volume, write_volume
+from maisi.networks.autoencoder import Autoencoder
 
 
 @pytest.fixture()
@@ -82,9 +83,9 @@ def test_rerun_skips_finished_cases_and_redoes_missing_ones(scans, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary file left behind"
 
 
-def test_bad_cases_are_reported_and_the_rest_is_done(scans, tmp_path):
+def test_bad_cases_are_reported_and_the_rest_is_done(scans, tmp_path, capsys):
+    """Pairs that do not fit are per-case failures; an unreadable file refuses the run before any work."""
     src, phs = scans
-    (src / "broken_image.nii.gz").write_bytes(b"not a nifti file at all")
     write_volume(src / "odd_image.nii.gz", np.round(phs[1].image[:, :, :20]), phs[1].affine, np.int16)
     write_volume(src / "odd_label.nii.gz", phs[1].label, phs[1].affine, np.uint8)  # 30 slices vs 20
     shifted = phs[1].affine.copy()
@@ -96,10 +97,14 @@ def test_bad_cases_are_reported_and_the_rest_is_done(scans, tmp_path):
     assert rc == 1
     report = json.loads((out / "prepare_report.json").read_text())
     assert sorted(report["done"]) == ["case0", "case1", "dcm0"]
-    assert "cannot read as NIfTI" in report["failed"]["broken"]
     assert "shape" in report["failed"]["odd"] and "differ" in report["failed"]["odd"]
     assert "affines differ" in report["failed"]["moved"]
     assert len(json.loads((out / "datalist.json").read_text())["training"]) == 3
+    (src / "broken_image.nii.gz").write_bytes(b"not a nifti file at all")
+    capsys.readouterr()
+    assert main(["prepare", "--input", str(src), "--out", str(tmp_path / "out2"), "--multiple-of", "16"]) == 2
+    assert "broken_image.nii.gz: cannot read as NIfTI" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()
 
 
 def test_unlabelled_scan_needs_a_region_and_gets_a_body_mask(tmp_path):
@@ -128,13 +133,12 @@ def test_body_mask_matches_the_phantom_body():
 
 def test_prepare_with_the_project_vae(tmp_path):
     """With the real (tiny) autoencoder: latents have its channel count and a quarter of the image size."""
-    networks = pytest.importorskip("maisi.networks.autoencoder", reason="autoencoder not merged yet")
     from maisi.config import preset
     from maisi.networks import build
 
     torch.manual_seed(0)
     vae = build("autoencoder", preset("tiny")).eval()
-    assert isinstance(vae, networks.Autoencoder)
+    assert isinstance(vae, Autoencoder)
     ph = make_phantom("pelvis", (16, 16, 16), 16.0, seed=0)
     write_phantom(ph, tmp_path / "in", "p")
     report = prepare_all(tmp_path / "in", tmp_path / "out", PrepareConfig(multiple_of=16), vae, "tiny",
@@ -169,7 +173,6 @@ def test_training_reads_prepared_latents_and_sidecars(scans, tmp_path):
 
 
 def test_prepare_cli_loads_a_vae_checkpoint_folder(tmp_path):
-    pytest.importorskip("maisi.networks.autoencoder", reason="autoencoder not merged yet")
     from maisi.config import preset
     from maisi.io.checkpoint import save_pretrained
     from maisi.networks import build

@@ -287,9 +287,9 @@ def test_a_component_the_spec_does_not_hold_or_a_file_it_cannot_load(root, tmp_p
 def test_cli_errors_name_the_spec(root, tmp_path, capsys):
     assert main(["generate", "--weights", "rflow-c", "--out", str(tmp_path)]) == 2
     assert "did you mean the released set 'rflow-ct'" in capsys.readouterr().err
-    assert main(["prepare", "--input", str(tmp_path), "--out", str(tmp_path / "o"), "--vae",
-                 str(root / "model" / "unet")]) == 2
-    assert "no VAE weights there" in capsys.readouterr().err
     write_phantom(make_phantom("abdomen", size=16, spacing=14.0, seed=0), tmp_path / "data", "p0")
+    assert main(["prepare", "--input", str(tmp_path / "data"), "--out", str(tmp_path / "o"), "--vae",
+                 str(root / "model" / "unet")]) == 2  # (inputs are checked first: they must be good here)
+    assert "no VAE weights there" in capsys.readouterr().err
     assert main(["evaluate", "reconstruction", "--vae", "rflow-cx", "--data", str(tmp_path / "data")]) == 2
     assert "no VAE checkpoint at rflow-cx; did you mean" in capsys.readouterr().err

@@ -72,13 +72,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from maisi.pipeline.pipeline import Pipeline, world_from_env
+    from maisi.pipeline.validation import check_files
 
+    request = request_from_args(args)
+    check_files(request, args.out)  # a bad --out or --mask fails before any network loads
     rank, world = world_from_env()
     if world > 1 and torch.cuda.is_available() and args.device != "cpu":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     elif world > 1:
         torch.set_num_threads(max(1, (torch.get_num_threads()) // world))
-    request = request_from_args(args)
     pipe = Pipeline.from_pretrained(args.weights, args.config, args.device, progress=not args.no_progress,
                                     precision=args.precision)
     plan = pipe.plan(request)  # every check before any compute

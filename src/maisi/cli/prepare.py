@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from pathlib import Path
 
 
@@ -35,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from maisi.data.labelmap import load_mapping, load_names
-    from maisi.data.prepare import PrepareConfig, prepare_all
+    from maisi.data.prepare import LabelIdsWarning, PrepareConfig, plan_cases, prepare_all
 
     spacing = None
     if args.spacing:
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
                         memory_gb=args.memory_gb, unmapped=args.unmapped)
     mapping = load_mapping(args.label_mapping) if args.label_mapping else None
     names = load_names(args.label_names) if args.label_names else None
+    cases = plan_cases(args.input, args.out)  # bad inputs or --out refused before the VAE loads
     encoder, encoder_id = None, None
     if args.vae:
         import torch
@@ -55,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         vae = load_component(args.vae, "autoencoder", args.vae_preset, device)
         encoder, encoder_id = vae.model, str(Path(vae.source["path"]).resolve())
-    report = prepare_all(args.input, args.out, cfg, encoder, encoder_id, mapping, names)
+    with warnings.catch_warnings():  # the library warns about foreign-looking label ids: one line each
+        warnings.simplefilter("always", LabelIdsWarning)
+        warnings.showwarning = lambda message, *_, **__: print(f"maisi prepare: warning: {message}", file=sys.stderr)
+        report = prepare_all(cases, args.out, cfg, encoder, encoder_id, mapping, names)
     print(f"prepared {len(report['done'])}, skipped {len(report['skipped'])} (already done), "
           f"failed {len(report['failed'])}; datalist: {Path(args.out) / 'datalist.json'}")
     for name, err in report["failed"].items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,13 +15,17 @@ import torch
 
 from maisi.data.labelmap import add_body, convert_labels
 from maisi.data.regions import parse_span, region_from_label, span_name
-from maisi.io.atomic import atomic_write, atomic_write_text
-from maisi.io.volume import is_nifti, read_volume, write_volume
-from maisi.labels import BODY, modality_code, region_one_hot
+from maisi.io.atomic import atomic_write, atomic_write_text, check_output_dir
+from maisi.io.volume import check_volume_file, is_nifti, read_volume, write_volume
+from maisi.labels import BODY, REGION_MARKERS, REGIONS, id_to_name, label_name, modality_code, region_one_hot
 
 HU_RANGE = (-1000.0, 1000.0)
 LABEL_SUFFIXES = ("_label", "_labels", "_seg", "_mask")
 IMAGE_SUFFIXES = ("_image", "_img", "_ct", "_0000")
+
+
+class LabelIdsWarning(UserWarning):
+    """A label map prepared without a mapping whose ids look like another numbering than MAISI's."""
 
 
 class Encoder(Protocol):
@@ -130,6 +135,40 @@ def _from_datalist(path: Path) -> list[Case]:
     return cases
 
 
+def check_cases(cases: Sequence[Case]) -> None:
+    """Every image and label file checked (check_volume_file: readable, 3D, voxel size, orientation, finite
+    voxels) before anything is written; all refused files are named at once."""
+    problems = []
+    for case in cases:
+        for path in (case.image, case.label):
+            if path is not None:
+                try:
+                    check_volume_file(path)
+                except (ValueError, FileNotFoundError) as e:
+                    problems.append(str(e))
+    if problems:
+        raise ValueError(f"{len(problems)} input file(s) refused before any work (fix or remove them):\n  "
+                         + "\n  ".join(problems))
+
+
+def foreign_ids(label: np.ndarray) -> str | None:
+    """Why a label map's ids look like another numbering than MAISI's (a lesion mask, another atlas), or None:
+    ids outside the vocabulary, only one or two organ ids, or region markers with a region missing between."""
+    organs = sorted(int(i) for i in np.unique(label) if i not in (0, BODY))
+    unknown = [i for i in organs if i not in id_to_name()]
+    if unknown:
+        return f"ids {unknown[:10]} are not MAISI ids"
+    if 0 < len(organs) <= 2:
+        return (f"only {len(organs)} distinct id(s), {', '.join(f'{i} (= {label_name(i)})' for i in organs)}, where a "
+                f"MAISI label map names many organs")
+    found = [k for k, r in enumerate(REGIONS) if set(REGION_MARKERS[r]) & set(organs)]
+    gap = [REGIONS[k] for k in range(found[0], found[-1] + 1) if k not in found] if found else []
+    if gap:
+        return (f"marker organs of {', '.join(REGIONS[k] for k in found)} but none of {', '.join(gap)} between them, "
+                f"which no scan shows")
+    return None
+
+
 def target_shape(shape: Sequence[int], multiple: int) -> tuple[int, ...]:
     """Nearest multiple of `multiple` per axis, at least one multiple (the reference's rounding)."""
     return tuple(int(max(round(s / multiple), 1) * multiple) for s in shape)
@@ -212,6 +251,7 @@ def prepare_case(case: Case, out_dir: Path, cfg: PrepareConfig, encoder: Encoder
     """Prepare one case; returns its sidecar (dim, spacing, region one-hots, modality, file names)."""
     vol = read_volume(case.image)
     hu = vol.array.astype(np.float32)
+    notes = []
     if case.label is not None:
         label, laff = _read_label(case.label)
         check_pair(hu.shape, vol.affine, label.shape, laff, case.name)
@@ -219,6 +259,12 @@ def prepare_case(case: Case, out_dir: Path, cfg: PrepareConfig, encoder: Encoder
             label = convert_labels(label, mapping, names, unmapped=cfg.unmapped).label
         elif label.max() > 255 or label.min() < 0:
             raise ValueError(f"{case.name}: label ids must be 0..255 (MAISI ids); give a label mapping")
+        elif (why := foreign_ids(label)) is not None:
+            notes.append(f"{case.label}: the label ids look like another numbering than MAISI's ({why}); without a "
+                         f"mapping they are read as MAISI ids, which also decide the body region. If the map has "
+                         f"its own ids, give a JSON {{source id: MAISI name}} with --label-mapping, or its class "
+                         f"names with --label-names")
+            warnings.warn(notes[-1], LabelIdsWarning, stacklevel=2)
         label = label.astype(np.uint8)
         if not (label == BODY).any():
             label = add_body(label, hu)
@@ -253,6 +299,8 @@ def prepare_case(case: Case, out_dir: Path, cfg: PrepareConfig, encoder: Encoder
         write_volume(paths["image"], image * (HU_RANGE[1] - HU_RANGE[0]) + HU_RANGE[0], affine, np.int16)
         side["image"] = paths["image"].name
     side["source"], side["settings"] = str(case.image), settings_of(cfg, encoder_id)
+    if notes:
+        side["warnings"] = notes
     atomic_write_text(paths["sidecar"], json.dumps(side, indent=1) + "\n")
     return side
 
@@ -271,16 +319,28 @@ def datalist_entry(side: dict) -> dict:
     return entry
 
 
-def prepare_all(source: str | Path, out_dir: str | Path, cfg: PrepareConfig, encoder: Encoder | None = None,
-                encoder_id: str | None = None, mapping: dict | None = None, names: dict[int, str] | None = None,
-                log: Callable[[str], None] = print) -> dict:
-    """Prepare every case; failures are recorded per case and the rest continues. Returns the report."""
+def plan_cases(source: str | Path, out_dir: str | Path) -> list[Case]:
+    """The cases of `source` once every input file has passed check_cases and `out_dir` can be created:
+    everything that can be refused is refused here, before any network loads or any file is written."""
+    cases = discover(source)
+    check_cases(cases)
+    check_output_dir(out_dir)
+    return cases
+
+
+def prepare_all(source: str | Path | Sequence[Case], out_dir: str | Path, cfg: PrepareConfig,
+                encoder: Encoder | None = None, encoder_id: str | None = None, mapping: dict | None = None,
+                names: dict[int, str] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Prepare every case of `source` (a folder or datalist, checked by plan_cases; or the cases plan_cases
+    returned). The output folder is created only after the checks; failures while preparing are recorded per
+    case and the rest continues. Returns the report (warnings, e.g. foreign-looking label ids, per case too)."""
     out_dir = Path(out_dir)
+    cases = plan_cases(source, out_dir) if isinstance(source, str | Path) else list(source)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps(settings_of(cfg, encoder_id)))
     report: dict[str, Any] = {"done": [], "skipped": [], "failed": {}}
     entries = []
-    for case in discover(source):
+    for case in cases:
         side = is_done(out_dir, case, settings, encoder is not None)
         if side is not None:
             report["skipped"].append(case.name)
@@ -294,6 +354,8 @@ def prepare_all(source: str | Path, out_dir: str | Path, cfg: PrepareConfig, enc
                 log(f"{case.name}: FAILED: {e}")
                 continue
             report["done"].append(case.name)
+            if side.get("warnings"):
+                report.setdefault("warnings", {})[case.name] = side["warnings"]
             log(f"{case.name}: {side['region']}, {side['dim']} voxels at "
                 f"{[round(s, 3) for s in side['spacing']]} mm")
         entries.append(datalist_entry(side))

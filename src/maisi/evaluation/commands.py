@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from maisi.evaluation.report import bar_chart, histogram_chart, markdown_table, write_report
+from maisi.io.atomic import check_output_dir
 
 Log = Callable[[str], None] | None
 
@@ -27,6 +28,7 @@ def fid(args: argparse.Namespace, log: Log) -> int:
     from maisi.evaluation.inputs import list_volumes
     from maisi.networks.backbones import load_extractor
 
+    check_output_dir(args.out, "report folder")  # before any work
     settings = FIDSettings(spacing=tuple(args.spacing) if args.spacing else None,
                            size=tuple(args.size) if args.size else None,
                            center_fraction=args.center_fraction, batch=args.batch)
@@ -65,6 +67,7 @@ def consistency(args: argparse.Namespace, log: Log) -> int:
     from maisi.evaluation.runs import evaluate_consistency
     from maisi.evaluation.segmenter import load_segmenter
 
+    check_output_dir(args.out, "report folder")  # before any work
     pairs = pair_volumes(args.images, args.masks, args.key)
     seg = load_segmenter(args.segmenter)
     res = evaluate_consistency(pairs, seg, log=log)
@@ -94,6 +97,7 @@ def reconstruction(args: argparse.Namespace, log: Log) -> int:
     from maisi.evaluation.runs import evaluate_reconstruction
     from maisi.networks.weights import load_component
 
+    check_output_dir(args.out, "report folder")  # before any work
     paths = list_volumes(args.data, "image", args.key)
     vae = load_component(args.vae, "autoencoder", args.preset)
     res = evaluate_reconstruction(paths, vae.model, args.memory_gb, args.device, log)
@@ -114,6 +118,7 @@ def diversity(args: argparse.Namespace, log: Log) -> int:
     from maisi.evaluation.inputs import list_volumes
     from maisi.evaluation.runs import evaluate_diversity
 
+    check_output_dir(args.out, "report folder")  # before any work
     paths = list_volumes(args.data, "image", args.key)
     res = evaluate_diversity(paths, args.size, args.max_pairs, log=log)
     print(f"MS-SSIM {res['ms_ssim_mean']:.4f} ± {res['ms_ssim_std']:.4f} over {res['pairs']} pairs "
@@ -127,22 +132,26 @@ def diversity(args: argparse.Namespace, log: Log) -> int:
 
 def quality(args: argparse.Namespace, log: Log) -> int:
     from maisi.evaluation.inputs import pair_volumes
+    from maisi.evaluation.quality import QUALITY_GROUPS
     from maisi.evaluation.runs import evaluate_quality, organ_hu_values
 
+    check_output_dir(args.out, "report folder")  # before any work
+    if bool(args.reference_images) != bool(args.reference_labels):
+        raise ValueError("give both --reference-images and --reference-labels, or neither")
     pairs = pair_volumes(args.images, args.labels, args.key)
+    reference = pair_volumes(args.reference_images, args.reference_labels, args.key) if args.reference_images else []
     res = evaluate_quality(pairs, log)
     s = res["summary"]
-    print(f"quality check: {s['passed']}/{s['volumes']} volumes passed")
+    unchecked = (f"; {s['not_checked']} NOT CHECKED (their label maps hold no organ group of the check: "
+                 f"{', '.join(QUALITY_GROUPS)})") if s["not_checked"] else ""
+    print(f"quality check: {s['passed']}/{s['volumes']} volumes passed{unchecked}")
     rows = [[g, v["checked"], v["failed"], f"{v['median_hu_min']:.0f} … {v['median_hu_max']:.0f}",
              f"{v['range'][0]:.0f} … {v['range'][1]:.0f}"] for g, v in s["groups"].items()]
     md = (f"# Quality check\n\n{s['passed']}/{s['volumes']} volumes passed (median HU per organ group within the "
-          f"reference ranges).\n\n" + markdown_table(["group", "checked", "failed", "medians (HU)", "allowed (HU)"], rows))
+          f"reference ranges){unchecked}.\n\n" + markdown_table(["group", "checked", "failed", "medians (HU)", "allowed (HU)"], rows))
     plots = {}
-    if bool(args.reference_images) != bool(args.reference_labels):
-        raise ValueError("give both --reference-images and --reference-labels, or neither")
     synth = organ_hu_values(pairs)
-    real = organ_hu_values(pair_volumes(args.reference_images, args.reference_labels, args.key)) \
-        if args.reference_images else {}
+    real = organ_hu_values(reference) if reference else {}
     for g, v in synth.items():
         series = {"synthetic": v} | ({"real": real[g]} if g in real else {})
         plots[f"hist_{g}"] = histogram_chart(series, f"HU in {g}")

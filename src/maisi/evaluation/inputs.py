@@ -1,4 +1,4 @@
-"""Evaluation inputs: volumes from a folder or a datalist, image/label pairing by name, HU volumes as tensors."""
+"""Evaluation inputs: volumes from a folder or a datalist (checked before any work), image/label pairing, reading."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from maisi.io.volume import is_nifti, read_volume
+from maisi.io.volume import check_volume_file, is_nifti, read_volume
+from maisi.labels import id_to_name
 
 LABEL_TAGS = ("_label", "_mask", "_seg")
 DATALIST_KEYS = ("testing", "validation", "training")
@@ -57,7 +58,9 @@ def _datalist(path: Path, role: str, key: str | None) -> list[Path]:
 
 
 def list_volumes(source: str | Path, role: str = "image", key: str | None = None) -> list[Path]:
-    """NIfTI files (or DICOM series folders) of a folder, a datalist JSON or a single file.
+    """NIfTI files (or DICOM series folders) of a folder, a datalist JSON or a single file, each checked by
+    check_volume_file (readable 3D, voxel size, orientation, finite voxels) so that a bad file is refused,
+    by name, before any network loads or any report is written.
 
     In a folder holding both images and labels (names ending _label/_mask/_seg), `role` picks which."""
     if role not in ("image", "label"):
@@ -81,6 +84,8 @@ def list_volumes(source: str | Path, role: str = "image", key: str | None = None
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{source}: missing files: {', '.join(missing[:3])}")
+    for p in paths:
+        check_volume_file(p)
     return paths
 
 
@@ -101,9 +106,17 @@ def read_hu(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
 
 
 def read_label(path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A MAISI label map: integer ids of the MAISI vocabulary only (anything else would be judged as the
+    wrong organ, or not at all), on its image's grid."""
     arr = np.asarray(read_volume(path).array)
     if not np.allclose(arr, np.round(arr)):
         raise ValueError(f"{path}: a label map must hold integer ids")
     if shape is not None and arr.shape != tuple(shape):
         raise ValueError(f"{path}: label map shape {arr.shape} differs from its image's {tuple(shape)}")
-    return np.round(arr).astype(np.int32)
+    label = np.round(arr).astype(np.int32)
+    unknown = sorted(set(np.unique(label).tolist()) - {0} - set(id_to_name()))
+    if unknown:
+        raise ValueError(f"{path}: label ids {unknown[:10]}{' …' if len(unknown) > 10 else ''} are not in the MAISI "
+                         f"vocabulary (see `maisi info labels`); convert the label map to MAISI ids first (e.g. "
+                         f"`maisi prepare --label-mapping`)")
+    return label

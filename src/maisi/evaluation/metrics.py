@@ -22,9 +22,12 @@ def _as5d(x: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def _pair(a, b) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two volumes of one shape with finite values (a NaN would come back as a NaN score, not an error)."""
     a, b = _as5d(a), _as5d(b)
     if a.shape != b.shape:
         raise ValueError(f"volumes differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise ValueError("a volume holds NaN or infinite values; metrics are only defined on finite volumes")
     return a, b
 
 

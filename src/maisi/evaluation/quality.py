@@ -26,9 +26,10 @@ def quality_check(image_hu: np.ndarray, label: np.ndarray, min_voxels: int = 1,
                   groups: Sequence[str] | None = None) -> dict[str, Any]:
     """Per-group median HU of `image_hu` inside `label` against hu_quality_ranges().
 
-    Returns {"passed": bool, "failed": [groups], "organs": {group: {labels, voxels, median_hu, range, passed}}};
-    groups absent from the label map (fewer than min_voxels voxels) are not judged. passed is True when no
-    present group is out of range."""
+    Returns {"passed": bool | None, "failed": [groups], "organs": {group: {labels, voxels, median_hu, range,
+    passed}}}; groups absent from the label map (fewer than min_voxels voxels) are not judged. passed is True
+    when at least one group was judged and none is out of range, and None ("not checked", with a "reason")
+    when the label map holds none of the groups: nothing measured is never reported as a pass."""
     image_hu, label = np.asarray(image_hu), np.asarray(label)
     if image_hu.shape != label.shape:
         raise ValueError(f"image shape {image_hu.shape} differs from the label map's {label.shape}")
@@ -46,12 +47,16 @@ def quality_check(image_hu: np.ndarray, label: np.ndarray, min_voxels: int = 1,
         organs[name] = {"labels": sorted({int(v) for v in np.unique(label[inside])}), "voxels": n,
                         "median_hu": round(median, 2), "range": [round(lo, 2), round(hi, 2)],
                         "passed": bool(lo <= median <= hi)}
+    if not organs:
+        return {"passed": None, "failed": [], "organs": {},
+                "reason": f"not checked: the label map holds none of the organ groups {list(groups or QUALITY_GROUPS)}"}
     failed = [k for k, v in organs.items() if not v["passed"]]
     return {"passed": not failed, "failed": failed, "organs": organs}
 
 
 def summarise_quality(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Across volumes: how many passed, and per group the number checked/failed and the median-HU spread."""
+    """Across volumes: how many passed and how many could not be checked, and per group the number
+    checked/failed and the median-HU spread."""
     per_group: dict[str, dict[str, Any]] = {}
     for r in reports:
         for name, o in r["organs"].items():
@@ -62,4 +67,5 @@ def summarise_quality(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for g in per_group.values():
         m = np.asarray(g.pop("medians"))
         g["median_hu_min"], g["median_hu_max"] = float(m.min()), float(m.max())
-    return {"volumes": len(reports), "passed": sum(bool(r["passed"]) for r in reports), "groups": per_group}
+    return {"volumes": len(reports), "passed": sum(r["passed"] is True for r in reports),
+            "not_checked": sum(r["passed"] is None for r in reports), "groups": per_group}

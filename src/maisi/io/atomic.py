@@ -1,4 +1,4 @@
-"""Atomic writes: write to a temporary file beside the target, then rename over it."""
+"""Atomic writes: write to a temporary file beside the target, then rename over it; output folders checked first."""
 
 from __future__ import annotations
 
@@ -9,12 +9,47 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
+class OutputLocationError(ValueError):
+    """An output folder that cannot be created or written."""
+
+
+def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Refuse, without creating anything, an output folder that is a file, lies under a file or cannot be
+    created or written; called before any work so that a bad --out fails before the compute."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputLocationError(f"{path}: the {what} is an existing file; give a folder (new or existing)")
+    existing = path
+    while not existing.exists():  # the deepest part of the path that exists
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputLocationError(f"{path}: cannot create the {what}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputLocationError(f"{path}: cannot {'write into' if existing == path else 'create'} the {what}: "
+                                  f"{existing} is not writable")
+    return path
+
+
+def file_mode() -> int:
+    """The mode any tool gives a new file: 0666 minus the process umask (read without changing it on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting it, then restore at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it replaces `path` atomically.
 
     On any exception the temporary file is removed and the target is left as it was.
-    `suffix` keeps the extension a writer may need (e.g. ".nii.gz").
+    `suffix` keeps the extension a writer may need (e.g. ".nii.gz"). The file gets the umask's mode
+    (e.g. 0644 under umask 022), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,7 +58,8 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as f:
+        with open(tmp_path, "rb+") as f:  # the writer may have replaced the file: set its mode now
+            os.fchmod(f.fileno(), file_mode())
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException:

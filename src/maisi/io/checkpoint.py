@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pickle
 import warnings
 from pathlib import Path
@@ -116,7 +117,24 @@ def read_pretrained_config(folder: str | Path) -> tuple[str, ModelConfig, dict[s
         config = from_dict(ModelConfig, meta["config"])
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{cfg_path}: invalid model config ({e})") from e
-    return component, config, dict(meta.get("extra", {})), meta
+    extra = dict(meta.get("extra", {}))
+    check_scale_factor(extra, str(cfg_path))
+    return component, config, extra, meta
+
+
+def check_scale_factor(extra: dict[str, Any], source: str) -> None:
+    """A recorded scale_factor (latents are multiplied by it before the UNet) must be a finite number > 0;
+    anything else fails only after sampling, so it is refused when the file is read."""
+    if "scale_factor" not in extra:
+        return
+    value = extra["scale_factor"]
+    try:
+        ok = math.isfinite(float(value)) and float(value) > 0
+    except (TypeError, ValueError, RuntimeError):  # not one number
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{source}: scale_factor is {value!r}; it must be a finite number > 0 (1/std of the "
+                              f"training latents): the file is damaged or comes from a diverged run")
 
 
 def load_pretrained(
@@ -212,6 +230,7 @@ def split_released(obj: Any, component: str, source: str = "checkpoint") -> tupl
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{source}: {key or 'state dict'} does not hold tensors only")
     extra = {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in extra.items()}
+    check_scale_factor(extra, source)
     return state, extra
 
 

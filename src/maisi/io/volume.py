@@ -1,4 +1,4 @@
-"""Volume I/O: NIfTI and DICOM series in, oriented to RAS with affine and spacing kept; NIfTI out, atomically."""
+"""Volume I/O: NIfTI and DICOM series in (checked, oriented to RAS, affine kept); NIfTI out, atomically."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ import numpy as np
 from maisi.io.atomic import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class VolumeError(ValueError):
+    """A volume file that cannot be used: unreadable, not 3D, non-finite voxels, or no valid geometry."""
 
 
 @dataclass(frozen=True)
@@ -58,34 +62,110 @@ def is_nifti(path: str | Path) -> bool:
 
 
 def read_volume(path: str | Path) -> Volume:
-    """Read a NIfTI file or a folder holding one DICOM series, re-oriented to RAS.
+    """Read a NIfTI file or a folder holding one DICOM series, checked and re-oriented to RAS.
 
-    Raises FileNotFoundError for a missing path and ValueError for anything that is not a readable
-    3D volume (a corrupt or truncated file, a 4D image, a folder without DICOM).
+    Raises FileNotFoundError for a missing path and VolumeError (a ValueError) naming the file and the rule
+    for anything that is not a usable 3D volume: a corrupt or truncated file, a 4D image, a folder without
+    DICOM, NaN or infinite voxels, a zero, negative or missing voxel size, or no orientation (NIfTI
+    qform_code = sform_code = 0). Nothing is guessed: such files are refused, not read as 1 mm.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or folder: {path}")
+    path = _existing(path)
     if path.is_dir():
         array, affine = _read_dicom_series(path)
-    elif is_nifti(path):
-        array, affine = _read_nifti(path)
     else:
-        raise ValueError(f"{path}: unsupported volume format; use .nii, .nii.gz or a folder with one DICOM series")
+        img = _open_nifti(path)
+        try:
+            array = np.asanyarray(img.dataobj)
+        except Exception as e:  # nibabel raises several types for truncated data
+            raise VolumeError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})") from e
+        array, affine = _squeeze(path, array), np.asarray(img.affine, dtype=np.float64)
+    check_affine(path, affine)
+    check_finite(path, array)
     return _to_ras(array, affine)
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def check_volume_file(path: str | Path) -> None:
+    """The checks of read_volume, made before any work: a NIfTI's header (3D, voxel size, orientation,
+    affine) and its voxels only where they can be non-finite (float storage or scaling). A DICOM folder is
+    only checked for files here; read_volume checks the rest when it reads the series."""
+    path = _existing(path)
+    if path.is_dir():
+        if not any(p.is_file() and not p.name.startswith(".") for p in path.iterdir()):
+            raise VolumeError(f"{path}: folder has no files; expected one DICOM series")
+        return
+    img = _open_nifti(path)
+    shape = img.shape[:3] if len(img.shape) == 4 and img.shape[3] == 1 else img.shape
+    if len(shape) != 3:
+        raise VolumeError(f"{path}: expected a 3D volume, got shape {img.shape}")
+    check_affine(path, np.asarray(img.affine, dtype=np.float64))
+    proxy = img.dataobj
+    scaled = [float(v) for v in (getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)) if v is not None]
+    if img.get_data_dtype().kind in "fc" or not np.all(np.isfinite(scaled)):
+        try:
+            array = np.asanyarray(proxy)
+        except Exception as e:
+            raise VolumeError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})") from e
+        check_finite(path, array)
+
+
+def check_finite(path: str | Path, array: np.ndarray) -> None:
+    """Every voxel must be a finite number: NaN or infinity would silently become some HU value later."""
+    if array.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(array)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise VolumeError(f"{path}: {int(bad.sum())} of {array.size} voxels are NaN or infinite (first at voxel "
+                          f"{first}); a volume must hold finite values only: replace them (e.g. with air, "
+                          f"-1000 HU, or background 0 in a label map) or fix the tool that wrote the file")
+
+
+def check_affine(path: str | Path, affine: np.ndarray) -> None:
+    """A voxel-to-world affine must be finite and invertible, with positive voxel sizes."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or not np.all(spacing > 0) \
+            or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise VolumeError(f"{path}: no valid voxel-to-world geometry (affine {np.round(affine, 4).tolist()}); the "
+                          f"affine must be finite with positive voxel sizes along three independent axes")
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    if not path.is_dir() and not is_nifti(path):
+        raise VolumeError(f"{path}: unsupported volume format; use .nii, .nii.gz or a folder with one DICOM series")
+    return path
+
+
+def _open_nifti(path: Path) -> nib.Nifti1Image:
+    """The image (voxels not yet read) after its raw header has passed the geometry rules."""
     try:
         img = nib.load(str(path))
-        array = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises several types for corrupt/truncated files
-        raise ValueError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})") from e
+        raise VolumeError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})") from e
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise VolumeError(f"{path}: not a NIfTI-1/2 image ({type(img).__name__})")
+    # nibabel silently turns zero or negative pixdim into 1 or |pixdim| at load: read the header as written.
+    with nib.openers.ImageOpener(str(path)) as f:
+        raw = type(img.header).from_fileobj(f, check=False)
+    zooms = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+        raise VolumeError(f"{path}: voxel size (NIfTI pixdim[1..3]) is {zooms.tolist()}; each must be a positive "
+                          f"number of mm (maisi does not guess a spacing): re-export the scan with its spacing")
+    if int(raw["qform_code"]) == 0 and int(raw["sform_code"]) == 0:
+        raise VolumeError(f"{path}: no orientation (NIfTI qform_code and sform_code are both 0), so its "
+                          f"voxel-to-world mapping is unknown and maisi will not guess it; set the sform or qform "
+                          f"(e.g. nibabel: img.set_sform(affine, code=1)) or re-export the scan from its DICOM")
+    return img
+
+
+def _squeeze(path: Path, array: np.ndarray) -> np.ndarray:
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D volume, got shape {array.shape}")
-    return array, np.asarray(img.affine, dtype=np.float64)
+        raise VolumeError(f"{path}: expected a 3D volume, got shape {array.shape}")
+    return array
 
 
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -93,16 +173,16 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
     files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
     if not files:
-        raise ValueError(f"{folder}: folder has no files; expected one DICOM series")
+        raise VolumeError(f"{folder}: folder has no files; expected one DICOM series")
     try:
         reader = PydicomReader(affine_lps_to_ras=True)
         data = reader.read(str(folder))
         array, meta = reader.get_data(data)
     except Exception as e:
-        raise ValueError(f"{folder}: cannot read as a DICOM series ({type(e).__name__}: {e})") from e
+        raise VolumeError(f"{folder}: cannot read as a DICOM series ({type(e).__name__}: {e})") from e
     array = np.asarray(array)
     if array.ndim != 3:
-        raise ValueError(f"{folder}: expected one 3D DICOM series, got shape {array.shape}")
+        raise VolumeError(f"{folder}: expected one 3D DICOM series, got shape {array.shape}")
     return array, np.asarray(meta["affine"], dtype=np.float64)
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from maisi.config import PRESETS, ModelConfig, to_dict
+from maisi.io.atomic import check_output_dir
+from maisi.io.volume import check_volume_file
 from maisi.labels import TUMOR_HOSTS, label_id, label_name
 
 SAMPLERS = ("rflow", "ddpm", "ddim")
@@ -155,6 +158,17 @@ def check_numbers(request: GenerationRequest, num_train_timesteps: int) -> None:
         raise ValueError(f"timesteps must be one of {list(TIMESTEPS)} (or None: the model's), got {r.timesteps!r}")
     if r.mask_source not in MASK_SOURCES:
         raise ValueError(f"mask_source must be one of {list(MASK_SOURCES)}, got {r.mask_source!r}")
+
+
+def check_files(request: GenerationRequest, out: str | Path | None) -> None:
+    """The request's files, before any network loads: the output folder can be created and written (not a
+    file, not under a file), and a user mask is a readable volume with finite voxels and a valid geometry."""
+    if out is not None:
+        check_output_dir(out, "output folder (--out)")
+    if request.mask is not None:
+        check_volume_file(request.mask)
+    if request.mask_mapping is not None and not Path(request.mask_mapping).is_file():
+        raise FileNotFoundError(f"mask mapping not found: {request.mask_mapping}")
 
 
 def attempt_seed(seed: int, attempt: int) -> int:
