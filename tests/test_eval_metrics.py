@@ -121,3 +121,38 @@ def test_quality_check_pass_and_fail():
     assert not r["passed"] and r["failed"] == ["liver"]
     with pytest.raises(ValueError, match="differs"):
         quality_check(image[:5], label)
+
+
+def test_fid_25d_mean_is_the_mean_of_the_three_planes():
+    """Each plane gets its own distance (synthetic features shifted by 0.5, 1 and 2 per plane); 'mean' is their
+    average, not one plane's value nor the distance of the pooled slices."""
+    rng = np.random.default_rng(1)
+    real = {p: torch.from_numpy(rng.normal(size=(60, 6))) for p in ("xy", "yz", "zx")}
+    fake = {p: real[p] + shift for p, shift in zip(("xy", "yz", "zx"), (0.5, 1.0, 2.0))}
+    out = fid_25d(real, fake)
+    per_plane = [fid_from_features(real[p], fake[p]) for p in ("xy", "yz", "zx")]
+    assert [out[p] for p in ("xy", "yz", "zx")] == pytest.approx([6 * 0.25, 6 * 1.0, 6 * 4.0])  # D·shift²
+    assert [out[p] for p in ("xy", "yz", "zx")] == pytest.approx(per_plane)
+    assert out["mean"] == pytest.approx(sum(per_plane) / 3) and out["mean"] == pytest.approx(10.5)
+
+
+def test_quality_check_judges_the_median_not_the_mean():
+    """A skewed organ: 9 voxels in range and 1 far outside. The median stays in the liver's range while the
+    mean leaves it, and the other way round: only the median decides."""
+    lo, hi = -21.6, 162.0  # the liver's reference range (rounded inwards)
+    label = np.zeros((10, 10, 10), np.uint8)
+    label[:1] = 1  # 100 liver voxels
+    image = np.full(label.shape, -1000.0, np.float32)
+    liver = image[label == 1]
+    liver[:] = 60.0
+    liver[:10] = 3000.0  # mean 354 HU (> hi), median 60 HU
+    image[label == 1] = liver
+    assert np.mean(image[label == 1]) > hi
+    r = quality_check(image, label)
+    assert r["passed"] and r["organs"]["liver"]["median_hu"] == 60.0
+    liver[:] = -40.0  # median −40 HU (< lo) ...
+    liver[:45] = 200.0  # ... mean 68 HU (in range)
+    image[label == 1] = liver
+    assert lo < np.mean(image[label == 1]) < hi
+    r = quality_check(image, label)
+    assert r["passed"] is False and r["failed"] == ["liver"] and r["organs"]["liver"]["median_hu"] == -40.0

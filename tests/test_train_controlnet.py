@@ -1,12 +1,12 @@
-"""ControlNet training: a frozen UNet, tumour-weighted L1 and the region-contrastive loss."""
+"""ControlNet training: a frozen UNet, tumour-weighted L1, the region-contrastive loss and bitwise resume."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from maisi.training.controlnet import replace_tumours, tumour_roi
-from train_support import latent_datalist, metrics, train
+from maisi.training.controlnet import ControlNetStage, replace_tumours, tumour_roi
+from train_support import assert_bitwise_equal, export_weights, latent_datalist, metrics, state_weights, train
 
 FAST = ["--batch-size", "2", "--lr", "2e-3", "--log-every", "2"]
 
@@ -81,6 +81,29 @@ def test_controlnet_region_contrastive_loss_is_logged(unet_folder, data, tmp_pat
     assert train("controlnet", "--data", str(data), "--unet", str(unet_folder), "--out", str(run),
                  "--steps", "4", "--contrastive-weight", "0.01", "--tumor-labels", "hepatic tumor", *FAST) == 0
     assert all("loss_contrastive" in r for r in metrics(run))
+
+
+def test_controlnet_resume_after_interruption_is_bitwise(unet_folder, data, tmp_path, monkeypatch):
+    """4 steps straight, or killed at step 3 and resumed from the step-2 checkpoint: the same weights, AdamW
+    moments and scale factor, bit for bit (the README's promise for all three stages)."""
+    args = ["--data", str(data), "--unet", str(unet_folder), "--steps", "4", "--checkpoint-every", "2", *FAST,
+            "--batch-size", "1", "--latent", "sample"]  # z = μ + σ·ε: a random draw that must repeat too
+    assert train("controlnet", "--out", str(tmp_path / "a"), *args) == 0
+    real = ControlNetStage.train_step
+
+    def dies_at_step_3(self, batch, step):
+        if step == 3:
+            raise RuntimeError("killed")
+        return real(self, batch, step)
+
+    monkeypatch.setattr(ControlNetStage, "train_step", dies_at_step_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        train("controlnet", "--out", str(tmp_path / "b"), *args)
+    monkeypatch.setattr(ControlNetStage, "train_step", real)
+    assert train("controlnet", "--out", str(tmp_path / "b"), *args) == 0
+    assert [r["step"] for r in metrics(tmp_path / "b")] == [2, 4]
+    assert_bitwise_equal(export_weights(tmp_path / "a"), export_weights(tmp_path / "b"))
+    assert_bitwise_equal(state_weights(tmp_path / "a"), state_weights(tmp_path / "b"))
 
 
 def test_tumour_roi_and_host_replacement():

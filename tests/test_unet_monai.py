@@ -1,5 +1,6 @@
 """The diffusion UNet and ControlNet against MONAI's reference networks: strict state-dict load, equal outputs."""
 
+import einops  # noqa: F401  MONAI's attention blocks need it; a test dependency (pyproject [test])
 import pytest
 import torch
 from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
@@ -9,8 +10,6 @@ from maisi.config import ControlNetConfig, UNetConfig, preset
 from maisi.io.checkpoint import load_state_dict_strict
 from maisi.networks.controlnet import ControlNet, mask_to_bit_planes
 from maisi.networks.unet import DiffusionUNet
-
-pytest.importorskip("einops")  # MONAI's attention blocks need it
 
 
 def small(flavour: str, spatial_dims: int = 3) -> UNetConfig:
