@@ -1,4 +1,4 @@
-"""Segmenters for mask–image consistency: a tiny MONAI BasicUNet trained on phantoms, or a user's TorchScript model."""
+"""Segmenters for mask–image consistency: a small MONAI UNet trained on phantoms, or a user's TorchScript model."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.networks.nets import BasicUNet
+from monai.networks.nets import BasicUNet, UNet
+from monai.transforms import RandSpatialCrop, ScaleIntensityRange
+from monai.utils import convert_to_tensor
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -26,12 +29,25 @@ Segmenter = Callable[..., torch.Tensor]
 # brain, the five lung lobes, heart, a few vertebrae levels are too small at coarse spacing and are left out.
 PHANTOM_LABELS: tuple[int, ...] = (1, 3, 4, 5, 6, 12, 14, 22, 28, 29, 30, 31, 32, 115, 120)
 REGIONS = ("head", "chest", "abdomen", "pelvis")
-FEATURES = (8, 16, 32, 32, 64, 8)
-DIVISOR = 16  # BasicUNet downsamples 4 times
+# MONAI UNet (residual units): on phantoms it fits within a few hundred steps where the BasicUNet of the first
+# version (LEGACY_FEATURES) was still near chance, leaving most organs at Dice 0.
+CHANNELS = (16, 32, 64, 128)
+STRIDES = (2, 2, 2)
+LEGACY_FEATURES = (8, 16, 32, 32, 64, 8)  # the BasicUNet of files without "network" metadata
+DIVISOR = 16  # inputs are padded to a multiple of this (the UNet needs 8, legacy BasicUNet files 16)
+# Input channels: HU windows each scaled to [0, 1]. The wide one sees air, lung and bone; the soft-tissue one
+# separates organs that differ by tens of HU (liver 98, spleen 108, pancreas 88, kidney 165), which in the
+# wide window alone are ~0.01 apart, under the phantom's noise.
+WINDOWS: tuple[tuple[float, float], ...] = ((-1000.0, 1000.0), (-160.0, 240.0))
+LEGACY_WINDOWS: tuple[tuple[float, float], ...] = ((-1000.0, 1000.0),)  # files written before the windows
+CONTEXT = 1.5  # training phantoms span CONTEXT × the crop per axis, so organs are seen at every position
 
 
-def _to01(hu: torch.Tensor) -> torch.Tensor:
-    return (hu.float().clamp(-1000, 1000) + 1000) / 2000
+def _channels(hu: torch.Tensor, windows: Sequence[Sequence[float]] = WINDOWS) -> torch.Tensor:
+    """C×X×Y×Z network input of an X×Y×Z HU volume: one channel per HU window, scaled to [0, 1]."""
+    hu = convert_to_tensor(hu, dtype=torch.float32, track_meta=False)
+    return torch.stack([convert_to_tensor(ScaleIntensityRange(a, b, 0.0, 1.0, clip=True)(hu), track_meta=False)
+                        for a, b in windows])
 
 
 def _pad_to(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -43,35 +59,47 @@ def _pad_to(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[int, ...
 
 
 class PhantomSegmenter:
-    """A trained BasicUNet plus its label ids and training spacing; call it on an X×Y×Z HU tensor."""
+    """A trained network plus its label ids, training spacing and HU windows; call it on an X×Y×Z HU tensor."""
 
-    def __init__(self, net: BasicUNet, labels: Sequence[int], spacing: Sequence[float], info: dict | None = None):
+    def __init__(self, net: torch.nn.Module, labels: Sequence[int], spacing: Sequence[float], info: dict | None = None,
+                 windows: Sequence[Sequence[float]] = WINDOWS):
         self.net = net.eval()
         self.labels = tuple(int(v) for v in labels)
         self.spacing = tuple(float(s) for s in spacing)
         self.info = dict(info or {})
+        self.windows = tuple((float(a), float(b)) for a, b in windows)
 
     @torch.no_grad()
     def __call__(self, hu: torch.Tensor | np.ndarray, spacing: Sequence[float] | None = None) -> torch.Tensor:
         hu = torch.as_tensor(np.asarray(hu, np.float32) if not isinstance(hu, torch.Tensor) else hu)
         if hu.ndim != 3:
             raise ValueError(f"segmenter input must be an X×Y×Z HU volume, got shape {tuple(hu.shape)}")
-        device = next(self.net.parameters()).device
-        x = _to01(hu)[None, None].to(device)
+        device = next((q.device for q in self.net.parameters()), torch.device("cpu"))
+        x = _channels(hu, self.windows)[None].to(device)
         shape = tuple(hu.shape)
         if spacing is not None:  # resample to the training spacing, predict, resample back (nearest)
             size = [max(DIVISOR, round(n * s / t)) for n, s, t in zip(shape, spacing, self.spacing)]
             x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
         x, inner = _pad_to(x, DIVISOR)
-        logits = self.net(x)[..., : inner[0], : inner[1], : inner[2]]
+        roi = self.info.get("size") if self.info.get("context") else None  # trained on crops of this size
+        if roi is not None:  # windows like the training crops (instance norm statistics as in training)
+            logits = sliding_window_inference(x, list(roi), 4, self.net, overlap=0.5, mode="gaussian")
+        else:
+            logits = self.net(x)
+        logits = logits[..., : inner[0], : inner[1], : inner[2]]
         if logits.shape[2:] != shape:
             logits = F.interpolate(logits, size=shape, mode="trilinear", align_corners=False)
         lut = torch.tensor((0, *self.labels), dtype=torch.long)
         return lut[logits.argmax(1)[0].cpu()]
 
 
-def _net(n_classes: int) -> BasicUNet:
-    return BasicUNet(spatial_dims=3, in_channels=1, out_channels=n_classes, features=FEATURES)
+def _net(n_classes: int, in_channels: int = len(WINDOWS)) -> UNet:
+    return UNet(spatial_dims=3, in_channels=in_channels, out_channels=n_classes, channels=CHANNELS,
+                strides=STRIDES, num_res_units=1)
+
+
+def _legacy_net(n_classes: int) -> BasicUNet:
+    return BasicUNet(spatial_dims=3, in_channels=1, out_channels=n_classes, features=LEGACY_FEATURES)
 
 
 def _compact(label: np.ndarray, labels: Sequence[int]) -> np.ndarray:
@@ -82,37 +110,50 @@ def _compact(label: np.ndarray, labels: Sequence[int]) -> np.ndarray:
 
 
 def phantom_pool(n: int, size: Sequence[int], spacing: Sequence[float], seed: int,
-                 regions: Sequence[str] = REGIONS) -> list[Any]:
+                 regions: Sequence[str] = REGIONS, exclusive: bool = True) -> list[Any]:
     from maisi.data.phantom import make_phantom
 
-    return [make_phantom(regions[i % len(regions)], size=size, spacing=spacing, seed=seed + i) for i in range(n)]
+    return [make_phantom(regions[i % len(regions)], size=size, spacing=spacing, seed=seed + i, exclusive=exclusive)
+            for i in range(n)]
 
 
 def train_phantom_segmenter(out_path: str | Path, steps: int = 300, *, size: Sequence[int] = (48, 48, 48),
                             spacing: Sequence[float] = (4.0, 4.0, 4.0), n_phantoms: int = 16, batch: int = 2,
                             lr: float = 3e-3, seed: int = 0, labels: Sequence[int] = PHANTOM_LABELS,
-                            device: str | torch.device = "cpu",
+                            context: float = CONTEXT, device: str | torch.device = "cpu",
                             log: Callable[[str], None] | None = print) -> PhantomSegmenter:
-    """Train a tiny BasicUNet on `n_phantoms` phantoms (seeds seed.., regions in turn) for `steps` Adam steps
-    with Dice+CE, and save it to out_path (safetensors, settings in its metadata). Returns the segmenter."""
+    """Train a small UNet for `steps` Adam steps with Dice+CE on random `size` crops of `n_phantoms`
+    phantoms (seeds seed.., regions in turn) whose field of view is `context` × the crop, and save it to
+    out_path (safetensors, settings in its metadata). Returns the segmenter.
+
+    The phantoms keep every organ's label (exclusive=False: a chest phantom's liver dome is liver, not body), so
+    each label means one look; the crops put organs anywhere in the network's input, so it learns their look
+    rather than where a region-centred field of view puts them."""
     if steps < 1 or n_phantoms < 1 or batch < 1:
         raise ValueError("steps, n_phantoms and batch must be >= 1")
     if any(n % DIVISOR for n in size):
         raise ValueError(f"size must be a multiple of {DIVISOR} per axis, got {list(size)}")
+    if context < 1:
+        raise ValueError(f"context must be >= 1, got {context}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    pool = phantom_pool(n_phantoms, size, spacing, seed)
-    xs = torch.stack([_to01(torch.from_numpy(p.image))[None] for p in pool]).to(device)
-    ys = torch.stack([torch.from_numpy(_compact(p.label, labels))[None] for p in pool]).to(device)
+    full = [int(round(n * context)) for n in size]
+    pool = phantom_pool(n_phantoms, full, spacing, seed, exclusive=False)
+    # image channels and compact label in one tensor, so that one random crop cuts both alike
+    vols = [torch.cat([_channels(torch.from_numpy(p.image)),
+                       torch.from_numpy(_compact(p.label, labels)).float()[None]]) for p in pool]
+    crop = RandSpatialCrop(roi_size=list(size), random_size=False)
+    crop.set_random_state(seed=seed)
     net = _net(len(labels) + 1).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     start, loss = time.time(), torch.tensor(0.0)
     net.train()
     for step in range(1, steps + 1):
-        idx = torch.from_numpy(rng.choice(len(pool), size=min(batch, len(pool)), replace=False))
-        loss = loss_fn(net(xs[idx]), ys[idx])
+        idx = rng.choice(len(pool), size=min(batch, len(pool)), replace=False)
+        xy = torch.stack([convert_to_tensor(crop(vols[i]), track_meta=False) for i in idx]).to(device)
+        loss = loss_fn(net(xy[:, :-1]), xy[:, -1:].round().long())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -120,7 +161,7 @@ def train_phantom_segmenter(out_path: str | Path, steps: int = 300, *, size: Seq
         if log and (step % 25 == 0 or step == steps):
             log(f"step {step}/{steps}  loss {loss.item():.4f}  ({time.time() - start:.0f} s)")
     info = {"steps": steps, "final_loss": round(float(loss.item()), 5), "n_phantoms": n_phantoms,
-            "size": list(size), "seed": seed}
+            "size": list(size), "context": context, "seed": seed}
     seg = PhantomSegmenter(net.cpu().eval(), labels, spacing, info)
     save_segmenter(seg, out_path)
     return seg
@@ -128,7 +169,10 @@ def train_phantom_segmenter(out_path: str | Path, steps: int = 300, *, size: Seq
 
 def save_segmenter(seg: PhantomSegmenter, path: str | Path) -> Path:
     meta = {"kind": "maisi-phantom-segmenter", "labels": json.dumps(list(seg.labels)),
-            "spacing": json.dumps(list(seg.spacing)), "features": json.dumps(list(FEATURES)),
+            "spacing": json.dumps(list(seg.spacing)),
+            "network": json.dumps({"name": "UNet", "channels": list(CHANNELS), "strides": list(STRIDES),
+                                   "num_res_units": 1}),
+            "windows": json.dumps([list(w) for w in seg.windows]),
             "info": json.dumps(seg.info)}
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in seg.net.state_dict().items()}, str(tmp), metadata=meta)
@@ -150,11 +194,20 @@ def load_segmenter(path: str | Path) -> Segmenter:
         if meta.get("kind") != "maisi-phantom-segmenter":
             raise ValueError(f"{path}: a safetensors file but not a maisi phantom segmenter")
         labels = json.loads(meta["labels"])
-        if tuple(json.loads(meta.get("features", "[]"))) != FEATURES:
-            raise ValueError(f"{path}: segmenter features {meta.get('features')} differ from {list(FEATURES)}")
-        net = _net(len(labels) + 1)
+        if "network" in meta:
+            want = {"name": "UNet", "channels": list(CHANNELS), "strides": list(STRIDES), "num_res_units": 1}
+            if json.loads(meta["network"]) != want:
+                raise ValueError(f"{path}: segmenter network {meta['network']} differs from {want}")
+            windows = json.loads(meta["windows"])
+            net = _net(len(labels) + 1, len(windows))
+        else:  # written by the first version: a one-channel BasicUNet
+            if tuple(json.loads(meta.get("features", "[]"))) != LEGACY_FEATURES:
+                raise ValueError(f"{path}: segmenter features {meta.get('features')} differ from "
+                                 f"{list(LEGACY_FEATURES)}")
+            windows = LEGACY_WINDOWS
+            net = _legacy_net(len(labels) + 1)
         net.load_state_dict(load_file(str(path)))
-        return PhantomSegmenter(net, labels, json.loads(meta["spacing"]), json.loads(meta.get("info", "{}")))
+        return PhantomSegmenter(net, labels, json.loads(meta["spacing"]), json.loads(meta.get("info", "{}")), windows)
     try:
         module = torch.jit.load(str(path), map_location="cpu").eval()
     except (RuntimeError, ValueError) as e:
