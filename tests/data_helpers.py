@@ -1,5 +1,7 @@
 """Helpers for the data tests: a DICOM series writer and a stand-in VAE encoder."""
 
+import math
+
 import numpy as np
 import pydicom
 import torch
@@ -42,7 +44,12 @@ class PoolEncoder:
     def __init__(self):
         self.calls = 0
 
-    def encode_within(self, x, memory_gb=None):
+    def plan_within(self, op, shape, memory_gb):
+        from maisi.networks.memory import MemoryPlan
+
+        return MemoryPlan("unsplit", 4 * 2 * math.prod(shape) / 1024**3)
+
+    def encode_within(self, x, memory_gb=None, *, plan=None):
         self.calls += 1
         mu = torch.nn.functional.avg_pool3d(x, 4)
         sd = (torch.nn.functional.avg_pool3d(x * x, 4) - mu * mu).clamp_min(0).sqrt() + 0.01

@@ -29,7 +29,10 @@ class LabelIdsWarning(UserWarning):
 
 
 class Encoder(Protocol):
-    def encode_within(self, x: torch.Tensor, memory_gb: float | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def plan_within(self, op: str, shape: tuple[int, ...], memory_gb: float | None) -> Any: ...
+
+    def encode_within(self, x: torch.Tensor, memory_gb: float | None = None, *,
+                      plan: Any = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -290,9 +293,11 @@ def prepare_case(case: Case, out_dir: Path, cfg: PrepareConfig, encoder: Encoder
     if encoder is not None:
         with torch.no_grad():
             x = torch.from_numpy(image)[None, None].to(_device_of(encoder))
-            mu, sigma = encoder.encode_within(x, cfg.memory_gb)
+            plan = encoder.plan_within("encode", tuple(x.shape), cfg.memory_gb)  # unsplit, split or streaming
+            mu, sigma = encoder.encode_within(x, cfg.memory_gb, plan=plan)
             mu, sigma = mu.cpu(), sigma.cpu()
         side["latent"] = paths["latent"].name
+        side["encode_plan"] = plan.describe()
         side["latent_shape"] = list(mu.shape[1:])
         save_latents(paths["latent"], mu[0], sigma[0], {k: json.dumps(v) for k, v in side.items()})
     else:

@@ -10,6 +10,7 @@ from torch import nn
 
 from maisi.config import AutoencoderConfig
 from maisi.networks.split import _CONV, _MODE, Conv, Plan, SplitConv, conv_split, norm_affine, norm_pre
+from maisi.networks.stream import Store, StreamPlan, conv_tiled
 
 LOGVAR_RANGE = (-30.0, 20.0)
 Devices = Sequence[str | torch.device] | None
@@ -71,6 +72,21 @@ class ResBlock(nn.Module):
         pre2 = norm_pre(*norm_affine(self.norm2, h, plan), True, plan)
         return conv_split(h, self.conv2.conv, plan, pre=pre2, out=res, add=True), h
 
+    def stream(self, x: Store, plan: StreamPlan, device: torch.device) -> Store:
+        """Streaming inference (see networks.stream); consumes `x`."""
+        h = conv_tiled(x, self.conv1.conv, plan, pre=norm_pre(*x.affine(self.norm1), True, plan), device=device)
+        sc = None if isinstance(self.nin_shortcut, nn.Identity) else self.nin_shortcut.conv.conv
+
+        def residual(region, dev: torch.device) -> torch.Tensor:
+            rows = x.read(region, dev)
+            return rows if sc is None else _CONV[rows.ndim - 2](rows, plan.param(sc.weight, dev), plan.param(sc.bias, dev))
+
+        out = conv_tiled(h, self.conv2.conv, plan, pre=norm_pre(*h.affine(self.norm2), True, plan),
+                         residual=residual, residual_channels=x.channels, device=device)
+        h.close()
+        x.close()
+        return out
+
 
 class Downsample(nn.Module):
     """Pad (0, 1) on every spatial axis, then a stride-2 3×3×3 conv."""
@@ -85,6 +101,11 @@ class Downsample(nn.Module):
     def run(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
         return conv_split(x, self.conv.conv, plan)
 
+    def stream(self, x: Store, plan: StreamPlan, device: torch.device) -> Store:
+        y = conv_tiled(x, self.conv.conv, plan, device=device)
+        x.close()
+        return y
+
 
 class Upsample(nn.Module):
     """(Tri)linear ×2 upsampling followed by a 3×3×3 conv (fused per segment when split)."""
@@ -98,6 +119,11 @@ class Upsample(nn.Module):
 
     def run(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
         return conv_split(x, self.conv.conv, plan, upsample=True)
+
+    def stream(self, x: Store, plan: StreamPlan, device: torch.device) -> Store:
+        y = conv_tiled(x, self.conv.conv, plan, upsample=True, device=device)
+        x.close()
+        return y
 
 
 class Coder(nn.Module):
@@ -125,6 +151,26 @@ class Coder(nn.Module):
             else:
                 x, spare = block.run(x, plan), None
         return x
+
+    def stream(self, x: torch.Tensor, plan: StreamPlan) -> torch.Tensor:
+        """Streaming inference of one sample (1×C×...): every map in a Store, every conv tile by tile."""
+        device, last = x.device, len(self.blocks) - 1
+        store, pre = Store.of(x.to(plan.dtype)), None
+        for i, block in enumerate(self.blocks):
+            if isinstance(block, nn.GroupNorm):
+                pre = norm_pre(*store.affine(block), False, plan)
+            elif isinstance(block, SplitConv):
+                layer = block.conv
+                out = None
+                if i == last:  # the result stays in memory
+                    sizes = [layer.out_length(d) for d in store.sizes]
+                    out = Store(layer.conv.out_channels, sizes, plan.dtype, None)
+                y = conv_tiled(store, layer, plan, pre=pre, out=out, device=device)
+                store.close()
+                store, pre = y, None
+            else:
+                store = block.stream(store, plan, device)
+        return store.tensor().to(device)
 
 
 def _encoder(c: AutoencoderConfig) -> Coder:
@@ -217,11 +263,19 @@ class Autoencoder(nn.Module):
     def encode(
         self, x: torch.Tensor, *, num_splits: int | None = None, split_axis: int | None = None,
         devices: Devices = None, dtype: torch.dtype | None = None, channels_last: bool | None = None,
+        stream: StreamPlan | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image N×in×X×Y×Z (each axis a multiple of the downsample factor) → (mu, sigma) latents."""
+        """Image N×in×X×Y×Z (each axis a multiple of the downsample factor) → (mu, sigma) latents.
+
+        With `stream`, the encoder runs tile by tile with big maps out of core (networks.stream; its own
+        dtype and devices apply, the split options are ignored).
+        """
         self._check(x, self.config.in_channels, "image", self.config.downsample_factor)
         if self._grad_path(x):
             h = self.encoder(x)
+        elif stream is not None:
+            with torch.no_grad():
+                h = torch.cat([self.encoder.stream(x[i:i + 1], stream).float() for i in range(x.shape[0])])
         else:
             with torch.no_grad():
                 plan = self._plan(num_splits, split_axis, devices, dtype, channels_last, x.device)
@@ -233,11 +287,20 @@ class Autoencoder(nn.Module):
     def decode(
         self, z: torch.Tensor, *, num_splits: int | None = None, split_axis: int | None = None,
         devices: Devices = None, dtype: torch.dtype | None = None, channels_last: bool | None = None,
+        stream: StreamPlan | None = None,
     ) -> torch.Tensor:
-        """Latent N×latent×x×y×z → image N×out×(f·x)×(f·y)×(f·z), f the downsample factor."""
+        """Latent N×latent×x×y×z → image N×out×(f·x)×(f·y)×(f·z), f the downsample factor.
+
+        With `stream`, the decoder runs tile by tile with big maps out of core (see `encode`).
+        """
         self._check(z, self.config.latent_channels, "latent")
         if self._grad_path(z):
             return self.decoder(self.post_quant_conv(z))
+        if stream is not None:
+            with torch.no_grad():
+                h = self.post_quant_conv(z.float())
+                return torch.cat([self.decoder.stream(h[i:i + 1], stream).float().contiguous()
+                                  for i in range(z.shape[0])])
         with torch.no_grad():
             plan = self._plan(num_splits, split_axis, devices, dtype, channels_last, z.device)
             h = self.post_quant_conv(z.float()).to(plan.dtype)
@@ -249,14 +312,24 @@ class Autoencoder(nn.Module):
         z = mu + sigma * torch.randn_like(sigma) if self.training else mu
         return self.decode(z), mu, sigma
 
+    def plan_within(self, op: str, shape: tuple[int, ...], memory_gb: float | None, *,
+                    dtype: torch.dtype | None = None, scratch: str | None = None, device: str | torch.device | None = None):
+        """The fastest exact plan for `op` ("encode"/"decode") on `shape` within `memory_gb` (networks.memory);
+        `device` defaults to where the weights are."""
+        from maisi.networks.memory import plan_memory
+
+        device = device or next(self.parameters()).device
+        return plan_memory(self, op, tuple(shape), memory_gb, axis=self.config.split_axis,
+                           dtype=dtype or torch.float32, scratch=scratch, device=device)
+
     def encode_within(self, x: torch.Tensor, memory_gb: float | None = None, **kw) -> tuple[torch.Tensor, torch.Tensor]:
-        """`encode` with the fewest splits whose estimated peak fits `memory_gb` (see networks.memory)."""
+        """`encode` with the fastest exact plan whose estimated peak fits `memory_gb` (or `plan=`; networks.memory)."""
         from maisi.networks.memory import within
 
         return within(self, "encode", x, memory_gb, **kw)
 
     def decode_within(self, z: torch.Tensor, memory_gb: float | None = None, **kw) -> torch.Tensor:
-        """`decode` with the fewest splits whose estimated peak fits `memory_gb` (see networks.memory)."""
+        """`decode` with the fastest exact plan whose estimated peak fits `memory_gb` (or `plan=`; networks.memory)."""
         from maisi.networks.memory import within
 
         return within(self, "decode", z, memory_gb, **kw)

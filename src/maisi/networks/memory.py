@@ -1,13 +1,20 @@
-"""Peak-memory estimates for split encode/decode, and the memory-aware `encode_within`/`decode_within`."""
+"""The memory planner: peak estimates for every exact plan, and the memory-aware `encode_within`/`decode_within`.
+
+Plans, fastest first: unsplit, in-memory split (the fewest segments along one axis), streaming (3D tiles,
+big maps out of core; networks.stream). `plan_memory` picks the first whose estimated peak fits the budget.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from maisi.networks.split import SplitConv
+from maisi.networks.stream import StreamPlan, tile_working_set
 
 GB = 1024**3
 SAFETY = 1.1  # allocator slack over the layer-shape estimate (validated with ru_maxrss, README "Numbers")
@@ -80,6 +87,140 @@ def _candidates(max_len: int) -> list[int]:
     return list(range(1, max(1, max_len) + 1))
 
 
+def estimate_streaming(model: nn.Module, op: str, shape: tuple[int, ...], plan: StreamPlan,
+                       accelerator: bool = False) -> int:
+    """Estimated peak bytes of streaming `encode`/`decode` (`Coder.stream`) on an input of `shape`.
+
+    At each conv: the host-resident maps alive then (input, hidden and output of a ResBlock; maps larger
+    than `plan.resident_bytes` live on disk and cost only their tile), the tile working set of the edge
+    that conv will use, plus what is held throughout: weights, the caller's input and the result. On an
+    `accelerator` the maps live in host memory and only the device's share is counted.
+    """
+    from maisi.networks.autoencoder import Downsample, ResBlock, Upsample
+
+    b, nd = _bytes(plan.dtype), len(shape) - 2
+    n, spatial = shape[0], list(shape[2:])
+    weights = sum(p.numel() for p in model.parameters()) * (4 + (b if b != 4 else 0))
+
+    def held(c: int, sizes: list[int], first: bool = False) -> int:  # host bytes of one map
+        size = c * math.prod(sizes) * b
+        if accelerator:
+            return 0
+        return size if first or plan.scratch == "memory" or size <= plan.resident_bytes else 0
+
+    def tile(cin: int, cout: int, stride: int, up: bool, res: int = 0) -> int:
+        t = plan.edge(cin, cout, stride, 3, up, res, nd)
+        return tile_working_set(t, nd, cin, cout, stride, 3, up, res, plan.dtype)
+
+    coder = model.encoder if op == "encode" else model.decoder
+    c, first = shape[1], True
+    io = math.prod(spatial) * c * 4 * n + (0 if b == 4 else math.prod(spatial) * c * b)  # input (+ its cast)
+    peak = 0
+    for block in coder.blocks:
+        if isinstance(block, SplitConv):
+            cout = block.conv.conv.out_channels
+            peak = max(peak, held(c, spatial, first) + held(cout, spatial) + tile(c, cout, 1, False))
+            c, first = cout, False
+        elif isinstance(block, ResBlock):
+            cout = block.conv1.conv.conv.out_channels
+            x, h = held(c, spatial, first), held(cout, spatial)
+            peak = max(peak, x + h + tile(c, cout, 1, False), x + 2 * h + tile(cout, cout, 1, False, c))
+            c, first = cout, False
+        elif isinstance(block, Downsample | Upsample):
+            small, up = list(spatial), isinstance(block, Upsample)
+            spatial = [2 * d for d in spatial] if up else [(d + 1) // 2 for d in spatial]
+            peak = max(peak, held(c, small, first) + held(c, spatial) + tile(c, c, 1 if up else 2, up))
+            first = False
+    result = math.prod(spatial) * c * (b + 4 + 4) * n  # the final store, its fp32 copy, the batch cat
+    return int(SAFETY * (peak + weights + io + result))
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How `encode_within`/`decode_within` will run, and the estimated peak it was chosen by."""
+
+    kind: str  # "unsplit", "split", "streaming" or "sliding-window" (approximate)
+    estimated_gb: float
+    num_splits: int = 1
+    split_axis: int = 0
+    tile_mb: int | None = None  # streaming: per-tile working set
+    resident_mb: int | None = None  # streaming: maps up to this size stay in memory, larger ones on disk
+    scratch: str | None = None  # streaming: where the larger maps go ("memory": host memory)
+
+    def stream(self, dtype: torch.dtype, devices: tuple[torch.device, ...] = ()) -> StreamPlan:
+        return StreamPlan(tile_bytes=self.tile_mb * 1024**2, resident_bytes=self.resident_mb * 1024**2,
+                          scratch=self.scratch, dtype=dtype, devices=devices)
+
+    def describe(self) -> str:
+        est = f"estimated peak {self.estimated_gb:.2f} GB"
+        if self.kind == "streaming":
+            where = "host memory" if self.scratch == "memory" else f"scratch files in {self.scratch or 'the temp folder'}"
+            return (f"streaming (3D tiles of <= {self.tile_mb} MB working set; maps over {self.resident_mb} MB "
+                    f"in {where}), {est}")
+        if self.kind == "split":
+            return f"in-memory split ({self.num_splits} segments along axis {self.split_axis}), {est}"
+        return f"{self.kind}, {est}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+STREAM_TILE_MB = (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def plan_memory(model: nn.Module, op: str, shape: tuple[int, ...], memory_gb: float | None, *, axis: int = 0,
+                dtype: torch.dtype = torch.float32, scratch: str | Path | None = None,
+                device: str | torch.device = "cpu") -> MemoryPlan:
+    """The fastest exact plan whose estimated peak fits `memory_gb` (None: the config's split count).
+
+    The budget is the compute device's memory: on a CPU the process's, on a GPU the GPU's (streaming then
+    keeps its maps in host memory unless `scratch` names a folder). Raises ValueError naming the smallest
+    budget that would fit when nothing does.
+    """
+    accelerator = torch.device(device).type != "cpu"
+    if accelerator and scratch is None:
+        scratch = "memory"
+    gb = lambda x: x / GB  # noqa: E731
+    if memory_gb is None:
+        k = model.config.num_splits
+        est = estimate_peak(model, op, shape, k, axis, dtype)
+        return MemoryPlan("unsplit" if k == 1 else "split", gb(est), k, axis)
+    if not memory_gb > 0:
+        raise ValueError(f"memory_gb must be positive, got {memory_gb}")
+    budget = memory_gb * GB
+    factor = model.config.downsample_factor
+    max_len = shape[2 + axis] * (factor if op == "decode" else 1)
+    for k in _candidates(max_len):
+        est = estimate_peak(model, op, shape, k, axis, dtype)
+        if est <= budget:
+            return MemoryPlan("unsplit" if k == 1 else "split", gb(est), k, axis)
+    scratch = None if scratch is None else str(scratch)
+    best = None
+    for tile_mb in STREAM_TILE_MB:
+        floor = estimate_streaming(model, op, shape, StreamPlan(tile_bytes=tile_mb * 1024**2, resident_bytes=0,
+                                                                scratch=scratch, dtype=dtype), accelerator)
+        best = floor if best is None else min(best, floor)
+        if floor > budget:
+            continue
+        # keep maps in memory while they fit what the tiles leave: the fewer files, the less I/O
+        resident = max(0, int((budget - floor) / SAFETY / 3))
+        resident_mb = resident // 1024**2
+        plan = StreamPlan(tile_bytes=tile_mb * 1024**2, resident_bytes=resident_mb * 1024**2, scratch=scratch,
+                          dtype=dtype)
+        est = estimate_streaming(model, op, shape, plan, accelerator)
+        while est > budget and resident_mb > 0:
+            resident_mb //= 2
+            plan = StreamPlan(tile_bytes=tile_mb * 1024**2, resident_bytes=resident_mb * 1024**2, scratch=scratch,
+                              dtype=dtype)
+            est = estimate_streaming(model, op, shape, plan, accelerator)
+        return MemoryPlan("streaming", gb(est), tile_mb=tile_mb, resident_mb=resident_mb, scratch=scratch)
+    raise ValueError(
+        f"{op} of shape {tuple(shape)} needs at least {gb(best):.2f} GB (streaming with the smallest tiles); "
+        f"the budget is {memory_gb:.2f} GB. Raise memory_gb (--memory-gb) to {math.ceil(gb(best) * 100) / 100:.2f} "
+        "or more, or use a lower-precision dtype"
+    )
+
+
 def choose_splits(model: nn.Module, op: str, shape: tuple[int, ...], memory_gb: float, axis: int = 0,
                   dtype: torch.dtype = torch.float32) -> int:
     """The smallest num_splits whose estimated peak fits `memory_gb`; ValueError naming the minimum."""
@@ -100,27 +241,29 @@ def choose_splits(model: nn.Module, op: str, shape: tuple[int, ...], memory_gb: 
 
 def within(model: nn.Module, op: str, x: torch.Tensor, memory_gb: float | None, *, sliding_window: bool = False,
            roi_size: tuple[int, ...] | None = None, overlap: float = 0.25, split_axis: int | None = None,
-           **kw):
-    """Run `model.encode`/`model.decode` split so that the estimated peak fits `memory_gb` (None: config).
+           scratch: str | Path | None = None, plan: MemoryPlan | None = None, **kw):
+    """Run `model.encode`/`model.decode` with the fastest exact plan that fits `memory_gb` (see `plan_memory`),
+    or with `plan` when given.
 
-    With `sliding_window=True` and a budget no split count can meet, fall back to MONAI's
+    With `sliding_window=True` and a budget no exact plan can meet, fall back to MONAI's
     sliding_window_inference with Gaussian blending (approximate: seams are blended, not exact).
     """
     fn = model.encode if op == "encode" else model.decode
     axis = model.config.split_axis if split_axis is None else split_axis
+    dtype = kw.get("dtype") or torch.float32
     with torch.no_grad():
-        if memory_gb is None:
-            return fn(x, split_axis=axis, **kw)
-        if memory_gb <= 0:
-            raise ValueError(f"memory_gb must be positive, got {memory_gb}")
-        dtype = kw.get("dtype") or torch.float32
-        try:
-            k = choose_splits(model, op, tuple(x.shape), memory_gb, axis, dtype)
-        except ValueError:
-            if not sliding_window:
-                raise
-            return _sliding(model, op, x, memory_gb, roi_size, overlap, axis, kw)
-        return fn(x, num_splits=k, split_axis=axis, **kw)
+        if plan is None:
+            try:
+                plan = plan_memory(model, op, tuple(x.shape), memory_gb, axis=axis, dtype=dtype, scratch=scratch,
+                                   device=x.device)
+            except ValueError:
+                if not sliding_window:
+                    raise
+                return _sliding(model, op, x, memory_gb, roi_size, overlap, axis, kw)
+        if plan.kind == "streaming":
+            devices = tuple(torch.device(d) for d in kw.get("devices") or ())
+            return fn(x, stream=plan.stream(dtype, devices))
+        return fn(x, num_splits=plan.num_splits, split_axis=plan.split_axis, **kw)
 
 
 def _sliding(model, op, x, memory_gb, roi_size, overlap, axis, kw):

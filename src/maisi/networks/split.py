@@ -90,31 +90,41 @@ def norm_affine(norm: nn.GroupNorm, x: torch.Tensor, plan: Plan) -> tuple[torch.
     Statistics are exact over the whole tensor: a one-pass (Welford) fp32 mean/variance per channel and
     segment, merged into groups in fp64 with Chan's parallel formula, so nothing full-size is copied.
     """
-    n, c, g = x.shape[0], x.shape[1], norm.num_groups
-    dim, dims = plan.axis + 2, tuple(range(2, x.ndim))
-    counts, means, m2s = [], [], []
-    for a, b in plan.segments(x.shape[dim]):
-        seg = _narrow(x, dim, a, b)
-        var, mean = torch.var_mean(seg if seg.dtype == torch.float32 else seg.float(), dim=dims, correction=0)
-        cnt = seg[0, 0].numel()
-        counts.append(cnt)
-        means.append(mean.double())
-        m2s.append(var.double() * cnt)
-    rep = c // g
-    cnt = torch.tensor(counts, dtype=torch.float64, device=x.device).view(-1, 1, 1, 1)  # S,1,1,1
-    mean_p = torch.stack(means).view(-1, n, g, rep)  # S,N,G,rep: one part per (segment, channel)
-    m2_p = torch.stack(m2s).view(-1, n, g, rep)
+    dim = plan.axis + 2
+    parts = [channel_moments(_narrow(x, dim, a, b)) for a, b in plan.segments(x.shape[dim])]
+    return group_affine(norm, parts, x.ndim)
+
+
+Moments = tuple[int, torch.Tensor, torch.Tensor]  # (voxels per channel, mean N×C fp64, sum of squares N×C fp64)
+
+
+def channel_moments(seg: torch.Tensor) -> Moments:
+    """Per-(sample, channel) count, mean and M2 of one piece of a tensor (fp32 pass, fp64 result)."""
+    var, mean = torch.var_mean(seg if seg.dtype == torch.float32 else seg.float(), dim=tuple(range(2, seg.ndim)),
+                               correction=0)
+    cnt = seg[0, 0].numel()
+    return cnt, mean.double(), var.double() * cnt
+
+
+def group_affine(norm: nn.GroupNorm, parts: list[Moments], ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm as a per-(sample, channel) affine map from the moments of disjoint pieces (Chan's merge)."""
+    n, c = parts[0][1].shape
+    g, rep = norm.num_groups, c // norm.num_groups
+    device = parts[0][1].device
+    cnt = torch.tensor([p[0] for p in parts], dtype=torch.float64, device=device).view(-1, 1, 1, 1)  # S,1,1,1
+    mean_p = torch.stack([p[1] for p in parts]).view(-1, n, g, rep)  # S,N,G,rep: one part per (piece, channel)
+    m2_p = torch.stack([p[2] for p in parts]).view(-1, n, g, rep)
     total = cnt.sum() * rep
     mean = (cnt * mean_p).sum((0, 3)) / total  # N,G
     m2 = (m2_p + cnt * (mean_p - mean.view(1, n, g, 1)).square()).sum((0, 3))
     rstd = (m2 / total + norm.eps).rsqrt()
     mean_c = mean.repeat_interleave(rep, dim=1)
     rstd_c = rstd.repeat_interleave(rep, dim=1)
-    w = norm.weight.detach().double().to(x.device) if norm.affine else torch.ones(c, dtype=torch.float64)
-    b = norm.bias.detach().double().to(x.device) if norm.affine else torch.zeros(c, dtype=torch.float64)
+    w = norm.weight.detach().double().to(device) if norm.affine else torch.ones(c, dtype=torch.float64, device=device)
+    b = norm.bias.detach().double().to(device) if norm.affine else torch.zeros(c, dtype=torch.float64, device=device)
     scale = rstd_c * w
     shift = b - mean_c * scale
-    shape = (n, c) + (1,) * (x.ndim - 2)
+    shape = (n, c) + (1,) * (ndim - 2)
     return scale.float().view(shape), shift.float().view(shape)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from maisi.labels import REGIONS, TUMOR_HOSTS, modality_code, regions_in_mask
+from maisi.networks.memory import MemoryPlan
 from maisi.networks.precision import compute_dtype, for_inference
 from maisi.pipeline import masks as M
 from maisi.pipeline.models import Networks, load_networks
@@ -66,6 +67,7 @@ class Pipeline:
         self.progress = progress
         self.precision = precision
         self.dtype = compute_dtype(precision, self.device)
+        self.memory: MemoryPlan | None = None  # the decode plan of the current job (set by generate)
         if self.dtype != torch.float32:  # UNet/ControlNet weights in dtype (GroupNorm fp32); the steps stay fp32
             for net in (networks.unet, networks.controlnet):
                 if net is not None:
@@ -231,12 +233,19 @@ class Pipeline:
         bar.close()
         return z
 
+    def decode_plan(self, plan: Plan) -> MemoryPlan:
+        """How one sample of `plan` will be decoded within `request.memory_gb` (networks.memory)."""
+        shape = (1, *self.latent_shape(plan))
+        return self.nets.autoencoder.plan_within("decode", shape, plan.request.memory_gb, dtype=self.dtype)
+
     @torch.inference_mode()
-    def decode(self, z: torch.Tensor, memory_gb: float | None, desc: str = "") -> np.ndarray:
+    def decode(self, z: torch.Tensor, memory_gb: float | None, desc: str = "",
+               memory: MemoryPlan | None = None) -> np.ndarray:
         """Latents → images in [0, 1] through the VAE's memory-aware decoder, one sample at a time."""
         out = []
         for i in self._bar_iter(range(z.shape[0]), f"decoding{desc}"):
-            x = self.nets.autoencoder.decode_within(z[i:i + 1] / self.nets.scale_factor, memory_gb, dtype=self.dtype)
+            x = self.nets.autoencoder.decode_within(z[i:i + 1] / self.nets.scale_factor, memory_gb, dtype=self.dtype,
+                                                    plan=memory)
             out.append(x[0, 0].float().cpu().numpy())
         return np.stack(out)
 
@@ -265,6 +274,8 @@ class Pipeline:
         or attempt can have, and the a-th ranked database mask (a user mask stays). `on_event` receives one line
         per failed attempt (the library itself prints nothing)."""
         plan = plan or self.plan(request)
+        self.memory = self.decode_plan(plan)  # before any sampling: a budget nothing fits fails here
+        _emit(on_event, f"decoder: {self.memory.describe()}")
         env_rank, env_world = world_from_env()
         rank = env_rank if rank is None else rank
         world_size = env_world if world_size is None else world_size
@@ -296,7 +307,7 @@ class Pipeline:
             masks = [m for _, _, m in todo]
             z = self.sample_latents(plan, [s for _, s, _ in todo], masks, [self._regions(plan, m) for m in masks], desc)
             retry = []
-            for (k, s, m), img in zip(todo, self.decode(z, r.memory_gb, desc)):
+            for (k, s, m), img in zip(todo, self.decode(z, r.memory_gb, desc, self.memory)):
                 label = None if m is None else m.label
                 hu = to_hu(img, label)
                 quality = check_quality(hu, label) if r.quality_check else {
@@ -333,7 +344,8 @@ class Pipeline:
         image = to_int16(hu)
         label = None if mask is None else mask.label
         model = {"config": self.config.name, "scale_factor": self.nets.scale_factor, "weights": self.nets.sources,
-                 "precision": self.precision}
+                 "precision": self.precision,
+                 "decode_plan": self.memory and self.memory.as_dict()}
         files = {} if out is None else self._files(Path(out), seed)
         rec = sample_record(index=k, seed=seed, image_seed=image_seed, plan=replace(plan, regions=self._regions(plan, mask)), model=model,
                             mask=None if mask is None else mask.source, quality=quality, attempts=attempts,
