@@ -1,6 +1,8 @@
 """Streaming encode/decode (networks.stream) equals the unsplit computation; the planner picks it when needed."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -128,3 +130,24 @@ def test_streaming_estimate_stays_flat_while_the_in_memory_one_grows():
     # only the 1-channel result grows: 512x512x768 fp32 is 0.8 GB (+ its copies)
     assert s_large - s_small < 4 * 4 * (512 * 512 * 768 - 256**3) * 1.1
     assert s_large < 8 * GB
+
+
+def test_file_store_pages_do_not_pile_up_in_the_resident_set(tmp_path):
+    """A 400 MB map written and read back tile by tile raises the process's peak RSS by far less than 400 MB."""
+    code = f"""
+import resource, torch
+from maisi.networks.stream import Store
+s = Store(64, (128, 128, 96), torch.float32, {str(tmp_path)!r})
+tile = torch.ones(1, 64, 8, 128, 96)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for a in range(0, 128, 8):
+    s.write(((a, a + 8), (0, 128), (0, 96)), tile * a)
+total = 0.0
+for a in range(0, 128, 8):
+    total += float(s.read(((a, a + 8), (0, 128), (0, 96)), torch.device("cpu"))[0, 0, 0, 0, 0])
+assert total == sum(range(0, 128, 8)) * 8 / 8, total
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert float(res.stdout.strip()) < 150  # MB; the map itself is 400 MB

@@ -12,10 +12,13 @@ memory is the tiles' working set plus the input and the output, whatever the vol
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import itertools
 import math
 import mmap
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +85,28 @@ class StreamPlan:
         return 1
 
 
+_HEAP_BOUNDED = False
+
+
+def bound_heap(threshold: int = 4 * 1024**2) -> None:
+    """Make glibc hand every freed allocation of `threshold` bytes or more back to the OS at once.
+
+    glibc raises its mmap threshold after large frees, so tile-sized temporaries move onto the heap, and
+    the small long-lived objects allocated between them (tile moments, Python objects) pin the freed space:
+    the resident set then grows by about one tile per tile. A fixed M_MMAP_THRESHOLD keeps each big buffer
+    in its own mapping. Process-wide, set once, only when a streaming pass runs; a no-op off glibc.
+    """
+    global _HEAP_BOUNDED
+    if _HEAP_BOUNDED or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+    _HEAP_BOUNDED = True
+
+
 def _size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -107,6 +132,7 @@ class Store:
     """
 
     def __init__(self, channels: int, sizes: Sequence[int], dtype: torch.dtype, folder: str | Path | None):
+        bound_heap()
         self.channels, self.sizes, self.dtype = int(channels), tuple(int(s) for s in sizes), dtype
         self.moments: list[Moments] = []
         self._file = self._map = None
