@@ -17,7 +17,7 @@ from maisi.networks.split import SplitConv
 from maisi.networks.stream import StreamPlan, tile_working_set
 
 GB = 1024**3
-SAFETY = 1.1  # allocator slack over the layer-shape estimate (validated with ru_maxrss, README "Numbers")
+SAFETY = 1.1  # allocator slack over the layer-shape estimate (validated with ru_maxrss, docs/autoencoder.md "Numbers")
 
 
 def _bytes(dtype: torch.dtype) -> int:

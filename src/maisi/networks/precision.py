@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -16,7 +18,20 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("fp16 is for GPUs (PyTorch's CPU fp16 convolutions are slow or missing); "
                          "on a CPU use bf16 or fp32")
+    if precision == "bf16" and device.type == "cpu" and not native_cpu_bf16():
+        warnings.warn(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16: PyTorch's bf16 3D "
+                      "convolutions run hundreds of times slower than fp32 here; use fp32", SlowPrecisionWarning,
+                      stacklevel=2)
     return PRECISIONS[precision]
+
+
+class SlowPrecisionWarning(UserWarning):
+    """The precision asked for has no fast kernels on this device."""
+
+
+def native_cpu_bf16() -> bool:
+    """Whether PyTorch's CPU kernels use AVX-512 (with BF16/AMX where present) rather than an emulated bf16."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def for_inference(model: nn.Module, dtype: torch.dtype = torch.bfloat16, channels_last: bool = False) -> nn.Module:
