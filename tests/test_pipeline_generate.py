@@ -272,3 +272,22 @@ def test_hub_mask_database_preferred_for_released_models_only(released_files, pi
     assert asked[0] == ("rflow-ct", (f"datasets/all_masks_{RELEASED}.zip", f"datasets/candidate_masks_{RELEASED}.json"))
     monkeypatch.setattr(M, "local_set", lambda name, **kw: local_set("none", **kw))  # nothing downloaded: phantoms
     assert released.plan(req()).mask_database is None
+
+
+def test_decode_plan_follows_the_budget_and_is_logged_and_recorded(pipe, database, tmp_path):
+    """A budget below the in-memory split's floor streams; the image equals the unsplit decode."""
+    from maisi.networks.memory import estimate_peak
+
+    base = req(mask_database=str(database), seed=5, size=(64, 32, 32), quality_check=False)
+    (plain,) = pipe.generate(base)
+    shape = (1, *pipe.latent_shape(pipe.plan(base)))
+    floor = min(estimate_peak(pipe.nets.autoencoder, "decode", shape, k) for k in range(1, 65)) / 1024**3
+    lines: list[str] = []
+    (streamed,) = pipe.generate(replace(base, memory_gb=floor * 0.9), out=tmp_path, on_event=lines.append)
+    assert any(line.startswith("decoder: streaming") for line in lines)
+    rec = json.loads(streamed.files["record"].read_text())
+    assert rec["model"]["decode_plan"]["kind"] == "streaming"
+    assert rec["model"]["decode_plan"]["estimated_gb"] <= floor * 0.9
+    assert np.abs(streamed.image.astype(int) - plain.image.astype(int)).max() <= 1  # HU, int16 rounding
+    with pytest.raises(ValueError, match="needs at least"):
+        pipe.generate(replace(base, memory_gb=1e-6))

@@ -24,6 +24,7 @@ from maisi.pipeline.validation import (
     Plan,
     anatomy_ids,
     attempt_seed,
+    check_files,
     check_geometry,
     check_numbers,
     check_sampler,
@@ -273,9 +274,11 @@ class Pipeline:
         uses seed `attempt_seed(seed, a)` = seed + a·2^28 (attempt 0: the sample's seed), which no other sample
         or attempt can have, and the a-th ranked database mask (a user mask stays). `on_event` receives one line
         per failed attempt (the library itself prints nothing)."""
+        check_files(request, out)  # a bad `out` or mask fails here, before any compute
         plan = plan or self.plan(request)
         self.memory = self.decode_plan(plan)  # before any sampling: a budget nothing fits fails here
-        _emit(on_event, f"decoder: {self.memory.describe()}")
+        if request.memory_gb is not None:  # the plan the budget chose (always in the record)
+            _emit(on_event, f"decoder: {self.memory.describe()}")
         env_rank, env_world = world_from_env()
         rank = env_rank if rank is None else rank
         world_size = env_world if world_size is None else world_size
