@@ -1,5 +1,6 @@
 """A corpus of bad inputs fed to every entry point in-process: each is refused with exit 2, a message that names
-the file, no traceback, no partial output and no code run; plus umask-respecting writes and foreign label ids."""
+the file, no traceback, no partial output and no code run; plus umask-respecting writes and foreign label ids.
+docs/inputs.md lists these checks; keep the two in step."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ from maisi.io.atomic import atomic_write_text
 from maisi.io.volume import affine_from_spacing, read_volume, write_volume
 from maisi.networks import build
 from maisi.networks.controlnet import ControlNet
+from maisi.pipeline.models import Networks
+from maisi.pipeline.pipeline import Pipeline
+from maisi.pipeline.validation import GenerationRequest
+from train_support import latent_datalist
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -124,9 +129,18 @@ def test_read_volume_refuses_bad_volumes(tmp_path, kind):
     assert str(tmp_path / "v.nii.gz") in str(err.value)
 
 
+TRAIN_VAE = ["--config", "tiny", "--steps", "1", "--patch", "16", "--perceptual-weight", "0", "--disc-layers", "1",
+             "--device", "cpu", "--no-progress", "--no-tensorboard"]
+
+
+def _datalist(path: Path, entries: list[dict]) -> Path:
+    path.write_text(json.dumps({"training": [{k: str(v) for k, v in e.items()} for e in entries]}))
+    return path
+
+
 @pytest.mark.parametrize("kind", list(BAD_VOLUMES))
 @pytest.mark.parametrize("entry", ["prepare", "fid", "diversity", "reconstruction", "quality", "consistency",
-                                   "generate --mask"])
+                                   "generate --mask", "train vae"])
 def test_bad_volume_refused_at_every_entry_point(tmp_path, capsys, good, tiny_vae, kind, entry):
     folder, bad = _bad_set(tmp_path, good, kind)
     out = tmp_path / "out"
@@ -134,6 +148,7 @@ def test_bad_volume_refused_at_every_entry_point(tmp_path, capsys, good, tiny_va
     labels.mkdir()
     for n in ("p0", "bad"):  # a good label map for each image
         (labels / f"{n}_label.nii.gz").write_bytes((good / "p0_label.nii.gz").read_bytes())
+    datalist = _datalist(tmp_path / "train.json", [{"image": p} for p in sorted(folder.iterdir())])
     argv = {
         "prepare": ["prepare", "--input", str(folder), "--out", str(out), "--multiple-of", "16", "--region", "abdomen"],
         "fid": ["evaluate", "fid", "--real", str(good), "--fake", str(folder), "--out", str(out)],
@@ -144,8 +159,21 @@ def test_bad_volume_refused_at_every_entry_point(tmp_path, capsys, good, tiny_va
         "consistency": ["evaluate", "consistency", "--images", str(folder), "--masks", str(labels),
                         "--segmenter", str(tmp_path / "no_segmenter_needed.safetensors"), "--out", str(out)],
         "generate --mask": ["generate", "--mask", str(bad), "--out", str(out), "--steps", "1", "--no-progress"],
+        "train vae": ["train", "vae", "--data", str(datalist), "--out", str(out), *TRAIN_VAE],
     }[entry]
     _refused(capsys, main(argv), bad, out, BAD_VOLUMES[kind][1])
+
+
+def test_controlnet_training_refuses_a_bad_label_map_before_the_run_folder(tmp_path, capsys, released):
+    """The label maps a ControlNet run reads are checked with the datalist, before the UNet loads or --out exists."""
+    datalist = latent_datalist(tmp_path / "data", n=2, labels=True)
+    bad = tmp_path / "data" / "case1_label.nii.gz"
+    _nan(bad)
+    out = tmp_path / "run"
+    rc = main(["train", "controlnet", "--data", str(datalist), "--out", str(out), "--unet", str(released["unet"]),
+               "--config", "tiny", "--steps", "1", "--device", "cpu", "--no-progress", "--no-tensorboard"])
+    err = _refused(capsys, rc, bad, out, "NaN or infinite")
+    assert "case0_label" not in err  # the good label map is not blamed
 
 
 def test_bad_label_maps_refused(tmp_path, capsys, good):
@@ -173,10 +201,11 @@ def test_quality_never_reports_a_pass_it_did_not_measure(tmp_path, capsys, good)
     lab[4:12, 4:12, 4:12] = 62  # a MAISI organ outside every quality group
     write_volume(labels / "p0_label.nii.gz", lab, AFFINE, np.uint8)
     out = tmp_path / "out"
-    rc = main(["evaluate", "quality", "--images", str(images), "--labels", str(labels), "--out", str(out), "--quiet"])
+    rc = main(["evaluate", "quality", "--images", str(images), "--labels", str(labels), "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 1
     assert "0/1 volumes passed" in printed and "NOT CHECKED" in printed
+    assert "p0_image.nii.gz: NOT CHECKED" in printed and "FAIL" not in printed  # the progress line too
     summary = json.loads((out / "quality.json").read_text())["summary"]
     assert summary["passed"] == 0 and summary["not_checked"] == 1
 
@@ -266,9 +295,15 @@ def test_pickle_with_code_is_refused_and_never_run(tmp_path, capsys, good, relea
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def good_datalist(tmp_path_factory, good) -> Path:
+    return _datalist(tmp_path_factory.mktemp("datalist") / "train.json",
+                     [{"image": good / f"p{s}_image.nii.gz"} for s in (0, 1)])
+
+
 @pytest.mark.parametrize("where", ["existing file", "under a file"])
-@pytest.mark.parametrize("entry", ["generate", "prepare", "diversity"])
-def test_bad_out_refused_before_any_work(tmp_path, capsys, good, where, entry):
+@pytest.mark.parametrize("entry", ["generate", "prepare", "diversity", "train vae"])
+def test_bad_out_refused_before_any_work(tmp_path, capsys, good, good_datalist, where, entry):
     blocker = tmp_path / "taken.nii.gz"
     blocker.write_bytes(b"someone else's file")
     out = blocker if where == "existing file" else blocker / "sub"
@@ -276,9 +311,52 @@ def test_bad_out_refused_before_any_work(tmp_path, capsys, good, where, entry):
         "generate": ["generate", "--out", str(out), "--steps", "1", "--no-progress", "--num-samples", "1"],
         "prepare": ["prepare", "--input", str(good), "--out", str(out), "--multiple-of", "16"],
         "diversity": ["evaluate", "diversity", "--data", str(good), "--out", str(out)],
+        "train vae": ["train", "vae", "--data", str(good_datalist), "--out", str(out), *TRAIN_VAE],
     }[entry]
     _refused(capsys, main(argv), out, None, "file")
     assert blocker.read_bytes() == b"someone else's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.nii.gz"]
+
+
+@pytest.mark.parametrize("where", ["existing folder", "under a file"])
+def test_segmenter_out_path_refused_before_training(tmp_path, capsys, where):
+    blocker = tmp_path / "taken"
+    if where == "existing folder":
+        blocker.mkdir()
+        out = blocker
+    else:
+        blocker.write_bytes(b"someone else's file")
+        out = blocker / "seg.safetensors"
+    rc = main(["evaluate", "train-segmenter", "--out-path", str(out), "--steps", "1", "--phantoms", "1",
+               "--size", "16", "16", "16"])
+    _refused(capsys, rc, out, None, "folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    if where == "existing folder":
+        assert not any(blocker.iterdir())
+    else:
+        assert blocker.read_bytes() == b"someone else's file"
+
+
+@pytest.mark.parametrize("where", ["existing file", "under a file"])
+def test_library_generate_checks_out_before_any_compute(tmp_path, random_tiny_networks, monkeypatch, where):
+    """Pipeline.generate called from Python (not the CLI) refuses a bad `out` before sampling."""
+    blocker = tmp_path / "taken.nii.gz"
+    blocker.write_bytes(b"someone else's file")
+    out = blocker if where == "existing file" else blocker / "sub"
+    nets = random_tiny_networks()
+    sources = {c: {"path": "<memory>", "sha256": "0" * 64, "format": "maisi"} for c in nets}
+    pipe = Pipeline(Networks(nets["autoencoder"], nets["unet"], nets["controlnet"], TINY, 1.0, sources,
+                             trained_schedule="rflow"), device="cpu", progress=False)
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("sampling started before `out` was checked")
+
+    monkeypatch.setattr(pipe, "sample_latents", no_compute)
+    request = GenerationRequest(size=(32, 32, 32), spacing=(8.0, 8.0, 8.0), steps=1, mask_source="none",
+                                quality_check=False)
+    with pytest.raises(ValueError, match="file") as err:
+        pipe.generate(request, out=out)
+    assert str(out) in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.nii.gz"]
 
 

@@ -23,6 +23,7 @@ from maisi.config import preset, save_json
 from maisi.data.prepare import save_latents
 from maisi.data.preview import save_preview
 from maisi.evaluation.report import write_report
+from maisi.io.atomic import STALE_AFTER, atomic_write_text
 from maisi.io.checkpoint import WEIGHTS_FILE, save_pretrained
 from maisi.io.volume import read_volume, write_volume
 from maisi.pipeline.record import write_record
@@ -112,7 +113,7 @@ def test_a_write_killed_midway_leaves_the_previous_file(kind, tmp_path, monkeypa
 
 def test_a_volume_write_killed_by_sigkill_leaves_the_previous_volume(tmp_path):
     """A real `kill -9` midway (no cleanup can run): the target is the old volume; at most a hidden temporary
-    file (.image.nii.gz.*.tmp.nii.gz) is left beside it."""
+    file (.image.nii.gz.*.tmp.nii.gz) is left beside it, which a later write of the target removes."""
     target = _volume(tmp_path, 1)
     script = textwrap.dedent("""
         import os, signal, sys
@@ -131,5 +132,40 @@ def test_a_volume_write_killed_by_sigkill_leaves_the_previous_volume(tmp_path):
     done = subprocess.run([sys.executable, "-c", script, str(target)], env=env, capture_output=True, timeout=120)
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()
     np.testing.assert_array_equal(read_volume(target).array, np.full((4, 4, 4), 1))
-    left = [p.name for p in tmp_path.iterdir() if p != target]
-    assert all(n.startswith(".image.nii.gz.") and ".tmp" in n for n in left), left
+    left = [p for p in tmp_path.iterdir() if p != target]
+    assert left and all(p.name.startswith(".image.nii.gz.") and ".tmp" in p.name for p in left), left
+    _volume(tmp_path, 3)  # the next write, while the leftover is fresh: kept (it could be a live writer's)
+    assert all(p.exists() for p in left)
+    for p in left:  # an hour later, its writer is dead: the next write of the same target removes it
+        os.utime(p, (p.stat().st_atime, p.stat().st_mtime - STALE_AFTER - 60))
+    _volume(tmp_path, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.nii.gz"]
+
+
+def _temp(folder: Path, name: str, age: float) -> Path:
+    p = folder / name
+    p.write_bytes(b"half a file")
+    os.utime(p, (p.stat().st_atime, p.stat().st_mtime - age))
+    return p
+
+
+DEAD = 2**22 + 7  # above Linux's largest pid_max: no such process
+
+
+@pytest.mark.parametrize("name, age, removed", [
+    (f".a.json.{DEAD}-abcd_123.tmp", 2 * STALE_AFTER, True),  # a killed writer's, an hour old: removed
+    (".a.json.abcd_123.tmp", 2 * STALE_AFTER, True),  # the same, named before the PID was in the name
+    (f".a.json.{DEAD}-abcd_123.tmp", 60, False),  # a minute old: its writer may still be writing (another machine)
+    (f".a.json.{os.getpid()}-abcd_123.tmp", 2 * STALE_AFTER, False),  # a live process's
+    (f".b.json.{DEAD}-abcd_123.tmp", 2 * STALE_AFTER, False),  # another target's
+    (f".a.json.{DEAD}-abcd_123.tmp.gz", 2 * STALE_AFTER, False),  # another suffix: not this writer's
+    (".a.json.tmp", 2 * STALE_AFTER, False),  # not a name the writer makes
+    (f".a.json.x.{DEAD}-abcd_123.tmp", 2 * STALE_AFTER, False),  # the target a.json.x's
+], ids=["stale", "stale-old-name", "fresh", "live-pid", "other-target", "other-suffix", "not-a-temp", "longer-name"])
+def test_the_next_write_removes_stale_temporary_files_of_its_target(tmp_path, name, age, removed):
+    """A temporary file left by a `kill -9` goes with the next write of its target, once an hour old and not a
+    live process's; nothing else beside the target is touched."""
+    temp = _temp(tmp_path, name, age)
+    atomic_write_text(tmp_path / "a.json", "{}")
+    assert temp.exists() != removed
+    assert (tmp_path / "a.json").read_text() == "{}"

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from maisi.evaluation.report import bar_chart, histogram_chart, markdown_table, write_report
-from maisi.io.atomic import check_output_dir
+from maisi.io.atomic import check_output_dir, check_output_file
 
 Log = Callable[[str], None] | None
 
@@ -86,6 +86,7 @@ def consistency(args: argparse.Namespace, log: Log) -> int:
 def train_segmenter(args: argparse.Namespace, log: Log) -> int:
     from maisi.evaluation.segmenter import train_phantom_segmenter
 
+    check_output_file(args.out_path, "segmenter file (--out-path)")  # before any work
     seg = train_phantom_segmenter(args.out_path, args.steps, size=args.size, spacing=args.spacing,
                                   n_phantoms=args.phantoms, seed=args.seed, device=args.device, log=log or print)
     print(f"wrote {args.out_path} (labels {list(seg.labels)}, final loss {seg.info['final_loss']})")

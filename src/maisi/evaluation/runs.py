@@ -117,7 +117,11 @@ def evaluate_quality(pairs: Sequence[tuple[Path, Path]], log: Log = None) -> dic
         r = quality_check(hu, read_label(label_path, hu.shape))
         reports.append({"image": str(image_path), **r})
         if log:
-            log(f"{Path(image_path).name}: {'pass' if r['passed'] else 'FAIL ' + ', '.join(r['failed'])}")
+            if r["passed"] is None:  # nothing was measured: neither a pass nor a FAIL
+                verdict = "NOT CHECKED (" + r["reason"].removeprefix("not checked: ") + ")"
+            else:
+                verdict = "pass" if r["passed"] else "FAIL " + ", ".join(r["failed"])
+            log(f"{Path(image_path).name}: {verdict}")
     return {"summary": summarise_quality(reports), "volumes": reports}
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,6 +32,19 @@ def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
+def check_output_file(path: str | Path, what: str = "output file") -> Path:
+    """Refuse, without creating anything, an output file that is an existing folder, lies under a file or whose
+    folder cannot be created or written; an existing file is allowed (it is replaced atomically at the end)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputLocationError(f"{path}: the {what} is an existing folder; give a file path")
+    try:
+        check_output_dir(path.parent, "folder")
+    except OutputLocationError as e:
+        raise OutputLocationError(f"{path}: cannot write the {what}: {e}") from None
+    return path
+
+
 def file_mode() -> int:
     """The mode any tool gives a new file: 0666 minus the process umask (read without changing it on Linux)."""
     try:
@@ -43,17 +58,53 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
+# A temporary file is named .NAME.PID-XXXXXXXX.tmpSUFFIX (older versions: .NAME.XXXXXXXX.tmpSUFFIX; XXXXXXXX is
+# mkstemp's). One left by a killed writer (`kill -9`, power loss) is removed by the next successful write of NAME
+# once it is STALE_AFTER seconds old and its PID is not a live process here. The age is what makes it safe: on a
+# shared file system the PID may belong to another machine, and a live writer touches its file as it writes.
+STALE_AFTER = 3600.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # another user's live process (or a number os.kill cannot take: keep the file)
+    return True
+
+
+def remove_stale_temps(path: str | Path, suffix: str = "", older_than: float = STALE_AFTER) -> list[Path]:
+    """Remove the temporary files of target `path` (written with `suffix`) that killed writers left behind:
+    older than `older_than` seconds (by mtime) and not owned by a live process of this machine. Returns them."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)-)?[a-z0-9_]{{8}}\.tmp{re.escape(suffix)}")
+    cutoff, removed = time.time() - older_than, []
+    with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+        for e in entries:
+            m = pattern.fullmatch(e.name)
+            if not m or not e.is_file(follow_symlinks=False) or (m[1] and _pid_alive(int(m[1]))):
+                continue
+            with contextlib.suppress(OSError):  # gone already, or not ours to remove: leave it
+                if e.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(e.path)
+                    removed.append(Path(e.path))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it replaces `path` atomically.
 
-    On any exception the temporary file is removed and the target is left as it was.
+    On any exception the temporary file is removed and the target is left as it was; after a success, stale
+    temporary files of the same target left by killed writers are removed (`remove_stale_temps`).
     `suffix` keeps the extension a writer may need (e.g. ".nii.gz"). The file gets the umask's mode
     (e.g. 0644 under umask 022), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -65,6 +116,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    remove_stale_temps(path, suffix)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], suffix: str = "") -> Path:

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from maisi import labels
 from maisi.data.datalist import read_datalist  # noqa: F401  (the one datalist reader; re-exported)
+from maisi.io.volume import check_volume_file
 from maisi.training.state import item_of_sample, sample_generator
 
 HU_RANGE = (-1000.0, 1000.0)
@@ -31,6 +32,22 @@ def require_files(entries: Sequence[dict[str, Any]], keys: Sequence[str]) -> Non
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise FileNotFoundError("; ".join(problems[:5]) + more)
+
+
+def check_volumes(entries: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
+    """Every entry's volume for each key exists and passes check_volume_file (readable 3D, voxel size,
+    orientation, finite voxels), before any work; the error names every refused file with its rule."""
+    require_files(entries, keys)
+    problems = []
+    for e in entries:
+        for k in keys:
+            try:
+                check_volume_file(e[k])
+            except ValueError as err:
+                problems.append(f"{e['_where']} ({k}): {err}")
+    if problems:
+        raise ValueError(f"{len(problems)} training file(s) refused before any work (fix them or remove their "
+                         "entries):\n  " + "\n  ".join(problems))
 
 
 def normalise(array: np.ndarray, intensity: str) -> np.ndarray:

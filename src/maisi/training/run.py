@@ -9,12 +9,21 @@ from typing import Any
 import torch
 
 from maisi.config import load_model_config
+from maisi.io.atomic import check_output_dir
 from maisi.networks.weights import WeightSources, load_component, merge, resolve
 from maisi.training import distributed as D
-from maisi.training.data import ImagePatches, LatentCases, SampleDataset, latent_std, read_datalist
+from maisi.training.data import (
+    ImagePatches,
+    LatentCases,
+    SampleDataset,
+    check_volumes,
+    latent_std,
+    read_datalist,
+)
 from maisi.training.loop import LoopOptions, prepare_run_dir, training_loop
 
 COMPONENT = {"vae": "autoencoder", "diffusion": "unet", "controlnet": "controlnet"}
+VOLUMES = {"vae": ("image",), "diffusion": (), "controlnet": ("label",)}  # datalist volumes each stage reads
 
 
 def _weights(args: argparse.Namespace) -> WeightSources | None:
@@ -37,6 +46,19 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("run",)}
 
 
+def check_inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The run folder and the training data, before anything is loaded or created: --out can be created or
+    written (not a file, not under a file) and every volume of the datalist passes check_volume_file.
+    Returns the datalist's entries."""
+    if args.stage == "vae" and (len(args.patch_switch) != len(args.patch) - 1
+                                or list(args.patch_switch) != sorted(args.patch_switch)):
+        raise ValueError(f"--patch-switch needs {len(args.patch) - 1} increasing step(s) for --patch {args.patch}")
+    check_output_dir(args.out, "run folder (--out)")
+    entries = read_datalist(args.data)
+    check_volumes(entries, VOLUMES[args.stage])
+    return entries
+
+
 def run_stage(args: argparse.Namespace) -> dict[str, float]:
     """Train the stage `args.stage` asks for; returns the last logged metrics."""
     from maisi.networks import build
@@ -45,13 +67,13 @@ def run_stage(args: argparse.Namespace) -> dict[str, float]:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    entries = check_inputs(args)  # a bad file or --out fails here: no weights loaded, no run folder made
     world = D.init(args.device)
     try:
         precision = args.precision if args.precision != "auto" else ("bf16" if world.device.type == "cuda" else "fp32")
         component = COMPONENT[args.stage]
         weights = _weights(args)  # --config, else the checkpoints' own config, else their preset
         config = weights.config(args.config) if weights else load_model_config(args.config or "tiny")
-        entries = read_datalist(args.data)
         opts = LoopOptions(
             run_dir=args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
             checkpoint_every=args.checkpoint_every, log_every=args.log_every,
@@ -68,8 +90,6 @@ def run_stage(args: argparse.Namespace) -> dict[str, float]:
         if args.stage == "vae":
             from maisi.training.vae import VAEOptions, VAEStage
 
-            if len(args.patch_switch) != len(args.patch) - 1 or list(args.patch_switch) != sorted(args.patch_switch):
-                raise ValueError(f"--patch-switch needs {len(args.patch) - 1} increasing step(s) for --patch {args.patch}")
             source = ImagePatches(entries, list(zip([0, *args.patch_switch], args.patch)), args.batch_size,
                                   intensity=args.intensity)
             vopts = VAEOptions(
