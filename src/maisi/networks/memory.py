@@ -154,9 +154,11 @@ class MemoryPlan:
     def describe(self) -> str:
         est = f"estimated peak {self.estimated_gb:.2f} GB"
         if self.kind == "streaming":
-            where = "host memory" if self.scratch == "memory" else f"scratch files in {self.scratch or 'the temp folder'}"
-            return (f"streaming (3D tiles of <= {self.tile_mb} MB working set; maps over {self.resident_mb} MB "
-                    f"in {where}), {est}")
+            if self.scratch == "memory":
+                maps = "feature maps in host memory"
+            else:
+                maps = f"maps over {self.resident_mb} MB in scratch files in {self.scratch or 'the temp folder'}"
+            return f"streaming (3D tiles of <= {self.tile_mb} MB working set; {maps}), {est}"
         if self.kind == "split":
             return f"in-memory split ({self.num_splits} segments along axis {self.split_axis}), {est}"
         return f"{self.kind}, {est}"
