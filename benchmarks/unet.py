@@ -148,6 +148,8 @@ def main() -> int:
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "unet.json"),
+                   help="results file")
     args = p.parse_args()
     if args.prepare:
         _prepare(args.folder)
@@ -159,6 +161,7 @@ def main() -> int:
     nets = [n for n in args.nets.split(",") if n]
     if bad := [n for n in nets if n not in NETS]:
         p.error(f"unknown nets {bad}; choose from {NETS}")
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as folder:
         subprocess.run([sys.executable, os.path.abspath(__file__), "--prepare", "--folder", folder], check=True)
         print(f"rflow-ct, batch 1, {args.threads} threads; time: median of {args.repeats} forwards after a warm-up, "
@@ -179,9 +182,28 @@ def main() -> int:
                     extra = "" if impl == "monai" else f"{diff:10.2e} {rel:9.2e}"
                     print(f"{net:8s} {f'4x{latent}^3':>7s} {impl:10s} {wall:7.2f} {ratio:8.2f} "
                           f"{mem[impl]['peak_gb']:7.2f} {extra}", flush=True)
+                    rows.append({"net": net, "latent": latent, "impl": impl, "wall_s": wall, "vs_monai": ratio,
+                                 "peak_gb": mem[impl]["peak_gb"], "times_s": res[impl],
+                                 **({} if impl == "monai" else {"max_abs_diff": diff, "rel_err": rel})})
                 print(f"  (max |MONAI output| = {ref_max:.3g}; diffs vs MONAI, ours-bf16's vs ours fp32; "
                       f"times {json.dumps({k: [round(v, 2) for v in res[k]] for k in IMPLS})})", flush=True)
+    _write(args, rows)
     return 0
+
+
+def _write(args, rows: list[dict]) -> None:
+    import platform
+
+    import torch
+
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    doc = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+           "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),
+                       "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__},
+           "rows": rows}
+    with open(args.json, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
