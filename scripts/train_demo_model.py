@@ -37,7 +37,7 @@ def main() -> None:
                         controlnet_steps=a.controlnet_steps, controlnet_lr=a.controlnet_lr, init=a.init,
                         device=a.device, workers=a.workers)
     t0 = time.perf_counter()
-    model = train_demo(a.work, recipe)
+    model = train_demo(a.work, recipe, log=print)
     print(f"trained {model} in {time.perf_counter() - t0:.0f} s")
     if not a.no_install:
         dst = demo_model_dir()

@@ -72,7 +72,7 @@ def test_preprocess_clip_resample_pad():
     assert x.shape == (12, 8, 8) and float(x.max()) == 1.0 and float(x.min()) == 0.0
     assert float(x[0].max()) == 0.0  # padded with air
     assert pad_or_crop(torch.ones(3, 3, 3), (5, 1, 3)).shape == (5, 1, 3)
-    with pytest.raises(ValueError, match="center fraction"):
+    with pytest.raises(ValueError, match="center_fraction"):
         FIDSettings(center_fraction=0)
 
 

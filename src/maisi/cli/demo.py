@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     recipe = DemoRecipe(phantoms_per_region=2, vae_steps=max(1, args.steps // 2), diffusion_steps=args.steps,
                         controlnet_steps=max(1, args.steps // 3), seed=args.seed)
-    model = train_demo(args.out, recipe, progress=not args.no_progress)
+    model = train_demo(args.out, recipe, progress=not args.no_progress, log=lambda m: print(m, flush=True))
     print(f"trained model: {model} ({time.perf_counter() - t0:.0f} s)")
     pipe = Pipeline.from_pretrained(model, device="cpu", progress=not args.no_progress)
     request = GenerationRequest(body_region=("chest",), num_samples=args.num_samples, seed=args.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 DATA_HELP = "a folder of NIfTI files (images/labels told apart by _label/_mask/_seg), a datalist .json or one file"
 
@@ -11,6 +12,11 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--out", default=default_out, help=f"report folder (default {default_out})")
     p.add_argument("--key", default=None, help="datalist list to read (default: testing, validation or training)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def flag(field: str) -> str:
+    """The flag of an option field: every field of the evaluation options is its flag's dest (out_path: --out-path)."""
+    return "--" + field.replace("_", "-")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -72,8 +78,58 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _triple(values: list | None) -> tuple | None:
+    return tuple(values) if values else None
+
+
+def options_from_args(args: argparse.Namespace) -> Any:
+    """The typed options of `args.metric`: each field from the flag of its name; --cache none → cache=False."""
+    from maisi.evaluation.fid import FIDSettings
+    from maisi.evaluation.options import (
+        ConsistencyOptions,
+        DiversityOptions,
+        FIDOptions,
+        QualityOptions,
+        ReconstructionOptions,
+        SegmenterOptions,
+    )
+
+    a = args
+    if a.metric == "fid":
+        cache = True if not a.cache else False if a.cache.lower() == "none" else a.cache
+        settings = FIDSettings(spacing=_triple(a.spacing), size=_triple(a.size), center_fraction=a.center_fraction,
+                               batch=a.batch)
+        return FIDOptions(real=a.real, fake=a.fake, out=a.out, extractor=a.extractor, settings=settings, cache=cache,
+                          device=a.device, key=a.key)
+    if a.metric == "consistency":
+        return ConsistencyOptions(images=a.images, masks=a.masks, segmenter=a.segmenter, out=a.out, key=a.key)
+    if a.metric == "reconstruction":
+        return ReconstructionOptions(vae=a.vae, data=a.data, preset=a.preset, memory_gb=a.memory_gb, device=a.device,
+                                     out=a.out, key=a.key)
+    if a.metric == "diversity":
+        return DiversityOptions(data=a.data, size=_triple(a.size), max_pairs=a.max_pairs, out=a.out, key=a.key)
+    if a.metric == "quality":
+        return QualityOptions(images=a.images, labels=a.labels, reference_images=a.reference_images,
+                              reference_labels=a.reference_labels, out=a.out, key=a.key)
+    return SegmenterOptions(out_path=a.out_path, steps=a.steps, phantoms=a.phantoms, size=tuple(a.size),
+                            spacing=tuple(a.spacing), seed=a.seed, device=a.device)
+
+
 def run(args: argparse.Namespace) -> int:
-    from maisi.evaluation.commands import COMMANDS
+    from maisi.evaluation import evaluate
+    from maisi.evaluation.errors import OptionError
 
     log = None if getattr(args, "quiet", False) else (lambda m: print(m, flush=True))
-    return COMMANDS[args.metric](args, log)
+    try:
+        options = options_from_args(args)
+        if args.metric == "train-segmenter":
+            seg = evaluate.train_segmenter(options, log)
+            print(f"wrote {args.out_path} (labels {list(seg.labels)}, final loss {seg.info['final_loss']})")
+            return 0
+        report = evaluate.EVALUATIONS[args.metric](options, log)
+    except OptionError as e:  # the library names option fields; the command line shows its flags
+        raise ValueError(e.worded({f: flag(f) for f in e.fields})) from None
+    print(report.summary)
+    if log:
+        log("report: " + ", ".join(str(p) for p in report.files))
+    return 0 if report.passed else 1

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from maisi.evaluation.errors import OptionError
 from maisi.evaluation.inputs import read_hu
 from maisi.io.atomic import atomic_path
 
@@ -34,13 +35,13 @@ class FIDSettings:
 
     def __post_init__(self):
         if not 0 < self.center_fraction <= 1:
-            raise ValueError(f"center fraction must be in (0, 1], got {self.center_fraction}")
+            raise OptionError(f"{{center_fraction}} must be in (0, 1], got {self.center_fraction}", "center_fraction")
         if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
-            raise ValueError(f"spacing needs 3 positive values (mm), got {self.spacing}")
+            raise OptionError(f"{{spacing}} needs 3 positive values (mm), got {self.spacing}", "spacing")
         if self.size is not None and (len(self.size) != 3 or min(self.size) < 1):
-            raise ValueError(f"size needs 3 positive voxel counts, got {self.size}")
+            raise OptionError(f"{{size}} needs 3 positive voxel counts, got {self.size}", "size")
         if self.batch < 1:
-            raise ValueError(f"batch must be >= 1, got {self.batch}")
+            raise OptionError(f"{{batch}} must be >= 1, got {self.batch}", "batch")
 
     def key(self) -> dict[str, Any]:
         d = asdict(self)
@@ -225,8 +226,8 @@ def fid_25d(real: dict[str, torch.Tensor], fake: dict[str, torch.Tensor]) -> dic
     for p in PLANES:
         for name, f in (("real", real), ("synthetic", fake)):
             if f[p].shape[0] < 2:
-                raise ValueError(f"{name} set has {f[p].shape[0]} non-empty {p.upper()} slices; FID needs at least 2 "
-                                 f"(more volumes, or a larger --center-fraction)")
+                raise OptionError(f"{name} set has {f[p].shape[0]} non-empty {p.upper()} slices; FID needs at least 2 "
+                                  "(more volumes, or a larger {center_fraction})", "center_fraction")
         out[p] = fid_from_features(real[p], fake[p])
     out["mean"] = float(np.mean([out[p] for p in PLANES]))
     return out

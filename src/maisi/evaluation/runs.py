@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from maisi.evaluation.errors import OptionError
 from maisi.evaluation.fid import FIDSettings, pad_or_crop, preprocess_volume
 from maisi.evaluation.inputs import read_hu, read_label
 from maisi.evaluation.metrics import dice_per_label, ms_ssim, ms_ssim_settings, reconstruction_metrics
@@ -94,7 +95,8 @@ def evaluate_diversity(paths: Sequence[Path], size: Sequence[int] | None = None,
     vols = [preprocess_volume(*read_hu(p), settings) for p in paths]
     shapes = {tuple(v.shape) for v in vols}
     if len(shapes) > 1:
-        raise ValueError(f"volumes differ in shape {sorted(shapes)}; pass --size X Y Z to pad/crop them to one")
+        raise OptionError(f"volumes differ in shape {sorted(shapes)}; pass {{size}} X Y Z to pad/crop them to one",
+                          "size")
     pairs = list(itertools.combinations(range(len(vols)), 2))
     if len(pairs) > max_pairs:
         rng = np.random.default_rng(seed)

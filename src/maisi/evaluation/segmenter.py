@@ -6,7 +6,6 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ from monai.utils import convert_to_tensor
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from maisi.data.phantom import Phantom, make_phantom
 from maisi.io.atomic import atomic_path
 
 # A segmenter maps an X×Y×Z HU tensor (optionally with its voxel spacing, keyword `spacing`) to an integer
@@ -110,9 +110,7 @@ def _compact(label: np.ndarray, labels: Sequence[int]) -> np.ndarray:
 
 
 def phantom_pool(n: int, size: Sequence[int], spacing: Sequence[float], seed: int,
-                 regions: Sequence[str] = REGIONS, exclusive: bool = True) -> list[Any]:
-    from maisi.data.phantom import make_phantom
-
+                 regions: Sequence[str] = REGIONS, exclusive: bool = True) -> list[Phantom]:
     return [make_phantom(regions[i % len(regions)], size=size, spacing=spacing, seed=seed + i, exclusive=exclusive)
             for i in range(n)]
 
@@ -121,7 +119,7 @@ def train_phantom_segmenter(out_path: str | Path, steps: int = 300, *, size: Seq
                             spacing: Sequence[float] = (4.0, 4.0, 4.0), n_phantoms: int = 16, batch: int = 2,
                             lr: float = 3e-3, seed: int = 0, labels: Sequence[int] = PHANTOM_LABELS,
                             context: float = CONTEXT, device: str | torch.device = "cpu",
-                            log: Callable[[str], None] | None = print) -> PhantomSegmenter:
+                            log: Callable[[str], None] | None = None) -> PhantomSegmenter:
     """Train a small UNet for `steps` Adam steps with Dice+CE on random `size` crops of `n_phantoms`
     phantoms (seeds seed.., regions in turn) whose field of view is `context` × the crop, and save it to
     out_path (safetensors, settings in its metadata). Returns the segmenter.

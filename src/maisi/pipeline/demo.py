@@ -1,13 +1,24 @@
-"""The demo recipe: phantoms → VAE → latents → diffusion UNet → ControlNet, with the project's own commands."""
+"""The demo recipe: phantoms → VAE → latents → diffusion UNet → ControlNet, with the project's own library."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from maisi.data.phantom import make_phantom, write_datalist, write_phantom
+from maisi.data.prepare import PrepareConfig, plan_cases, prepare_all
 from maisi.io.atomic import atomic_write_text
+from maisi.networks.weights import load_component
+from maisi.training.options import ControlNetTrainOptions, DiffusionTrainOptions, VAETrainOptions
+from maisi.training.run import run_stage
+
+Log = Callable[[str], None] | None
 
 DEMO_REGIONS = ("chest", "abdomen", "pelvis", "head_neck", "chest-abdomen")
 # Phantoms with one tumour each (region, tumour), so the ControlNet learns to draw what `--tumor` inpaints.
@@ -37,55 +48,78 @@ class DemoRecipe:
     workers: int = 0  # data-loading processes per training run
 
 
-def _cli(*argv: str) -> None:
-    from maisi.cli import main
-
-    code = main(list(argv))
-    if code:
-        raise RuntimeError(f"`maisi {' '.join(argv)}` failed with exit code {code}")
+def _say(log: Log, msg: str) -> None:
+    if log:
+        log(msg)
 
 
-def train_demo(folder: str | Path, recipe: DemoRecipe = DemoRecipe(), progress: bool = True) -> Path:
+def write_demo_phantoms(out: Path, recipe: DemoRecipe, log: Log = None) -> Path:
+    """The demo's phantoms (DEMO_REGIONS, then DEMO_TUMORS) and their datalist in `out`; returns the datalist."""
+    r = recipe
+    jobs = [(region, (), r.phantoms_per_region if "-" not in region else max(1, r.phantoms_per_region // 2),
+             r.seed + 100 * i) for i, region in enumerate(DEMO_REGIONS)]
+    if r.tumor_phantoms:
+        jobs += [(region, (tumor,), r.tumor_phantoms, r.seed + 1000 + 100 * i)
+                 for i, (region, tumor) in enumerate(DEMO_TUMORS)]
+    entries: dict[str, dict] = {}
+    for region, tumors, n, first_seed in jobs:
+        for seed in range(first_seed, first_seed + n):
+            ph = make_phantom(region, r.size, r.spacing, seed=seed, tumors=tumors)
+            entry = write_phantom(ph, out, f"phantom_{ph.region.replace('-', '_')}_s{seed:04d}")
+            entries[entry["image"]] = entry
+            _say(log, f"{out / entry['image']}: {ph.region}, {list(ph.image.shape)} voxels at {list(ph.spacing)} mm, "
+                      f"{len(set(ph.label.ravel().tolist())) - 1} labels")
+    datalist = write_datalist(out / "datalist.json", list(entries.values()))
+    _say(log, f"datalist: {datalist} ({len(entries)} cases)")
+    return datalist
+
+
+def encode_latents(datalist: Path, out: Path, vae: Path, multiple_of: int, log: Log = None) -> Path:
+    """The VAE latents of the datalist's cases (`maisi prepare` without resampling); returns their datalist."""
+    cases = plan_cases(datalist, out)  # bad inputs or folder refused before the VAE loads
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # as `maisi prepare` without --device
+    encoder = load_component(vae, "autoencoder", None, device)
+    report = prepare_all(cases, out, PrepareConfig(multiple_of=multiple_of), encoder.model,
+                         str(Path(encoder.source["path"]).resolve()), log=log or (lambda _: None))
+    _say(log, f"prepared {len(report['done'])}, skipped {len(report['skipped'])} (already done), "
+              f"failed {len(report['failed'])}; datalist: {out / 'datalist.json'}")
+    if report["failed"]:
+        raise RuntimeError(f"preparing the demo latents failed: {report['failed']}")
+    return out / "datalist.json"
+
+
+def train_demo(folder: str | Path, recipe: DemoRecipe = DemoRecipe(), progress: bool = True,
+               log: Log = None) -> Path:
     """Run the whole training story into `folder` and assemble a model folder `folder/model`
-    (autoencoder/, unet/, controlnet/, generation.json); re-running resumes every stage."""
+    (autoencoder/, unet/, controlnet/, generation.json); re-running resumes every stage. `progress`: progress
+    bars of the training stages; `log`: one line per phantom and prepared case."""
     folder = Path(folder)
     r = recipe
-    quiet = [] if progress else ["--no-progress"]
     phantoms, latents, runs = folder / "phantoms", folder / "latents", folder / "runs"
     if not (phantoms / "datalist.json").is_file():
-        geometry = ["--size", str(r.size), "--spacing", str(r.spacing), "--out", str(phantoms)]
-        for i, region in enumerate(DEMO_REGIONS):
-            n = r.phantoms_per_region if "-" not in region else max(1, r.phantoms_per_region // 2)
-            _cli("phantom", "--region", region, "--num", str(n), "--seed", str(r.seed + 100 * i), *geometry)
-        for i, (region, tumor) in enumerate(DEMO_TUMORS):
-            if r.tumor_phantoms:
-                _cli("phantom", "--region", region, "--tumor", tumor, "--num", str(r.tumor_phantoms),
-                     "--seed", str(r.seed + 1000 + 100 * i), *geometry)
-    common = ["--no-tensorboard", "--checkpoint-every", "200", "--seed", str(r.seed), "--device", r.device,
-              "--workers", str(r.workers), *quiet]
-    init = (lambda comp: ["--init", str(Path(r.init) / comp)]) if r.init else (lambda comp: [])
-    vae = ["train", "vae", "--data", str(phantoms / "datalist.json"), "--perceptual-weight", "0",
-           "--adv-weight", str(r.adv_weight), *common]
+        write_demo_phantoms(phantoms, r, log)
+    common: dict[str, Any] = dict(tensorboard=False, checkpoint_every=200, seed=r.seed, device=r.device,
+                                  workers=r.workers, progress=progress)
+    init = (lambda comp: str(Path(r.init) / comp)) if r.init else (lambda comp: None)
+    vae: dict[str, Any] = dict(data=phantoms / "datalist.json", perceptual_weight=0, adv_weight=r.adv_weight, **common)
     vae_export = runs / "vae" / "export"
     if r.vae_steps:
-        _cli(*vae, "--config", r.config, *init("autoencoder"), "--out", str(runs / "vae"), "--steps", str(r.vae_steps),
-             "--patch", str(min(r.size, 32)), "--batch-size", "2", "--lr", str(r.vae_lr))
+        run_stage(VAETrainOptions(**vae, config=r.config, init=init("autoencoder"), out=runs / "vae",
+                                  steps=r.vae_steps, patch=(min(r.size, 32),), batch_size=2, lr=r.vae_lr))
     if r.vae_whole_steps:  # whole volumes at a fifth of the rate; the KL sum grows with the patch, so weigh it less
         first = vae_export if r.vae_steps else Path(r.init or "") / "autoencoder"
-        _cli(*vae, "--init", str(first), "--out", str(runs / "vae_whole"), "--steps", str(r.vae_whole_steps),
-             "--patch", str(r.size), "--batch-size", "1", "--lr", str(r.vae_lr / 5), "--kl-weight", "4e-9",
-             "--lr-power", "1")
+        run_stage(VAETrainOptions(**vae, init=str(first), out=runs / "vae_whole", steps=r.vae_whole_steps,
+                                  patch=(r.size,), batch_size=1, lr=r.vae_lr / 5, kl_weight=4e-9, lr_power=1.0))
         vae_export = runs / "vae_whole" / "export"
     if not (latents / "datalist.json").is_file():
-        _cli("prepare", "--input", str(phantoms / "datalist.json"), "--out", str(latents),
-             "--vae", str(vae_export), "--multiple-of", str(r.size))
-    _cli("train", "diffusion", "--config", r.config, *init("unet"), "--data", str(latents / "datalist.json"),
-         "--out", str(runs / "diffusion"), "--steps", str(r.diffusion_steps), "--batch-size", "2", "--lr", "1e-3",
-         "--ema-decay", "0.99",  # short runs: a 0.999 average would still hold much of the random start
-         *common)
-    _cli("train", "controlnet", *init("controlnet"), "--data", str(latents / "datalist.json"),
-         "--unet", str(runs / "diffusion" / "export"), "--out", str(runs / "controlnet"),
-         "--steps", str(r.controlnet_steps), "--batch-size", "2", "--lr", str(r.controlnet_lr), *common)
+        encode_latents(phantoms / "datalist.json", latents, vae_export, r.size, log)
+    run_stage(DiffusionTrainOptions(config=r.config, init=init("unet"), data=latents / "datalist.json",
+                                    out=runs / "diffusion", steps=r.diffusion_steps, batch_size=2, lr=1e-3,
+                                    ema_decay=0.99,  # short runs: a 0.999 average would still hold much of the start
+                                    **common))
+    run_stage(ControlNetTrainOptions(init=init("controlnet"), data=latents / "datalist.json",
+                                     unet=str(runs / "diffusion" / "export"), out=runs / "controlnet",
+                                     steps=r.controlnet_steps, batch_size=2, lr=r.controlnet_lr, **common))
     return assemble_model(runs, folder / "model", r, vae_export)
 
 

@@ -1,0 +1,88 @@
+"""The evaluations as library functions: typed options in, a Report out, nothing printed; errors name fields."""
+
+import json
+
+import numpy as np
+import pytest
+
+from maisi.cli import main
+from maisi.data.phantom import make_phantom, write_phantom
+from maisi.evaluation import evaluate
+from maisi.evaluation.errors import OptionError
+from maisi.evaluation.fid import FIDSettings
+from maisi.evaluation.options import DiversityOptions, QualityOptions, Report, SegmenterOptions
+from maisi.io.volume import affine_from_spacing, write_volume
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    for s in (0, 1):
+        write_phantom(make_phantom("abdomen", size=24, spacing=7.0, seed=s), root, f"p{s}")
+    return root
+
+
+@pytest.mark.parametrize("name, options", [
+    ("diversity", lambda d, out: DiversityOptions(data=d, out=out)),
+    ("quality", lambda d, out: QualityOptions(images=d, labels=d, reference_images=d, reference_labels=d, out=out)),
+])
+def test_evaluations_are_typed_functions_that_print_nothing(phantoms, tmp_path, capsys, name, options):
+    lines = []
+    report = evaluate.EVALUATIONS[name](options(phantoms, tmp_path / "rep"), log=lines.append)
+    assert isinstance(report, Report) and report.name == name and report.passed
+    assert capsys.readouterr() == ("", "")  # progress went to `log`, the summary is returned
+    assert len(lines) >= 1 and report.summary
+    assert {p.name for p in report.files} >= {f"{name}.json", f"{name}.md"} and all(p.is_file() for p in report.files)
+    assert json.loads((tmp_path / "rep" / f"{name}.json").read_text()) == json.loads(json.dumps(report.data))
+    # without a log: silent too, and the same numbers
+    again = evaluate.EVALUATIONS[name](options(phantoms, tmp_path / "rep2"))
+    assert capsys.readouterr() == ("", "") and again.data == report.data
+
+
+def _mismatched(tmp_path):
+    mixed = tmp_path / "mixed"
+    write_volume(mixed / "x.nii.gz", np.zeros((20, 20, 20), np.float32), affine_from_spacing((1, 1, 1)))
+    write_volume(mixed / "y.nii.gz", np.zeros((20, 20, 24), np.float32), affine_from_spacing((1, 1, 1)))
+    return mixed
+
+
+# (case, library call, argv, the field the library names, the flag the CLI names instead)
+CASES = [
+    ("quality reference without labels",
+     lambda p, t: QualityOptions(images=p, labels=p, reference_images=p, out=t),
+     lambda p, t: ["evaluate", "quality", "--images", str(p), "--labels", str(p), "--reference-images", str(p),
+                   "--out", str(t)],
+     "reference_labels", "--reference-labels"),
+    ("diversity shapes differ",
+     lambda p, t: evaluate.diversity(DiversityOptions(data=_mismatched(t), out=t)),
+     lambda p, t: ["evaluate", "diversity", "--data", str(_mismatched(t)), "--out", str(t)],
+     "pass size X Y Z", "pass --size X Y Z"),
+    ("segmenter out_path is a folder",
+     lambda p, t: evaluate.train_segmenter(SegmenterOptions(out_path=t, steps=1, phantoms=1, size=(16, 16, 16))),
+     lambda p, t: ["evaluate", "train-segmenter", "--out-path", str(t), "--steps", "1", "--phantoms", "1",
+                   "--size", "16", "16", "16"],
+     "(out_path)", "(--out-path)"),
+    ("fid center_fraction",
+     lambda p, t: FIDSettings(center_fraction=0),
+     lambda p, t: ["evaluate", "fid", "--real", str(p), "--fake", str(p), "--center-fraction", "0", "--out", str(t)],
+     "center_fraction must be in (0, 1]", "--center-fraction must be in (0, 1]"),
+]
+
+
+@pytest.mark.parametrize("case, call, argv, field, flag", CASES, ids=[c[0] for c in CASES])
+def test_library_errors_name_fields_and_the_cli_names_flags(phantoms, tmp_path, capsys, case, call, argv, field, flag):
+    with pytest.raises(OptionError) as e:
+        call(phantoms, tmp_path)
+    assert field in str(e.value) and "--" not in str(e.value)
+    assert main(argv(phantoms, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert flag in err and field not in err and "Traceback" not in err
+
+
+def test_option_error_words_only_its_placeholders():
+    e = OptionError("{size} for /data/size/{x}.nii: got {size}", "size")
+    assert str(e) == "size for /data/size/{x}.nii: got size"
+    assert e.worded({"size": "--size"}) == "--size for /data/size/{x}.nii: got --size"
+    assert isinstance(e, ValueError) and e.fields == ("size",)
