@@ -97,7 +97,7 @@ def test_vae_patch_curriculum(data, tmp_path):
         ("no-datalist", "no datalist"),
         ("bad-switch", "--patch-switch"),
         ("bad-config", "unknown preset"),
-        ("bad-lr-power", "--lr-power >= 0"),
+        ("bad-lr-power", "--lr-power must be >= 0"),
     ],
 )
 def test_vae_bad_input_is_a_clean_error(data, tmp_path, capsys, case, message):

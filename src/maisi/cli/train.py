@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import re
+from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from maisi.training.options import StageOptions
+
+INVERTED = {"progress": "--no-progress", "tensorboard": "--no-tensorboard"}  # fields set by a flag's absence
 
 
 def _common(p: argparse.ArgumentParser, lr: float, batch: int) -> None:
@@ -81,8 +89,37 @@ def _latent_args(p: argparse.ArgumentParser) -> None:
                    help="latent scale (default: the --init/--unet checkpoint's, else 1/std of the latents)")
 
 
+def options_from_args(args: argparse.Namespace) -> StageOptions:
+    """The stage's training options from the parsed flags (each flag's dest is the field's name)."""
+    from maisi.training.options import STAGES
+
+    cls = STAGES[args.stage]
+    names = {f.name for f in fields(cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names}
+    return cls(**values, progress=not args.no_progress, tensorboard=not args.no_tensorboard)
+
+
+def flags_of(cls: type) -> dict[str, str]:
+    """Field name → the flag that sets it, for every field of a stage's options."""
+    return {f.name: "--" + f.name.replace("_", "-") for f in fields(cls)} | INVERTED
+
+
+def flagged(message: str, flags: dict[str, str]) -> str:
+    """A library message put in the user's words: the field that leads it, and any snake_case field named
+    in it, become their flags ("lr_power must be >= 0" → "--lr-power must be >= 0")."""
+    head = re.match(r"[a-z]\w*", message)
+    if head and head.group() in flags:
+        message = flags[head.group()] + message[head.end():]
+    snake = "|".join(sorted((f for f in flags if "_" in f), key=len, reverse=True))
+    return re.sub(rf"\b({snake})\b", lambda m: flags[m.group()], message) if snake else message
+
+
 def run(args: argparse.Namespace) -> int:
+    from maisi.training.options import STAGES
     from maisi.training.run import run_stage
 
-    run_stage(args)
+    try:
+        run_stage(options_from_args(args))
+    except ValueError as e:
+        raise ValueError(flagged(str(e), flags_of(STAGES[args.stage]))) from e
     return 0

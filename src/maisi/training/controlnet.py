@@ -30,13 +30,17 @@ class ControlNetOptions:
 
     def __post_init__(self) -> None:
         if self.tumor_weight < 1:
-            raise ValueError(f"--tumor-weight must be >= 1, got {self.tumor_weight}")
-        if self.contrastive_weight < 0 or self.contrastive_delta <= 0:
-            raise ValueError("--contrastive-weight must be >= 0 and --contrastive-delta > 0")
+            raise ValueError(f"tumor_weight must be >= 1, got {self.tumor_weight}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.contrastive_weight < 0:
+            raise ValueError(f"contrastive_weight must be >= 0, got {self.contrastive_weight}")
+        if self.contrastive_delta <= 0:
+            raise ValueError(f"contrastive_delta must be > 0, got {self.contrastive_delta}")
         if self.contrastive_weight > 0:
             missing = [t for t in self.tumor_labels if t not in TUMOR_HOSTS]
             if missing:
-                raise ValueError(f"the contrastive loss replaces tumours by their host organ; no host is known "
+                raise ValueError(f"tumor_labels: the contrastive loss replaces tumours by their host organ; no host is known "
                                  f"for label(s) {missing}; known tumours: {sorted(TUMOR_HOSTS)}")
 
 

@@ -18,6 +18,8 @@ from maisi.io.volume import check_volume_file
 from maisi.training.state import item_of_sample, sample_generator
 
 HU_RANGE = (-1000.0, 1000.0)
+INTENSITIES = ("ct", "percentile")  # how image intensities map to [0, 1] (see normalise)
+LATENT_USES = ("mean", "sample")  # what a latent case trains on: mu, or mu + sigma·eps
 
 
 def require_files(entries: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
@@ -59,7 +61,7 @@ def normalise(array: np.ndarray, intensity: str) -> np.ndarray:
         lo, hi = (float(v) for v in np.percentile(a, [0.5, 99.5]))
         hi = max(hi, lo + 1e-6)
     else:
-        raise ValueError(f"intensity must be 'ct' or 'percentile', got {intensity!r}")
+        raise ValueError(f"intensity must be {' or '.join(map(repr, INTENSITIES))}, got {intensity!r}")
     return np.clip((a - lo) / (hi - lo), 0.0, 1.0)
 
 
@@ -195,8 +197,8 @@ class LatentCases:
 
     def __init__(self, entries: list[dict[str, Any]], channels: int, use: str = "mean", with_label: bool = False,
                  default_modality: int = 1, cache: bool = True):
-        if use not in ("mean", "sample"):
-            raise ValueError(f"--latent must be 'mean' or 'sample', got {use!r}")
+        if use not in LATENT_USES:
+            raise ValueError(f"use must be {' or '.join(map(repr, LATENT_USES))}, got {use!r}")
         for e in entries:
             if "latent" not in e and "image" in e:
                 e["latent"] = e["image"]  # the reference's datalists name the latent file "image"
@@ -218,7 +220,7 @@ class LatentCases:
             raise ValueError(f"{e['latent']}: latent of shape {tuple(mu.shape)}; the model needs "
                              f"{self.channels}×x×y×z (autoencoder latent_channels = {self.channels})")
         if self.use == "sample" and sigma is None:
-            raise ValueError(f"{e['latent']}: --latent sample needs a 'sigma' tensor in the latent file")
+            raise ValueError(f"latent='sample' needs a 'sigma' tensor in the latent file {e['latent']}")
         label = None
         if self.with_label:
             from maisi.io.volume import read_volume
@@ -251,5 +253,5 @@ def latent_std(cases: LatentCases, seed: int = 0) -> float:
         total, total2, n = total + float(z.sum()), total2 + float(z.pow(2).sum()), n + z.numel()
     var = total2 / n - (total / n) ** 2
     if var <= 0:
-        raise ValueError("the training latents are constant; scale_factor = 1/std is undefined")
+        raise ValueError("the training latents are constant, so their scale 1/std is undefined; give scale_factor")
     return var**0.5

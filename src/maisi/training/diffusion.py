@@ -27,13 +27,15 @@ class DiffusionOptions:
 
     def __post_init__(self) -> None:
         if self.loss not in ("l1", "mse"):
-            raise ValueError(f"--loss must be l1 or mse, got {self.loss!r}")
+            raise ValueError(f"loss must be 'l1' or 'mse', got {self.loss!r}")
         if not 0 <= self.modality_dropout <= 1:
-            raise ValueError(f"--modality-dropout must be in [0, 1], got {self.modality_dropout}")
+            raise ValueError(f"modality_dropout must be in [0, 1], got {self.modality_dropout}")
         if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if self.lr <= 0 or self.lr_power < 0:
-            raise ValueError("--lr must be > 0 and --lr-power >= 0")
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_power < 0:
+            raise ValueError(f"lr_power must be >= 0, got {self.lr_power}")
 
 
 class EMA(nn.Module):

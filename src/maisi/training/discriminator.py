@@ -28,6 +28,6 @@ class Discriminator(nn.Module):
         if min(x.shape[2:]) < self.min_size():
             raise ValueError(
                 f"the {self.num_layers}-layer discriminator needs patches of at least {self.min_size()} voxels "
-                f"per axis, got {tuple(x.shape[2:])}; use a larger --patch or fewer --disc-layers"
+                f"per axis, got {tuple(x.shape[2:])}; use a larger patch or fewer disc_layers"
             )
         return self.net(x.contiguous())[-1]

@@ -35,7 +35,7 @@ def init(device: str | None = None) -> World:
     `device`: "cpu", "cuda" or None (cuda when available). nccl on GPU, gloo on CPU."""
     want = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if want.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for but no CUDA GPU is visible; use --device cpu")
+        raise ValueError(f"device {want!r} asked for but no CUDA GPU is visible; use 'cpu'")
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -64,12 +64,9 @@ class LoopOptions:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError("--checkpoint-every and --log-every must be >= 1")
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 class StepBatches(Sampler[list[int]]):
@@ -93,7 +90,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if mixed:
         raise ValueError(
             f"samples of different shapes in one batch ({mixed}); use one sample per process "
-            "(--batch-size = number of processes) or data of one size"
+            "(batch_size = number of processes) or data of one size"
         )
     return default_collate(samples)
 
@@ -124,11 +121,11 @@ def prepare_run_dir(run_dir: Path, stage: str, config: ModelConfig, options: dic
     if run_file.is_file():
         old = json.loads(run_file.read_text())
         if old.get("stage") != stage:
-            raise ValueError(f"{run_dir} holds a {old.get('stage')!r} run, not {stage!r}; use another --out")
+            raise ValueError(f"{run_dir} holds a {old.get('stage')!r} run, not {stage!r}; use another run folder")
         if old.get("config") != cfg:
             raise ValueError(
-                f"{run_dir} holds a run with another model config; resume with the same --config "
-                "or use another --out"
+                f"{run_dir} holds a run with another model config; resume with the same config "
+                "or use another run folder"
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", json.dumps(cfg, indent=2) + "\n")
@@ -170,7 +167,7 @@ def training_loop(stage: Stage, dataset: Dataset, opts: LoopOptions, world: D.Wo
     """Train `stage` to opts.steps, resuming from the run folder's last checkpoint; returns the last metrics."""
     # Setup.
     if opts.batch_size % world.size:
-        raise ValueError(f"--batch-size {opts.batch_size} must be a multiple of the {world.size} processes")
+        raise ValueError(f"batch_size {opts.batch_size} must be a multiple of the {world.size} processes")
     run_dir = Path(opts.run_dir)
     metrics_path = run_dir / METRICS_FILE
 

@@ -1,17 +1,21 @@
-"""From `maisi train` arguments to a running stage: config, init weights, data, options, the loop."""
+"""From a stage's training options to a finished run: config, init weights, data, the stage, the loop."""
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from maisi.config import load_model_config
+from maisi.config import ModelConfig, load_model_config
 from maisi.io.atomic import check_output_dir
+from maisi.networks import build
+from maisi.networks.controlnet import ControlNet
 from maisi.networks.weights import WeightSources, load_component, merge, resolve
 from maisi.training import distributed as D
+from maisi.training.controlnet import ControlNetStage
 from maisi.training.data import (
     ImagePatches,
     LatentCases,
@@ -20,122 +24,127 @@ from maisi.training.data import (
     latent_std,
     read_datalist,
 )
-from maisi.training.loop import LoopOptions, prepare_run_dir, training_loop
+from maisi.training.diffusion import DiffusionStage
+from maisi.training.loop import EXPORT_DIR, Stage, prepare_run_dir, training_loop
+from maisi.training.options import (
+    ControlNetTrainOptions,
+    DiffusionTrainOptions,
+    StageOptions,
+    VAETrainOptions,
+)
+from maisi.training.vae import VAEStage, perceptual_loss
 
-COMPONENT = {"vae": "autoencoder", "diffusion": "unet", "controlnet": "controlnet"}
 VOLUMES = {"vae": ("image",), "diffusion": (), "controlnet": ("label",)}  # datalist volumes each stage reads
 
 
-def _weights(args: argparse.Namespace) -> WeightSources | None:
-    """What the run starts from: --init (this stage's network) and, for a ControlNet, the frozen --unet."""
-    parts = [resolve(args.unet, component="unet")] if args.stage == "controlnet" else []
-    if args.init:
-        parts.append(resolve(args.init, component=COMPONENT[args.stage]))
-    return merge(*parts) if parts else None
+@dataclass(frozen=True)
+class TrainResult:
+    """A finished run: its folder, the step it reached and the last logged metrics (empty if none were left
+    to log, e.g. a run that was already complete)."""
+
+    run_dir: Path
+    step: int
+    metrics: dict[str, float]
+
+    @property
+    def export_dir(self) -> Path:
+        """The slim inference weights and config (`maisi generate --init` and friends read it)."""
+        return self.run_dir / EXPORT_DIR
 
 
-def _perceptual(args: argparse.Namespace) -> Any:
-    if args.perceptual_weight <= 0:
-        return None
-    from maisi.training.vae import perceptual_loss
-
-    return perceptual_loss(args.perceptual_weights, args.perceptual_fraction)
-
-
-def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("run",)}
-
-
-def check_inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The run folder and the training data, before anything is loaded or created: --out can be created or
+def check_inputs(options: StageOptions) -> list[dict[str, Any]]:
+    """The run folder and the training data, before anything is loaded or created: `out` can be created or
     written (not a file, not under a file) and every volume of the datalist passes check_volume_file.
     Returns the datalist's entries."""
-    if args.stage == "vae" and (len(args.patch_switch) != len(args.patch) - 1
-                                or list(args.patch_switch) != sorted(args.patch_switch)):
-        raise ValueError(f"--patch-switch needs {len(args.patch) - 1} increasing step(s) for --patch {args.patch}")
-    check_output_dir(args.out, "run folder (--out)")
-    entries = read_datalist(args.data)
-    check_volumes(entries, VOLUMES[args.stage])
+    check_output_dir(options.out, "run folder")
+    entries = read_datalist(options.data)
+    check_volumes(entries, VOLUMES[options.stage])
     return entries
 
 
-def run_stage(args: argparse.Namespace) -> dict[str, float]:
-    """Train the stage `args.stage` asks for; returns the last logged metrics."""
-    from maisi.networks import build
-
-    if args.threads:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    entries = check_inputs(args)  # a bad file or --out fails here: no weights loaded, no run folder made
-    world = D.init(args.device)
+def run_stage(options: StageOptions) -> TrainResult:
+    """Train the stage `options` describe up to `options.steps`, resuming from the run folder's last
+    checkpoint; rank 0 writes config.json, run.json, metrics, checkpoints and export/."""
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    entries = check_inputs(options)  # a bad file or `out` fails here: no weights loaded, no run folder made
+    world = D.init(options.device)
     try:
-        precision = args.precision if args.precision != "auto" else ("bf16" if world.device.type == "cuda" else "fp32")
-        component = COMPONENT[args.stage]
-        weights = _weights(args)  # --config, else the checkpoints' own config, else their preset
-        config = weights.config(args.config) if weights else load_model_config(args.config or "tiny")
-        opts = LoopOptions(
-            run_dir=args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-            checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-            keep_checkpoints=args.keep_checkpoints, num_workers=args.workers,
-            progress=not args.no_progress, tensorboard=not args.no_tensorboard,
-        )
-        torch.manual_seed(args.seed)  # the same fresh weights on every rank and every run
+        precision = options.precision
+        if precision == "auto":
+            precision = "bf16" if world.device.type == "cuda" else "fp32"
+        weights = _weights(options)  # `config`, else the checkpoints' own config, else their preset
+        config = weights.config(options.config) if weights else load_model_config(options.config or "tiny")
+        loop = options.loop_options()
+        torch.manual_seed(options.seed)  # the same fresh weights on every rank and every run
         init_extra: dict[str, Any] = {}
         model = None
-        if args.init:
-            init = load_component(weights, component, config)
+        if options.init:
+            init = load_component(weights, options.component, config)
             model, init_extra = init.model, init.extra
 
-        if args.stage == "vae":
-            from maisi.training.vae import VAEOptions, VAEStage
-
-            source = ImagePatches(entries, list(zip([0, *args.patch_switch], args.patch)), args.batch_size,
-                                  intensity=args.intensity)
-            vopts = VAEOptions(
-                lr=args.lr, disc_lr=args.disc_lr or args.lr, lr_power=args.lr_power, kl_weight=args.kl_weight,
-                perceptual_weight=args.perceptual_weight, adv_weight=args.adv_weight, adv_start=args.adv_start,
-                perceptual_fraction=args.perceptual_fraction, disc_layers=args.disc_layers,
-                disc_channels=args.disc_channels, recon_loss=args.recon_loss, precision=precision,
-            )
-            stage = VAEStage(model or build("autoencoder", config), config, vopts, world, args.seed, _perceptual(args),
-                             steps=args.steps)
+        if isinstance(options, VAETrainOptions):
+            stage, source = _vae(options, entries, config, model, world, precision)
+        elif isinstance(options, DiffusionTrainOptions):
+            stage, source = _diffusion(options, entries, config, model, init_extra, world, precision)
         else:
-            source = LatentCases(entries, config.autoencoder.latent_channels, args.latent,
-                                 with_label=args.stage == "controlnet", default_modality=config.default_modality)
-            if args.stage == "diffusion":
-                from maisi.training.diffusion import DiffusionOptions, DiffusionStage
-
-                scale = args.scale_factor or init_extra.get("scale_factor") or 1.0 / latent_std(source, args.seed)
-                dopts = DiffusionOptions(lr=args.lr, lr_power=args.lr_power, loss=args.loss,
-                                         modality_dropout=args.modality_dropout, ema_decay=args.ema_decay,
-                                         precision=precision)
-                stage = DiffusionStage(model or build("unet", config), config, dopts, world, args.steps,
-                                       float(scale), args.seed)
-            else:
-                from maisi.networks.controlnet import ControlNet
-                from maisi.training.controlnet import ControlNetOptions, ControlNetStage
-
-                frozen = load_component(weights, "unet", config)
-                unet, unet_extra = frozen.model, frozen.extra
-                scale = args.scale_factor or unet_extra.get("scale_factor") or init_extra.get("scale_factor")
-                if not scale:
-                    raise ValueError(f"{args.unet} records no scale_factor; give --scale-factor")
-                copts = ControlNetOptions(lr=args.lr, tumor_labels=_labels(args.tumor_labels),
-                                          tumor_weight=args.tumor_weight, contrastive_weight=args.contrastive_weight,
-                                          contrastive_delta=args.contrastive_delta, precision=precision)
-                controlnet = model or ControlNet.from_unet(unet, config.controlnet)
-                stage = ControlNetStage(controlnet, unet, config, copts, world, float(scale), args.seed)
+            stage, source = _controlnet(options, entries, config, model, init_extra, weights, world, precision)
 
         if world.is_main:
-            prepare_run_dir(Path(args.out), args.stage, config, _options(args))
+            prepare_run_dir(loop.run_dir, options.stage, config, options.record())
         D.barrier(world)
-        return training_loop(stage, SampleDataset(source, args.seed), opts, world)
+        metrics = training_loop(stage, SampleDataset(source, options.seed), loop, world)
+        return TrainResult(loop.run_dir, options.steps, metrics)
     finally:
         D.shutdown()
 
 
-def _labels(names: list[str] | None) -> tuple[int, ...]:
-    from maisi.labels import TUMOR_HOSTS, label_id
+def _weights(options: StageOptions) -> WeightSources | None:
+    """What the run starts from: `init` (this stage's network) and, for a ControlNet, the frozen `unet`."""
+    parts = [resolve(options.unet, component="unet")] if isinstance(options, ControlNetTrainOptions) else []
+    if options.init:
+        parts.append(resolve(options.init, component=options.component))
+    return merge(*parts) if parts else None
 
-    return tuple(TUMOR_HOSTS) if not names else tuple(label_id(n) for n in names)
+
+def _vae(options: VAETrainOptions, entries: list[dict[str, Any]], config: ModelConfig, model: nn.Module | None,
+         world: D.World, precision: str) -> tuple[Stage, ImagePatches]:
+    source = ImagePatches(entries, options.curriculum(), options.batch_size, intensity=options.intensity)
+    autoencoder = model or build("autoencoder", config)
+    perceptual = None
+    if options.perceptual_weight > 0:
+        perceptual = perceptual_loss(options.perceptual_weights, options.perceptual_fraction)
+    stage = VAEStage(autoencoder, config, options.stage_options(precision), world, options.seed, perceptual,
+                     steps=options.steps)
+    return stage, source
+
+
+def _latents(options: DiffusionTrainOptions | ControlNetTrainOptions, entries: list[dict[str, Any]],
+             config: ModelConfig) -> LatentCases:
+    return LatentCases(entries, config.autoencoder.latent_channels, options.latent,
+                       with_label=isinstance(options, ControlNetTrainOptions),
+                       default_modality=config.default_modality)
+
+
+def _diffusion(options: DiffusionTrainOptions, entries: list[dict[str, Any]], config: ModelConfig,
+               model: nn.Module | None, init_extra: dict[str, Any], world: D.World,
+               precision: str) -> tuple[Stage, LatentCases]:
+    source = _latents(options, entries, config)
+    scale = options.scale_factor or init_extra.get("scale_factor") or 1.0 / latent_std(source, options.seed)
+    stage = DiffusionStage(model or build("unet", config), config, options.stage_options(precision), world,
+                           options.steps, float(scale), options.seed)
+    return stage, source
+
+
+def _controlnet(options: ControlNetTrainOptions, entries: list[dict[str, Any]], config: ModelConfig,
+                model: nn.Module | None, init_extra: dict[str, Any], weights: WeightSources | None,
+                world: D.World, precision: str) -> tuple[Stage, LatentCases]:
+    source = _latents(options, entries, config)
+    frozen = load_component(weights, "unet", config)
+    scale = options.scale_factor or frozen.extra.get("scale_factor") or init_extra.get("scale_factor")
+    if not scale:
+        raise ValueError(f"scale_factor is needed: {options.unet} records none")
+    controlnet = model or ControlNet.from_unet(frozen.model, config.controlnet)
+    stage = ControlNetStage(controlnet, frozen.model, config, options.stage_options(precision), world, float(scale),
+                            options.seed)
+    return stage, source

