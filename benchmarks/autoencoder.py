@@ -206,7 +206,8 @@ def _write(args, rounds: list[dict], ok: dict, summary: dict) -> None:
     strip = lambda r: {k: v for k, v in r.items() if k != "out"}  # noqa: E731
     doc = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "machine": {
         "cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),
-        "processor": platform.processor(), "torch": torch.__version__, "python": platform.python_version()},
+        "processor": platform.processor(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__, "python": platform.python_version()},
         "op": args.op, "shape": args.shape, "splits": args.splits, "memory_gb": args.memory_gb,
         "cases": {c: strip(r) for c, r in ok.items()}, "rounds": [{c: strip(r) for c, r in rd.items()} for rd in rounds],
         "summary": summary}
