@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from maisi.data.phantom import make_phantom, write_phantom
-from maisi.evaluation.quality import QUALITY_GROUPS
+from maisi.labels import QUALITY_GROUPS
 from maisi.pipeline.pipeline import Pipeline
 from maisi.pipeline.validation import GenerationRequest
 

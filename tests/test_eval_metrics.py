@@ -15,7 +15,7 @@ from maisi.evaluation.fid import (
     preprocess_volume,
 )
 from maisi.evaluation.metrics import dice_per_label, ms_ssim, ms_ssim_settings, reconstruction_metrics
-from maisi.evaluation.quality import quality_check
+from maisi.labels import quality_check
 
 
 def _scipy_fid(a, b):

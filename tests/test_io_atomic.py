@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from dataclasses import replace
 from pathlib import Path
 
 import nibabel
@@ -19,7 +18,7 @@ import torch
 from PIL import Image
 
 import maisi.io.checkpoint
-from maisi.config import preset, save_json
+from maisi.config import preset
 from maisi.data.prepare import save_latents
 from maisi.data.preview import save_preview
 from maisi.evaluation.report import write_report
@@ -56,12 +55,6 @@ def _preview(folder: Path, v: int) -> Path:
     return save_preview(folder / "case_preview.png", np.full((8, 8, 8), 100.0 * v - 500, np.float32))
 
 
-def _config(folder: Path, v: int) -> Path:
-    path = folder / "config.json"
-    save_json(replace(preset("tiny"), guidance_scale=float(v)), path)
-    return path
-
-
 def _report(folder: Path, v: int) -> Path:
     write_report(folder, "fid", {"v": v}, f"# FID {v}", plots={"hist": Image.new("L", (4, 4), 50 * v)})
     return folder / "fid_hist.png"
@@ -75,7 +68,6 @@ WRITERS = {
     "model-export-safetensors": (_export, [(maisi.io.checkpoint, "save_file")], 1),
     "latents-safetensors": (_latents, [(safetensors.torch, "save_file")], 1),
     "preview-png": (_preview, [(Image.Image, "save")], 1),
-    "config-json": (_config, [(Path, "write_text")], 0),
     "report-png": (_report, [(Image.Image, "save")], 1),
 }
 

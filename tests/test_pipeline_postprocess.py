@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from maisi.io.jsondata import jsonable
 from maisi.pipeline.postprocess import check_quality, to_hu, to_int16
-from maisi.pipeline.record import jsonable, write_record
+from maisi.pipeline.record import write_record
 
 
 def test_to_hu_clips_rescales_and_sets_air_outside_body():

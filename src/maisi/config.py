@@ -220,12 +220,6 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**kwargs)
 
 
-def save_json(config: Any, path: str | Path) -> None:
-    from maisi.io.atomic import atomic_write_text
-
-    atomic_write_text(path, json.dumps(to_dict(config), indent=2) + "\n")
-
-
 def load_model_config(source: str | Path) -> ModelConfig:
     """A preset name, or a JSON file holding a ModelConfig (or a dict with a "preset" plus overrides)."""
     if str(source) in PRESETS:

@@ -1,12 +1,16 @@
-"""The MAISI label vocabulary (132 classes + body 200), modality codes and body regions."""
+"""The MAISI label vocabulary (132 classes + body 200), modality codes, body regions, the CT HU window and
+the quality rule (median HU per organ group), shared by generation, training and evaluation."""
 
 from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 from typing import Any
+
+import numpy as np
 
 BODY = 200
 BACKGROUND = 0
@@ -27,6 +31,12 @@ REGION_MARKERS: dict[str, tuple[int, ...]] = {
     "pelvis": (93, 94),
 }
 TUMOR_HOSTS: dict[int, int] = {23: 28, 24: 4, 26: 1, 27: 62, 128: 33}  # tumour id -> a host organ id
+TUMOR_IDS: tuple[int, ...] = tuple(TUMOR_HOSTS)  # lung, pancreatic, hepatic tumour, colon cancer primaries, bone lesion
+
+# The CT intensity window: HU [HU_MIN, HU_MAX] <-> [0, 1] in the autoencoder's image space.
+HU_MIN, HU_MAX = -1000.0, 1000.0
+HU_RANGE = (HU_MIN, HU_MAX)
+HU_SPAN = HU_MAX - HU_MIN
 
 
 def _load(name: str) -> Any:
@@ -115,12 +125,57 @@ def regions_in_mask(present_ids: set[int] | Any) -> tuple[int, int] | None:
 def hu_quality_ranges() -> dict[str, tuple[float, float]]:
     """Allowed median HU per organ group (REFERENCE §3): [min(6σ low, p0.5), max(6σ high, p99.5)].
 
-    As in the reference, bone has no upper bound below the HU ceiling (1000).
+    As in the reference, bone has no upper bound below the HU ceiling (HU_MAX).
     """
     stats = _load("image_median_statistics_ct.json")
     out = {}
     for k, v in stats.items():
         low = min(v["sigma_6_low"], v["percentile_0_5"])
-        high = 1000.0 if k == "bone" else max(v["sigma_6_high"], v["percentile_99_5"])
+        high = HU_MAX if k == "bone" else max(v["sigma_6_high"], v["percentile_99_5"])
         out[k] = (float(low), float(high))
     return out
+
+
+# Organ group → MAISI label ids (lungs: the five lobes; bone: vertebrae incl. S1, ribs, shoulder girdle and
+# humeri, femurs, hips, sacrum, skull, sternum; costal cartilage and bone lesions are not bone here).
+QUALITY_GROUPS: dict[str, tuple[int, ...]] = {
+    "liver": (1,),
+    "spleen": (3,),
+    "pancreas": (4,),
+    "kidney": (5, 14),
+    "lung": tuple(range(28, 33)),
+    "bone": (*range(33, 57), 127, *range(63, 87), *range(87, 98), 120, 122),
+    "brain": (22,),
+}
+
+
+def quality_check(image_hu: np.ndarray, label: np.ndarray, min_voxels: int = 1,
+                  groups: Sequence[str] | None = None) -> dict[str, Any]:
+    """Per-group median HU of `image_hu` inside `label` against hu_quality_ranges().
+
+    Returns {"passed": bool | None, "failed": [groups], "organs": {group: {labels, voxels, median_hu, range,
+    passed}}}; groups absent from the label map (fewer than min_voxels voxels) are not judged. passed is True
+    when at least one group was judged and none is out of range, and None ("not checked", with a "reason")
+    when the label map holds none of the groups: nothing measured is never reported as a pass."""
+    image_hu, label = np.asarray(image_hu), np.asarray(label)
+    if image_hu.shape != label.shape:
+        raise ValueError(f"image shape {image_hu.shape} differs from the label map's {label.shape}")
+    ranges = hu_quality_ranges()
+    organs: dict[str, Any] = {}
+    for name in groups or QUALITY_GROUPS:
+        if name not in QUALITY_GROUPS:
+            raise ValueError(f"unknown organ group {name!r}; choose from {list(QUALITY_GROUPS)}")
+        inside = np.isin(label, QUALITY_GROUPS[name])
+        n = int(inside.sum())
+        if n < min_voxels:
+            continue
+        median = float(np.median(image_hu[inside]))
+        lo, hi = ranges[name]
+        organs[name] = {"labels": sorted({int(v) for v in np.unique(label[inside])}), "voxels": n,
+                        "median_hu": round(median, 2), "range": [round(lo, 2), round(hi, 2)],
+                        "passed": bool(lo <= median <= hi)}
+    if not organs:
+        return {"passed": None, "failed": [], "organs": {},
+                "reason": f"not checked: the label map holds none of the organ groups {list(groups or QUALITY_GROUPS)}"}
+    failed = [k for k, v in organs.items() if not v["passed"]]
+    return {"passed": not failed, "failed": failed, "organs": organs}

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from maisi.data.datalist import read_datalist
 from maisi.io.volume import is_nifti, read_volume
-from maisi.labels import modality_code
+from maisi.labels import HU_MAX, HU_MIN, modality_code
 
 REGION_KEYS = ("top_region_index", "bottom_region_index")
 
@@ -77,7 +77,7 @@ def vae_transforms(patch_size: Sequence[int], augment: Augment = Augment(), spac
     if spacing is not None:
         steps.append(mt.Spacingd(keys="image", pixdim=tuple(spacing), mode="bilinear"))
     steps += [
-        mt.ScaleIntensityRanged(keys="image", a_min=-1000.0, a_max=1000.0, b_min=0.0, b_max=1.0, clip=True),
+        mt.ScaleIntensityRanged(keys="image", a_min=HU_MIN, a_max=HU_MAX, b_min=0.0, b_max=1.0, clip=True),
         mt.SpatialPadd(keys="image", spatial_size=tuple(patch_size), mode="constant", value=0.0),
         mt.RandSpatialCropd(keys="image", roi_size=tuple(patch_size), random_size=False),
     ]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from maisi.labels import BODY, label_id, label_name, name_to_id
+from maisi.labels import BODY, label_id, name_to_id
 
 ALIASES = {"urinary bladder": "bladder", "kidney left": "left kidney", "kidney right": "right kidney"}
 AIR_HU = -800.0
@@ -148,7 +148,3 @@ def add_body(label: np.ndarray, hu: np.ndarray) -> np.ndarray:
     out = np.asarray(label).astype(np.uint8, copy=True)
     out[(out == 0) & body_mask(hu)] = BODY
     return out
-
-
-def describe(ids) -> str:
-    return ", ".join(f"{i} {label_name(i)}" for i in sorted(int(i) for i in ids if i))

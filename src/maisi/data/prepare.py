@@ -17,9 +17,17 @@ from maisi.data.labelmap import add_body, convert_labels
 from maisi.data.regions import parse_span, region_from_label, span_name
 from maisi.io.atomic import atomic_write, atomic_write_text, check_output_dir
 from maisi.io.volume import check_volume_file, is_nifti, read_volume, write_volume
-from maisi.labels import BODY, REGION_MARKERS, REGIONS, id_to_name, label_name, modality_code, region_one_hot
+from maisi.labels import (
+    BODY,
+    HU_RANGE,
+    REGION_MARKERS,
+    REGIONS,
+    id_to_name,
+    label_name,
+    modality_code,
+    region_one_hot,
+)
 
-HU_RANGE = (-1000.0, 1000.0)
 LABEL_SUFFIXES = ("_label", "_labels", "_seg", "_mask")
 IMAGE_SUFFIXES = ("_image", "_img", "_ct", "_0000")
 

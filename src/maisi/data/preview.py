@@ -10,8 +10,7 @@ import numpy as np
 from PIL import Image
 
 from maisi.io.atomic import atomic_write
-
-BODY = 200
+from maisi.labels import BODY, HU_RANGE
 
 
 def label_colours() -> np.ndarray:
@@ -45,7 +44,7 @@ def render_preview(
     image_hu: np.ndarray,
     label: np.ndarray | None = None,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    window: tuple[float, float] = (-1000.0, 1000.0),
+    window: tuple[float, float] = HU_RANGE,
     alpha: float = 0.35,
     height: int = 256,
     index: Sequence[int] | None = None,

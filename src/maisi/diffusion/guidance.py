@@ -8,8 +8,7 @@ from scipy import ndimage
 from torch import nn
 
 from maisi.diffusion.sampling import Denoiser
-
-TUMOR_IDS = (23, 24, 26, 27, 128)  # lung, pancreatic, hepatic tumour, colon cancer primaries, bone lesion
+from maisi.labels import TUMOR_IDS
 
 
 class ConditionedDenoiser:

@@ -18,7 +18,6 @@ from maisi.evaluation.options import (
     Report,
     SegmenterOptions,
 )
-from maisi.evaluation.quality import QUALITY_GROUPS
 from maisi.evaluation.report import bar_chart, histogram_chart, markdown_table, write_report
 from maisi.evaluation.runs import (
     Log,
@@ -30,6 +29,7 @@ from maisi.evaluation.runs import (
 )
 from maisi.evaluation.segmenter import PhantomSegmenter, load_segmenter, train_phantom_segmenter
 from maisi.io.atomic import OutputLocationError, check_output_dir, check_output_file
+from maisi.labels import QUALITY_GROUPS
 from maisi.networks.backbones import load_extractor
 from maisi.networks.weights import load_component
 

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from maisi.evaluation.errors import OptionError
 from maisi.evaluation.inputs import read_hu
 from maisi.io.atomic import atomic_path
+from maisi.labels import HU_RANGE
 
-HU_RANGE = (-1000.0, 1000.0)
 # Plane name → the axis sliced along (X×Y×Z volumes in RAS): XY slices index z, YZ index x, ZX index y.
 PLANES: dict[str, int] = {"xy": 2, "yz": 0, "zx": 1}
 CACHE_VERSION = 1

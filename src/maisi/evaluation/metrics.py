@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from monai.metrics import DiceMetric, MAEMetric, MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 
+from maisi.labels import HU_SPAN
+
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-HU_SPAN = 2000.0  # [−1000, 1000] HU ↔ [0, 1]
 
 
 def _as5d(x: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -11,6 +11,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from maisi.io.atomic import atomic_path, atomic_write_text
+from maisi.io.jsondata import jsonable
+from maisi.labels import HU_MAX, HU_MIN
 
 COLOURS = ((66, 133, 244), (234, 67, 53), (52, 168, 83), (251, 188, 5))
 
@@ -49,7 +51,7 @@ def bar_chart(values: Mapping[str, float], title: str, ylabel: str = "", width: 
     return img
 
 
-def histogram_chart(series: Mapping[str, np.ndarray], title: str, lo: float = -1000, hi: float = 1000,
+def histogram_chart(series: Mapping[str, np.ndarray], title: str, lo: float = HU_MIN, hi: float = HU_MAX,
                     bins: int = 50, width: int = 480, height: int = 260) -> Image.Image:
     """Normalised histograms of several value sets as overlaid step lines (one colour each, legend on top)."""
     img = Image.new("RGB", (width, height), "white")
@@ -81,21 +83,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def jsonable(v: Any) -> Any:
-    """Plain JSON data: numpy scalars to Python, non-finite floats to None, paths to str."""
-    if isinstance(v, dict):
-        return {str(k): jsonable(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [jsonable(x) for x in v]
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, float) and not np.isfinite(v):
-        return None
-    if isinstance(v, Path):
-        return str(v)
-    return v
 
 
 def write_report(out_dir: str | Path, name: str, data: dict[str, Any], markdown: str,

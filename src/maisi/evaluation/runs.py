@@ -14,8 +14,8 @@ from maisi.evaluation.errors import OptionError
 from maisi.evaluation.fid import FIDSettings, pad_or_crop, preprocess_volume
 from maisi.evaluation.inputs import read_hu, read_label
 from maisi.evaluation.metrics import dice_per_label, ms_ssim, ms_ssim_settings, reconstruction_metrics
-from maisi.evaluation.quality import QUALITY_GROUPS, quality_check, summarise_quality
-from maisi.labels import BODY, label_name
+from maisi.evaluation.quality import summarise_quality
+from maisi.labels import BODY, HU_MAX, HU_MIN, HU_SPAN, QUALITY_GROUPS, label_name, quality_check
 
 Log = Callable[[str], None] | None
 
@@ -57,7 +57,7 @@ def evaluate_consistency(pairs: Sequence[tuple[Path, Path]], segmenter: Callable
 
 
 def _to01(hu: np.ndarray) -> torch.Tensor:
-    return (torch.from_numpy(np.asarray(hu, np.float32)).clamp(-1000, 1000) + 1000) / 2000
+    return (torch.from_numpy(np.asarray(hu, np.float32)).clamp(HU_MIN, HU_MAX) - HU_MIN) / HU_SPAN
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from maisi.data.phantom import Phantom, make_phantom
 from maisi.io.atomic import atomic_path
+from maisi.labels import HU_RANGE
 
 # A segmenter maps an X×Y×Z HU tensor (optionally with its voxel spacing, keyword `spacing`) to an integer
 # X×Y×Z map of MAISI label ids.
@@ -38,8 +39,8 @@ DIVISOR = 16  # inputs are padded to a multiple of this (the UNet needs 8, legac
 # Input channels: HU windows each scaled to [0, 1]. The wide one sees air, lung and bone; the soft-tissue one
 # separates organs that differ by tens of HU (liver 98, spleen 108, pancreas 88, kidney 165), which in the
 # wide window alone are ~0.01 apart, under the phantom's noise.
-WINDOWS: tuple[tuple[float, float], ...] = ((-1000.0, 1000.0), (-160.0, 240.0))
-LEGACY_WINDOWS: tuple[tuple[float, float], ...] = ((-1000.0, 1000.0),)  # files written before the windows
+WINDOWS: tuple[tuple[float, float], ...] = (HU_RANGE, (-160.0, 240.0))
+LEGACY_WINDOWS: tuple[tuple[float, float], ...] = (HU_RANGE,)  # files written before the windows
 CONTEXT = 1.5  # training phantoms span CONTEXT × the crop per axis, so organs are seen at every position
 
 

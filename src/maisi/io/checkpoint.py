@@ -23,6 +23,7 @@ from torch import nn
 from maisi import __version__
 from maisi.config import ModelConfig, from_dict, to_dict
 from maisi.io.atomic import atomic_path, atomic_write_text
+from maisi.io.jsondata import jsonable
 
 FORMAT = "maisi-checkpoint"
 FORMAT_VERSION = 1
@@ -77,20 +78,10 @@ def save_pretrained(
         "component": component,
         "weights_sha256": sha256_file(folder / WEIGHTS_FILE),
         "config": to_dict(config),
-        "extra": _jsonable(extra or {}),
+        "extra": jsonable(extra or {}),
     }
     atomic_write_text(folder / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
     return folder
-
-
-def _jsonable(extra: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in extra.items():
-        if isinstance(v, torch.Tensor):
-            v = v.item() if v.numel() == 1 else v.tolist()
-        out[k] = v
-    json.dumps(out)  # raises TypeError early for what JSON cannot hold
-    return out
 
 
 def read_pretrained_config(folder: str | Path) -> tuple[str, ModelConfig, dict[str, Any], dict[str, Any]]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from maisi.config import ModelConfig
-
-COMPONENTS = ("autoencoder", "unet", "controlnet")
+from maisi.io.checkpoint import COMPONENTS
 
 
 def build(component: str, config: ModelConfig) -> nn.Module:

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from maisi.config import ModelConfig
-from maisi.networks import COMPONENTS
+from maisi.io.checkpoint import COMPONENTS
 from maisi.networks.weights import WeightSources, demo_model_dir, load_component, resolve
 
 __all__ = ["RELEASED_DEFAULTS", "Networks", "demo_model_dir", "load_networks"]

@@ -6,9 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from maisi.evaluation.report import jsonable
-
-HU_MIN, HU_MAX = -1000.0, 1000.0
+from maisi.io.jsondata import jsonable
+from maisi.labels import HU_MAX, HU_MIN, quality_check
 
 
 def to_hu(image01: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -26,26 +25,10 @@ def to_int16(hu: np.ndarray) -> np.ndarray:
 
 
 def check_quality(hu: np.ndarray, label: np.ndarray | None) -> dict[str, Any]:
-    """Median HU per organ within the reference ranges (REFERENCE §3), via maisi.evaluation.quality.
+    """Median HU per organ within the reference ranges (REFERENCE §3), via maisi.labels.quality_check.
 
     Returns {"passed": bool | None, "organs": {...}}; passed is None when there is no mask to check.
     """
     if label is None:
         return {"passed": None, "reason": "no mask: the per-organ check needs labels", "organs": {}}
-    from maisi.evaluation.quality import quality_check
-
-    result = quality_check(np.asarray(hu), np.asarray(label))
-    return _as_dict(result)
-
-
-def _as_dict(result: Any) -> dict[str, Any]:
-    """The evaluation helper's result as plain JSON data (a dataclass, a dict, or a (passed, details) pair)."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(result):
-        result = dataclasses.asdict(result)
-    if isinstance(result, tuple) and len(result) == 2:
-        result = {"passed": bool(result[0]), "organs": result[1]}
-    if not isinstance(result, dict) or "passed" not in result:
-        raise TypeError(f"unexpected quality_check result {type(result).__name__}")
-    return jsonable(result)
+    return jsonable(quality_check(np.asarray(hu), np.asarray(label)))

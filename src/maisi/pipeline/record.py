@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
 import sys
@@ -11,25 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from maisi.io.atomic import atomic_write_text
+from maisi.io.jsondata import jsonable
 from maisi.pipeline.validation import SEED_BITS
-
-
-def jsonable(v: Any) -> Any:
-    import numpy as np
-
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return jsonable(dataclasses.asdict(v))
-    if isinstance(v, dict):
-        return {str(k): jsonable(x) for k, x in v.items()}
-    if isinstance(v, list | tuple | frozenset | set):
-        return [jsonable(x) for x in (sorted(v) if isinstance(v, frozenset | set) else v)]
-    if isinstance(v, Path):
-        return str(v)
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
 
 
 def environment() -> dict[str, str]:

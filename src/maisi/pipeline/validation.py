@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +225,3 @@ class Plan:
     warnings: tuple[str, ...] = field(default_factory=tuple)
     timesteps: str | None = None  # rflow: "reference" or "clean"; None for DDPM/DDIM
     mask_database: str | None = None  # None: the built-in phantom database
-
-    def with_grid(self, size: Sequence[int], spacing: Sequence[float]) -> Plan:
-        return replace(self, size=tuple(int(s) for s in size), spacing=tuple(float(s) for s in spacing))

@@ -17,7 +17,6 @@ from maisi.data.datalist import read_datalist  # noqa: F401  (the one datalist r
 from maisi.io.volume import check_volume_file
 from maisi.training.state import item_of_sample, sample_generator
 
-HU_RANGE = (-1000.0, 1000.0)
 INTENSITIES = ("ct", "percentile")  # how image intensities map to [0, 1] (see normalise)
 LATENT_USES = ("mean", "sample")  # what a latent case trains on: mu, or mu + sigma·eps
 
@@ -56,7 +55,7 @@ def normalise(array: np.ndarray, intensity: str) -> np.ndarray:
     """Image intensities to [0, 1]: "ct" clips HU to [-1000, 1000]; "percentile" maps p0.5..p99.5."""
     a = array.astype(np.float32)
     if intensity == "ct":
-        lo, hi = HU_RANGE
+        lo, hi = labels.HU_RANGE
     elif intensity == "percentile":
         lo, hi = (float(v) for v in np.percentile(a, [0.5, 99.5]))
         hi = max(hi, lo + 1e-6)

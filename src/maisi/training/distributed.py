@@ -81,12 +81,3 @@ def mean_over_ranks(values: dict[str, float], world: World) -> dict[str, float]:
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=world.device)
     dist.all_reduce(t)
     return {k: float(v) / world.size for k, v in zip(keys, t.tolist())}
-
-
-def broadcast_object(obj: object, world: World) -> object:
-    """Rank 0's `obj` on every rank."""
-    if not world.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
