@@ -42,7 +42,7 @@ def test_diffusion_loss_decreases_and_exports_scale_factor(tmp_path):
     assert config.name == "tiny"
 
 
-def test_diffusion_resume_after_interruption_is_bitwise(data, tmp_path, monkeypatch):
+def test_diffusion_resume_after_interruption_is_bitwise(data, tmp_path, monkeypatch, capsys):
     args = ["--data", str(data), "--steps", "10", "--checkpoint-every", "4", "--latent", "sample", *FAST]
     train("diffusion", "--out", str(tmp_path / "a"), *args)
     real = DiffusionStage.train_step
@@ -56,7 +56,9 @@ def test_diffusion_resume_after_interruption_is_bitwise(data, tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="killed"):
         train("diffusion", "--out", str(tmp_path / "b"), *args)
     monkeypatch.setattr(DiffusionStage, "train_step", real)
+    capsys.readouterr()
     train("diffusion", "--out", str(tmp_path / "b"), *args)
+    assert f"resuming diffusion training at step 4 from {tmp_path / 'b'}" in capsys.readouterr().out  # the CLI's line
     assert [r["step"] for r in metrics(tmp_path / "b")] == [2, 4, 6, 8, 10]
     assert_bitwise_equal(export_weights(tmp_path / "a"), export_weights(tmp_path / "b"))
     assert_bitwise_equal(state_weights(tmp_path / "a"), state_weights(tmp_path / "b"))

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from maisi.training.run import run_stage
 
     try:
-        run_stage(options_from_args(args))
+        run_stage(options_from_args(args), log=print)
     except ValueError as e:
         raise ValueError(flagged(str(e), flags_of(STAGES[args.stage]))) from e
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -163,8 +163,10 @@ def _tensorboard(run_dir: Path, enabled: bool) -> Any:
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def training_loop(stage: Stage, dataset: Dataset, opts: LoopOptions, world: D.World) -> dict[str, float]:
-    """Train `stage` to opts.steps, resuming from the run folder's last checkpoint; returns the last metrics."""
+def training_loop(stage: Stage, dataset: Dataset, opts: LoopOptions, world: D.World,
+                  log: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Train `stage` to opts.steps, resuming from the run folder's last checkpoint; returns the last metrics.
+    `log` receives the main process's one-line notes (the resume point)."""
     # Setup.
     if opts.batch_size % world.size:
         raise ValueError(f"batch_size {opts.batch_size} must be a multiple of the {world.size} processes")
@@ -179,8 +181,8 @@ def training_loop(stage: Stage, dataset: Dataset, opts: LoopOptions, world: D.Wo
         del state
     if world.is_main:
         trim_metrics(metrics_path, start)
-        if start:
-            print(f"resuming {stage.name} training at step {start} from {run_dir}")
+        if start and log is not None:
+            log(f"resuming {stage.name} training at step {start} from {run_dir}")
     D.barrier(world)
 
     loader = DataLoader(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,9 +63,10 @@ def check_inputs(options: StageOptions) -> list[dict[str, Any]]:
     return entries
 
 
-def run_stage(options: StageOptions) -> TrainResult:
+def run_stage(options: StageOptions, log: Callable[[str], None] | None = None) -> TrainResult:
     """Train the stage `options` describe up to `options.steps`, resuming from the run folder's last
-    checkpoint; rank 0 writes config.json, run.json, metrics, checkpoints and export/."""
+    checkpoint; rank 0 writes config.json, run.json, metrics, checkpoints and export/. `log` receives
+    one-line notes (where a resumed run starts)."""
     if options.threads:
         torch.set_num_threads(options.threads)
     entries = check_inputs(options)  # a bad file or `out` fails here: no weights loaded, no run folder made
@@ -93,7 +95,7 @@ def run_stage(options: StageOptions) -> TrainResult:
         if world.is_main:
             prepare_run_dir(loop.run_dir, options.stage, config, options.record())
         D.barrier(world)
-        metrics = training_loop(stage, SampleDataset(source, options.seed), loop, world)
+        metrics = training_loop(stage, SampleDataset(source, options.seed), loop, world, log)
         return TrainResult(loop.run_dir, options.steps, metrics)
     finally:
         D.shutdown()
