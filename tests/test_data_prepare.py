@@ -186,3 +186,24 @@ def test_prepare_cli_loads_a_vae_checkpoint_folder(tmp_path):
     assert load_file(tmp_path / "out" / "c_latent.safetensors")["mu"].shape == (4, 4, 4, 4)
     assert main(["prepare", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o2"), "--vae",
                  str(tmp_path / "nope")]) == 2
+
+
+def test_prepare_streams_a_scan_under_a_small_budget_and_says_so(tmp_path):
+    """A budget below the in-memory split's floor encodes by streaming: same latents, plan in sidecar and log."""
+    from maisi.config import preset
+    from maisi.networks import build
+    from maisi.networks.memory import estimate_peak
+
+    torch.manual_seed(0)
+    vae = build("autoencoder", preset("tiny")).eval()
+    ph = make_phantom("pelvis", (32, 32, 16), 8.0, seed=0)
+    write_phantom(ph, tmp_path / "in", "p")
+    prepare_all(tmp_path / "in", tmp_path / "plain", PrepareConfig(multiple_of=16), vae, "tiny", log=lambda s: None)
+    floor = min(estimate_peak(vae, "encode", (1, 1, 32, 32, 16), k) for k in range(1, 33)) / 1024**3
+    lines: list[str] = []
+    prepare_all(tmp_path / "in", tmp_path / "out", PrepareConfig(multiple_of=16, memory_gb=floor * 0.9), vae, "tiny",
+                log=lines.append)
+    side = json.loads((tmp_path / "out" / "p_latent.json").read_text())
+    assert side["encode_plan"].startswith("streaming") and "; encoded: streaming" in lines[-1]
+    a, b = load_file(tmp_path / "plain" / "p_latent.safetensors"), load_file(tmp_path / "out" / "p_latent.safetensors")
+    torch.testing.assert_close(a["mu"], b["mu"], atol=1e-5, rtol=0)

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # the library warns about foreign-looking label ids: one line each
         warnings.simplefilter("always", LabelIdsWarning)
         warnings.showwarning = lambda message, *_, **__: print(f"maisi prepare: warning: {message}", file=sys.stderr)
-        report = prepare_all(cases, args.out, cfg, encoder, encoder_id, mapping, names)
+        report = prepare_all(cases, args.out, cfg, encoder, encoder_id, mapping, names, log=print)
     print(f"prepared {len(report['done'])}, skipped {len(report['skipped'])} (already done), "
           f"failed {len(report['failed'])}; datalist: {Path(args.out) / 'datalist.json'}")
     for name, err in report["failed"].items():

@@ -343,11 +343,12 @@ def plan_cases(source: str | Path, out_dir: str | Path) -> list[Case]:
 
 def prepare_all(source: str | Path | Sequence[Case], out_dir: str | Path, cfg: PrepareConfig,
                 encoder: Encoder | None = None, encoder_id: str | None = None, mapping: dict | None = None,
-                names: dict[int, str] | None = None, log: Callable[[str], None] = print) -> dict:
+                names: dict[int, str] | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Prepare every case of `source` (a folder or datalist, checked by plan_cases; or the cases plan_cases
     returned). The output folder is created only after the checks; failures while preparing are recorded per
     case and the rest continues. Returns the report (warnings, e.g. foreign-looking label ids, per case too)."""
     out_dir = Path(out_dir)
+    log = log or (lambda line: None)
     cases = plan_cases(source, out_dir) if isinstance(source, str | Path) else list(source)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps(settings_of(cfg, encoder_id)))
@@ -369,8 +370,9 @@ def prepare_all(source: str | Path | Sequence[Case], out_dir: str | Path, cfg: P
             report["done"].append(case.name)
             if side.get("warnings"):
                 report.setdefault("warnings", {})[case.name] = side["warnings"]
+            plan = f"; encoded: {side['encode_plan']}" if "encode_plan" in side else ""
             log(f"{case.name}: {side['region']}, {side['dim']} voxels at "
-                f"{[round(s, 3) for s in side['spacing']]} mm")
+                f"{[round(s, 3) for s in side['spacing']]} mm{plan}")
         entries.append(datalist_entry(side))
     atomic_write_text(out_dir / "datalist.json", json.dumps({"training": entries}, indent=1) + "\n")
     atomic_write_text(out_dir / "prepare_report.json", json.dumps(report, indent=1) + "\n")
