@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from maisi.networks.autoencoder_blocks import Downsample, ResBlock, Upsample
 from maisi.networks.split import SplitConv
 from maisi.networks.stream import StreamPlan, tile_working_set
 
@@ -32,8 +33,6 @@ def estimate_peak(model: nn.Module, op: str, shape: tuple[int, ...], num_splits:
     output, a ResBlock's hidden tensor) plus the per-segment temporaries of the conv running at that step
     (normalised fp32 input rows with their halo, the cast/padded copy, the conv output rows).
     """
-    from maisi.networks.autoencoder import Downsample, ResBlock, Upsample
-
     b = _bytes(dtype)
     n, spatial = shape[0], list(shape[2:])
     weights = sum(p.numel() for p in model.parameters()) * (4 + (b if b != 4 else 0))
@@ -96,8 +95,6 @@ def estimate_streaming(model: nn.Module, op: str, shape: tuple[int, ...], plan: 
     that conv will use, plus what is held throughout: weights, the caller's input and the result. On an
     `accelerator` the maps live in host memory and only the device's share is counted.
     """
-    from maisi.networks.autoencoder import Downsample, ResBlock, Upsample
-
     b, nd = _bytes(plan.dtype), len(shape) - 2
     n, spatial = shape[0], list(shape[2:])
     weights = sum(p.numel() for p in model.parameters()) * (4 + (b if b != 4 else 0))
