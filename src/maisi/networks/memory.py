@@ -187,31 +187,28 @@ def plan_memory(model: nn.Module, op: str, shape: tuple[int, ...], memory_gb: fl
     if not memory_gb > 0:
         raise ValueError(f"memory_gb must be positive, got {memory_gb}")
     budget = memory_gb * GB
-    factor = model.config.downsample_factor
-    max_len = shape[2 + axis] * (factor if op == "decode" else 1)
-    for k in _candidates(max_len):
-        est = estimate_peak(model, op, shape, k, axis, dtype)
-        if est <= budget:
-            return MemoryPlan("unsplit" if k == 1 else "split", gb(est), k, axis)
+    k, est = _fewest_splits(model, op, shape, budget, axis, dtype)
+    if est <= budget:
+        return MemoryPlan("unsplit" if k == 1 else "split", gb(est), k, axis)
     scratch = None if scratch is None else str(scratch)
+
+    def streaming(tile_mb: int, resident_mb: int) -> int:
+        return estimate_streaming(model, op, shape, StreamPlan(tile_bytes=tile_mb * 1024**2, scratch=scratch,
+                                                               resident_bytes=resident_mb * 1024**2, dtype=dtype),
+                                  accelerator)
+
     best = None
     for tile_mb in STREAM_TILE_MB:
-        floor = estimate_streaming(model, op, shape, StreamPlan(tile_bytes=tile_mb * 1024**2, resident_bytes=0,
-                                                                scratch=scratch, dtype=dtype), accelerator)
+        floor = streaming(tile_mb, 0)
         best = floor if best is None else min(best, floor)
         if floor > budget:
             continue
         # keep maps in memory while they fit what the tiles leave: the fewer files, the less I/O
-        resident = max(0, int((budget - floor) / SAFETY / 3))
-        resident_mb = resident // 1024**2
-        plan = StreamPlan(tile_bytes=tile_mb * 1024**2, resident_bytes=resident_mb * 1024**2, scratch=scratch,
-                          dtype=dtype)
-        est = estimate_streaming(model, op, shape, plan, accelerator)
+        resident_mb = max(0, int((budget - floor) / SAFETY / 3)) // 1024**2
+        est = streaming(tile_mb, resident_mb)
         while est > budget and resident_mb > 0:
             resident_mb //= 2
-            plan = StreamPlan(tile_bytes=tile_mb * 1024**2, resident_bytes=resident_mb * 1024**2, scratch=scratch,
-                              dtype=dtype)
-            est = estimate_streaming(model, op, shape, plan, accelerator)
+            est = streaming(tile_mb, resident_mb)
         return MemoryPlan("streaming", gb(est), tile_mb=tile_mb, resident_mb=resident_mb, scratch=scratch)
     raise ValueError(
         f"{op} of shape {tuple(shape)} needs at least {gb(best):.2f} GB (streaming with the smallest tiles); "
@@ -220,19 +217,30 @@ def plan_memory(model: nn.Module, op: str, shape: tuple[int, ...], memory_gb: fl
     )
 
 
-def choose_splits(model: nn.Module, op: str, shape: tuple[int, ...], memory_gb: float, axis: int = 0,
-                  dtype: torch.dtype = torch.float32) -> int:
-    """The smallest num_splits whose estimated peak fits `memory_gb`; ValueError naming the minimum."""
+def _fewest_splits(model: nn.Module, op: str, shape: tuple[int, ...], budget: float, axis: int,
+                   dtype: torch.dtype) -> tuple[int, int]:
+    """(the fewest num_splits whose estimate fits `budget` bytes, its estimate), else (the most splits, the
+    smallest estimate seen)."""
     factor = model.config.downsample_factor
     max_len = shape[2 + axis] * (factor if op == "decode" else 1)
     best = None
     for k in _candidates(max_len):
         est = estimate_peak(model, op, shape, k, axis, dtype)
-        if est <= memory_gb * GB:
-            return k
+        if est <= budget:
+            return k, est
         best = est if best is None else min(best, est)
+    return max_len, best
+
+
+def choose_splits(model: nn.Module, op: str, shape: tuple[int, ...], memory_gb: float, axis: int = 0,
+                  dtype: torch.dtype = torch.float32) -> int:
+    """The smallest num_splits whose estimated peak fits `memory_gb` (in-memory split only, no streaming);
+    ValueError naming the minimum."""
+    k, est = _fewest_splits(model, op, shape, memory_gb * GB, axis, dtype)
+    if est <= memory_gb * GB:
+        return k
     raise ValueError(
-        f"{op} of shape {tuple(shape)} needs at least {best / GB:.2f} GB even with {max_len} splits along axis "
+        f"{op} of shape {tuple(shape)} needs at least {est / GB:.2f} GB even with {k} splits along axis "
         f"{axis}; the budget is {memory_gb:.2f} GB. Raise memory_gb, use a lower-precision dtype, or pass "
         "sliding_window=True"
     )

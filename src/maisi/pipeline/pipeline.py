@@ -240,12 +240,11 @@ class Pipeline:
         return self.nets.autoencoder.plan_within("decode", shape, plan.request.memory_gb, dtype=self.dtype)
 
     @torch.inference_mode()
-    def decode(self, z: torch.Tensor, memory_gb: float | None, desc: str = "",
-               memory: MemoryPlan | None = None) -> np.ndarray:
-        """Latents → images in [0, 1] through the VAE's memory-aware decoder, one sample at a time."""
+    def decode(self, z: torch.Tensor, memory: MemoryPlan, desc: str = "") -> np.ndarray:
+        """Latents → images in [0, 1] through the VAE with the decode plan `memory`, one sample at a time."""
         out = []
         for i in self._bar_iter(range(z.shape[0]), f"decoding{desc}"):
-            x = self.nets.autoencoder.decode_within(z[i:i + 1] / self.nets.scale_factor, memory_gb, dtype=self.dtype,
+            x = self.nets.autoencoder.decode_within(z[i:i + 1] / self.nets.scale_factor, dtype=self.dtype,
                                                     plan=memory)
             out.append(x[0, 0].float().cpu().numpy())
         return np.stack(out)
@@ -310,7 +309,7 @@ class Pipeline:
             masks = [m for _, _, m in todo]
             z = self.sample_latents(plan, [s for _, s, _ in todo], masks, [self._regions(plan, m) for m in masks], desc)
             retry = []
-            for (k, s, m), img in zip(todo, self.decode(z, r.memory_gb, desc, self.memory)):
+            for (k, s, m), img in zip(todo, self.decode(z, self.memory, desc)):
                 label = None if m is None else m.label
                 hu = to_hu(img, label)
                 quality = check_quality(hu, label) if r.quality_check else {
