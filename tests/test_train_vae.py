@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from maisi.training.vae import VAEStage
+from maisi.training.vae import ENCODER_PARTS, VAEStage, recon_loss
 from train_support import (
     assert_bitwise_equal,
     export_weights,
@@ -98,6 +98,7 @@ def test_vae_patch_curriculum(data, tmp_path):
         ("bad-switch", "--patch-switch"),
         ("bad-config", "unknown preset"),
         ("bad-lr-power", "--lr-power must be >= 0"),
+        ("bad-bright", "--bright-above must be in [0, 1]"),
     ],
 )
 def test_vae_bad_input_is_a_clean_error(data, tmp_path, capsys, case, message):
@@ -115,6 +116,8 @@ def test_vae_bad_input_is_a_clean_error(data, tmp_path, capsys, case, message):
         extra = ["--patch", "8", "16"]
     elif case == "bad-lr-power":
         extra = ["--lr-power", "-1"]
+    elif case == "bad-bright":
+        extra = ["--bright-above", "1.5"]
     else:
         extra = ["--config", "no-such-preset"]
     code = train("vae", "--data", str(datalist), "--out", str(tmp_path / "run"), "--steps", "2", *FAST, *extra)
@@ -129,3 +132,26 @@ def test_vae_refuses_a_run_folder_of_another_config(data, tmp_path, capsys):
     other.write_text(json.dumps({"preset": "tiny", "autoencoder": {"channels": [4, 8, 8]}}))
     assert train("vae", "--data", str(data), "--out", str(run), "--steps", "2", *FAST, "--config", str(other)) == 2
     assert "another model config" in capsys.readouterr().err
+
+
+def test_freeze_encoder_trains_the_decoder_only(data, tmp_path):
+    """A decoder-only fine-tune keeps the encoder (so the latents, and models trained on them) bit for bit."""
+    base = tmp_path / "base"
+    assert train("vae", "--data", str(data), "--out", str(base), "--steps", "4", *FAST, "--adv-weight", "0") == 0
+    tuned = tmp_path / "tuned"
+    assert train("vae", "--data", str(data), "--out", str(tuned), "--steps", "6", *FAST, "--adv-weight", "0",
+                 "--init", str(base / "export"), "--freeze-encoder", "--bright-weight", "4") == 0
+    before, after = export_weights(base), export_weights(tuned)
+    frozen = [k for k in before if k.split(".")[0] in ENCODER_PARTS]
+    trained = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and trained and len(frozen) + len(trained) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert sum(not torch.equal(before[k], after[k]) for k in trained) > len(trained) // 2
+
+
+def test_bright_weight_counts_voxels_above_the_threshold_more():
+    x = torch.tensor([0.1, 0.1, 0.9, 0.9])
+    recon = torch.tensor([0.2, 0.1, 0.5, 0.9])  # errors 0.1, 0, 0.4, 0
+    assert recon_loss(recon, x, "l1").item() == pytest.approx(0.5 / 4)
+    assert recon_loss(recon, x, "l1", bright_weight=4).item() == pytest.approx((0.1 + 5 * 0.4) / 4)
+    assert recon_loss(recon, x, "mse", bright_weight=4, bright_above=0.95).item() == pytest.approx(0.17 / 4)

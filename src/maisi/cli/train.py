@@ -58,6 +58,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--disc-layers", type=int, default=3)
     v.add_argument("--disc-channels", type=int, default=32)
     v.add_argument("--recon-loss", choices=["l1", "mse"], default="l1")
+    v.add_argument("--bright-weight", type=float, default=0.0,
+                   help="extra reconstruction weight on voxels above --bright-above (e.g. 4: thin bone counts 5x)")
+    v.add_argument("--bright-above", type=float, default=0.6,
+                   help="threshold in the [0, 1] training intensity (default 0.6: 200 HU with --intensity ct)")
+    v.add_argument("--freeze-encoder", action="store_true",
+                   help="train the decoder only, so the latents and the UNet/ControlNet trained on them stay valid")
     v.add_argument("--lr-power", type=float, default=0.0,
                    help="polynomial learning-rate decay to 0 at --steps (default 0: constant, as the reference)")
 

@@ -36,8 +36,10 @@ class DemoRecipe:
     tumor_phantoms: int = 0  # phantoms per DEMO_TUMORS entry
     vae_steps: int = 200  # on 32^3 patches
     vae_whole_steps: int = 0  # then on whole volumes (GroupNorm sees the extent it will decode)
-    diffusion_steps: int = 300
-    controlnet_steps: int = 100
+    vae_decoder_steps: int = 0  # then the decoder alone on whole volumes (the latent space stays as it was)
+    bright_weight: float = 0.0  # extra L1 weight on bone (> 200 HU) in the decoder-only steps
+    diffusion_steps: int = 300  # 0: keep init's UNet (needs init)
+    controlnet_steps: int = 100  # 0: keep init's ControlNet (needs init)
     controlnet_lr: float = 1e-4
     init: str | None = None  # a model folder (autoencoder/, unet/, controlnet/) every stage starts from
     config: str = "tiny"
@@ -46,6 +48,17 @@ class DemoRecipe:
     adv_weight: float = 0.0
     device: str = "cpu"
     workers: int = 0  # data-loading processes per training run
+
+
+    def __post_init__(self) -> None:
+        for name in ("vae_steps", "vae_whole_steps", "vae_decoder_steps", "diffusion_steps", "controlnet_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        kept = [n for n in ("diffusion_steps", "controlnet_steps") if getattr(self, n) == 0]
+        if kept and not self.init:
+            raise ValueError(f"{' and '.join(kept)} = 0 keeps init's network, but no init model folder is given")
+        if not (self.vae_steps or self.vae_whole_steps) and not self.init:
+            raise ValueError("vae_steps and vae_whole_steps are 0 and no init model folder gives an autoencoder")
 
 
 def _say(log: Log, msg: str) -> None:
@@ -111,23 +124,32 @@ def train_demo(folder: str | Path, recipe: DemoRecipe = DemoRecipe(), progress: 
         run_stage(VAETrainOptions(**vae, init=str(first), out=runs / "vae_whole", steps=r.vae_whole_steps,
                                   patch=(r.size,), batch_size=1, lr=r.vae_lr / 5, kl_weight=4e-9, lr_power=1.0))
         vae_export = runs / "vae_whole" / "export"
-    if not (latents / "datalist.json").is_file():
+    if not (r.vae_steps or r.vae_whole_steps):
+        vae_export = Path(init("autoencoder"))
+    if r.vae_decoder_steps:  # the encoder is frozen, so the latents below and init's UNet/ControlNet stay valid
+        run_stage(VAETrainOptions(**vae, init=str(vae_export), out=runs / "vae_decoder", steps=r.vae_decoder_steps,
+                                  patch=(r.size,), batch_size=1, lr=r.vae_lr / 5, lr_power=1.0, freeze_encoder=True,
+                                  bright_weight=r.bright_weight))
+        vae_export = runs / "vae_decoder" / "export"
+    unet = Path(init("unet")) if r.diffusion_steps == 0 else runs / "diffusion" / "export"
+    controlnet = Path(init("controlnet")) if r.controlnet_steps == 0 else runs / "controlnet" / "export"
+    if (r.diffusion_steps or r.controlnet_steps) and not (latents / "datalist.json").is_file():
         encode_latents(phantoms / "datalist.json", latents, vae_export, r.size, log)
-    run_stage(DiffusionTrainOptions(config=r.config, init=init("unet"), data=latents / "datalist.json",
-                                    out=runs / "diffusion", steps=r.diffusion_steps, batch_size=2, lr=1e-3,
-                                    ema_decay=0.99,  # short runs: a 0.999 average would still hold much of the start
-                                    **common))
-    run_stage(ControlNetTrainOptions(init=init("controlnet"), data=latents / "datalist.json",
-                                     unet=str(runs / "diffusion" / "export"), out=runs / "controlnet",
-                                     steps=r.controlnet_steps, batch_size=2, lr=r.controlnet_lr, **common))
-    return assemble_model(runs, folder / "model", r, vae_export)
+    if r.diffusion_steps:
+        run_stage(DiffusionTrainOptions(config=r.config, init=init("unet"), data=latents / "datalist.json",
+                                        out=runs / "diffusion", steps=r.diffusion_steps, batch_size=2, lr=1e-3,
+                                        ema_decay=0.99,  # short runs: a 0.999 average would still hold the start
+                                        **common))
+    if r.controlnet_steps:
+        run_stage(ControlNetTrainOptions(init=init("controlnet"), data=latents / "datalist.json", unet=str(unet),
+                                         out=runs / "controlnet", steps=r.controlnet_steps, batch_size=2,
+                                         lr=r.controlnet_lr, **common))
+    return assemble_model(folder / "model", r, {"autoencoder": vae_export, "unet": unet, "controlnet": controlnet})
 
 
-def assemble_model(runs: Path, model: Path, recipe: DemoRecipe, vae_export: Path | None = None) -> Path:
-    """Copy the three exports into one model folder with its generation defaults."""
+def assemble_model(model: Path, recipe: DemoRecipe, exports: dict[str, Path]) -> Path:
+    """Copy the three exports (component → folder) into one model folder with its generation defaults."""
     model.mkdir(parents=True, exist_ok=True)
-    exports = {"autoencoder": vae_export or runs / "vae" / "export", "unet": runs / "diffusion" / "export",
-               "controlnet": runs / "controlnet" / "export"}
     for comp, src in exports.items():
         dst = model / comp
         dst.mkdir(exist_ok=True)

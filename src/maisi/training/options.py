@@ -88,6 +88,9 @@ class VAETrainOptions(TrainOptions):
     disc_layers: int = 3
     disc_channels: int = 32
     recon_loss: str = "l1"
+    bright_weight: float = 0.0  # extra reconstruction weight where the target is above bright_above (0: none)
+    bright_above: float = 0.6  # training intensity in [0, 1]; with intensity "ct", 0.6 is 200 HU (bone)
+    freeze_encoder: bool = False  # decoder-only fine-tune: latents, and the UNet/ControlNet trained on them, stay valid
     lr_power: float = 0.0  # polynomial decay to 0 at `steps`; 0: constant (the reference)
 
     def __post_init__(self) -> None:
@@ -109,7 +112,8 @@ class VAETrainOptions(TrainOptions):
             lr=self.lr, disc_lr=self.lr if self.disc_lr is None else self.disc_lr, lr_power=self.lr_power,
             kl_weight=self.kl_weight, perceptual_weight=self.perceptual_weight, adv_weight=self.adv_weight,
             adv_start=self.adv_start, perceptual_fraction=self.perceptual_fraction, disc_layers=self.disc_layers,
-            disc_channels=self.disc_channels, recon_loss=self.recon_loss, precision=precision,
+            disc_channels=self.disc_channels, recon_loss=self.recon_loss, bright_weight=self.bright_weight,
+            bright_above=self.bright_above, freeze_encoder=self.freeze_encoder, precision=precision,
         )
 
 
