@@ -136,6 +136,17 @@ def test_user_mask_retries_differ(pipe, user_mask, latents, monkeypatch):
         assert not torch.equal(x, y)
 
 
+def test_user_mask_is_read_once_per_job(pipe, user_mask, monkeypatch):
+    """Two samples with two retries each: six attempts, one read (and resampling) of the user's mask."""
+    monkeypatch.setattr(P, "check_quality", failing_qc())
+    reads = []
+    original = P.M.load_user_mask
+    monkeypatch.setattr(P.M, "load_user_mask", lambda *a, **k: reads.append(a) or original(*a, **k))
+    samples = pipe.generate(req(body_region=(), mask=user_mask, num_samples=2, quality_retries=2))
+    assert sum(len(s.record["attempts"]) for s in samples) == 6
+    assert len(reads) == 1
+
+
 def test_no_two_attempts_share_seed_and_mask(pipe, database, monkeypatch):
     """Three samples, three attempts each, two database masks: the masks wrap around, the seeds never repeat."""
     monkeypatch.setattr(P, "check_quality", failing_qc())

@@ -14,10 +14,13 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from maisi.data.labelmap import convert_labels, load_mapping
+from maisi.data.phantom import make_phantom
+from maisi.data.regions import span_name
 from maisi.io.atomic import atomic_path, atomic_write_text
 from maisi.io.hub import MissingFilesError, local_set, released_set
-from maisi.io.volume import affine_from_spacing, read_volume
-from maisi.labels import BODY, REGIONS, TUMOR_HOSTS, label_name
+from maisi.io.volume import affine_from_spacing, read_volume, write_volume
+from maisi.labels import BODY, REGIONS, TUMOR_HOSTS, id_to_name, label_name
 
 INDEX_FILE = "index.json"
 # NVIDIA's database (NV-Generate-CT datasets/): candidate_masks_<name>.json indexes all_masks_<name>/ (or its .zip).
@@ -98,8 +101,6 @@ def ensure_body(label: np.ndarray) -> tuple[np.ndarray, bool]:
 def load_user_mask(path: str | Path, mapping: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """(label, affine, info) of a user label map, converted to the MAISI vocabulary when `mapping`
     (JSON {source: MAISI}) is given, with the body envelope (200) added when missing."""
-    from maisi.data.labelmap import convert_labels, load_mapping
-
     vol = read_volume(path)
     arr = np.asarray(vol.array)
     if arr.dtype.kind == "f":
@@ -115,8 +116,6 @@ def load_user_mask(path: str | Path, mapping: str | Path | None = None) -> tuple
         arr = conv.label
         info.update(mapping=str(mapping), conversion=conv.summary())
     else:
-        from maisi.labels import id_to_name
-
         unknown = sorted(set(np.unique(arr).tolist()) - set(id_to_name()) - {0, BODY})
         if unknown:
             raise ValueError(f"{path}: ids {unknown} are not in the MAISI vocabulary; give a mapping "
@@ -205,10 +204,6 @@ def phantom_database(folder: str | Path | None = None, spans: Sequence[tuple[int
     """The built-in mask database: phantom label maps (`variants` seeds of each region span, `size`³ voxels of
     `spacing` mm, twice as long in z for spans), generated on first use into `folder` (default: the user cache
     dir). Only the `spans` asked for (default: all) are generated; later calls add missing ones."""
-    from maisi.data.phantom import make_phantom
-    from maisi.data.regions import span_name
-    from maisi.io.volume import write_volume
-
     folder = Path(folder) if folder is not None else default_cache_dir() / f"phantoms-{size}-{spacing:g}mm-v{variants}"
     entries = read_index(folder) if (folder / INDEX_FILE).is_file() else []
     have = {(e.top_region_index, e.bottom_region_index) for e in entries}

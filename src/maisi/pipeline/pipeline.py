@@ -11,8 +11,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from maisi.labels import REGIONS, TUMOR_HOSTS, modality_code, regions_in_mask
+from maisi.data.preview import save_preview
+from maisi.diffusion.guidance import ClassifierFreeGuidance, ConditionedDenoiser
+from maisi.diffusion.sampling import make_generators, make_noise, sample
+from maisi.diffusion.schedulers import make_scheduler
+from maisi.io.volume import affine_from_spacing, spacing_from_affine, write_volume
+from maisi.labels import REGIONS, TUMOR_HOSTS, modality_code, region_one_hot, regions_in_mask
 from maisi.networks.memory import MemoryPlan
 from maisi.networks.precision import compute_dtype, for_inference
 from maisi.pipeline import masks as M
@@ -68,7 +74,6 @@ class Pipeline:
         self.progress = progress
         self.precision = precision
         self.dtype = compute_dtype(precision, self.device)
-        self.memory: MemoryPlan | None = None  # the decode plan of the current job (set by generate)
         if self.dtype != torch.float32:  # UNet/ControlNet weights in dtype (GroupNorm fp32); the steps stay fp32
             for net in (networks.unet, networks.controlnet):
                 if net is not None:
@@ -109,8 +114,15 @@ class Pipeline:
                              "--tumor); give weights with a controlnet or generate without a mask")
         if request.mask is not None and not Path(request.mask).exists():
             raise FileNotFoundError(f"mask not found: {request.mask}")
-        if request.mask is not None and request.size is None and request.spacing is None:
-            size, spacing = self._mask_grid(request.mask, size, spacing)
+        user = None
+        if request.mask is not None and use_mask:  # read once: every sample and retry uses the same mask
+            label, affine, info = M.load_user_mask(request.mask, request.mask_mapping)
+            if request.size is None and request.spacing is None:
+                size, spacing = self._mask_grid(label.shape, spacing_from_affine(affine))
+            missing = [i for i in anatomy if not (label == i).any()]
+            if missing:
+                raise ValueError(f"the mask {request.mask} lacks the requested anatomy ids {missing}")
+            user = M.Mask(*M.resample_label(label, affine, size, spacing), info)
         warnings = check_geometry(size, spacing, regions or (1, 1), rules_for(cfg))
         steps = request.steps or cfg.scheduler.num_inference_steps
         guidance = cfg.guidance_scale if request.guidance is None else float(request.guidance)
@@ -126,7 +138,7 @@ class Pipeline:
         if use_mask and request.mask is None and database is not None:
             M.open_database(database)  # a missing or malformed database fails before any compute
         return Plan(request, size, spacing, regions, modality, steps, sampler, guidance, anatomy, tumors,
-                    use_mask, tuple(warnings), timesteps, None if database is None else str(database))
+                    use_mask, tuple(warnings), timesteps, None if database is None else str(database), user)
 
     @property
     def released(self) -> bool:
@@ -138,14 +150,11 @@ class Pipeline:
         they reproduce NVIDIA's outputs; the config's choice for the project's own models."""
         return "reference" if self.released or self.config.scheduler.reference_timesteps else "clean"
 
-    def _mask_grid(self, path: str, size: tuple, spacing: tuple) -> tuple[tuple, tuple]:
+    def _mask_grid(self, shape: Sequence[int], spacing: Sequence[float]) -> tuple[tuple, tuple]:
         """A user mask without --size/--spacing: its own grid, rounded to sizes the model accepts."""
-        from maisi.io.volume import read_volume
-
-        vol = read_volume(path)
         div = self.config.image_divisor
-        fov = np.asarray(vol.shape[:3]) * np.asarray(vol.spacing)
-        new_size = tuple(int(max(div, round(n / div) * div)) for n in vol.shape[:3])
+        fov = np.asarray(shape[:3]) * np.asarray(spacing)
+        new_size = tuple(int(max(div, round(n / div) * div)) for n in shape[:3])
         return new_size, tuple(float(f / n) for f, n in zip(fov, new_size))
 
     # -----------------------------------------------------------------------------------------
@@ -158,12 +167,7 @@ class Pipeline:
         if not plan.use_mask:
             return None
         if r.mask is not None:
-            label, affine, info = M.load_user_mask(r.mask, r.mask_mapping)
-            label, affine = M.resample_label(label, affine, plan.size, plan.spacing)
-            mask = M.Mask(label, affine, info)
-            missing = [i for i in plan.anatomy if not (label == i).any()]
-            if missing:
-                raise ValueError(f"the mask {r.mask} lacks the requested anatomy ids {missing}")
+            mask = plan.user_mask
         else:
             folder = plan.mask_database or M.phantom_database(spans=None if plan.regions is None else [plan.regions])
             hosts = tuple(TUMOR_HOSTS[t] for t in plan.tumors)  # a tumour needs its host organ in the mask
@@ -181,8 +185,6 @@ class Pipeline:
     # -----------------------------------------------------------------------------------------
 
     def _conditions(self, plan: Plan, n: int, regions: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
-        from maisi.labels import region_one_hot
-
         cfg, dev = self.config.unet, self.device
         cond: dict[str, torch.Tensor] = {}
         if cfg.include_spacing_input:
@@ -195,8 +197,6 @@ class Pipeline:
         return cond
 
     def _denoiser(self, plan: Plan, cond: dict[str, torch.Tensor], mask: torch.Tensor | None):
-        from maisi.diffusion.guidance import ClassifierFreeGuidance, ConditionedDenoiser
-
         den = ConditionedDenoiser(self.nets.unet, self.nets.controlnet if mask is not None else None, mask=mask, **cond)
         if plan.guidance > 0:  # unconditional branch: modality 0 (REFERENCE §2)
             den = ClassifierFreeGuidance(den, den.with_modality(torch.zeros_like(cond["modality"])), plan.guidance)
@@ -208,8 +208,6 @@ class Pipeline:
 
     def scheduler(self, plan: Plan):
         """The plan's sampler with its timesteps set (rectified flow: reference or clean, as the plan says)."""
-        from maisi.diffusion.schedulers import make_scheduler
-
         cfg = replace(self.config.scheduler, kind=plan.sampler, num_inference_steps=plan.steps,
                       reference_timesteps=plan.timesteps == "reference")
         scheduler = make_scheduler(cfg, self.config.unet.spatial_dims)
@@ -220,8 +218,6 @@ class Pipeline:
     def sample_latents(self, plan: Plan, seeds: Sequence[int], masks: Sequence[M.Mask | None],
                        regions: Sequence[tuple[int, int]], desc: str = "") -> torch.Tensor:
         """Latents of one batch: noise (and DDPM step noise) from each sample's own seed, then the sampler."""
-        from maisi.diffusion.sampling import make_generators, make_noise, sample
-
         gens = make_generators(seeds)
         noise = make_noise(self.latent_shape(plan), seeds, device=self.device, generators=gens)
         scheduler = self.scheduler(plan)
@@ -250,13 +246,9 @@ class Pipeline:
         return np.stack(out)
 
     def _bar(self, total: int, desc: str):
-        from tqdm.auto import tqdm
-
         return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
 
     def _bar_iter(self, it, desc: str):
-        from tqdm.auto import tqdm
-
         return tqdm(it, desc=desc, disable=not self.progress or len(it) < 2, leave=False)
 
     # -----------------------------------------------------------------------------------------
@@ -275,9 +267,9 @@ class Pipeline:
         per failed attempt (the library itself prints nothing)."""
         check_files(request, out)  # a bad `out` or mask fails here, before any compute
         plan = plan or self.plan(request)
-        self.memory = self.decode_plan(plan)  # before any sampling: a budget nothing fits fails here
+        memory = self.decode_plan(plan)  # before any sampling: a budget nothing fits fails here
         if request.memory_gb is not None:  # the plan the budget chose (always in the record)
-            _emit(on_event, f"decoder: {self.memory.describe()}")
+            _emit(on_event, f"decoder: {memory.describe()}")
         env_rank, env_world = world_from_env()
         rank = env_rank if rank is None else rank
         world_size = env_world if world_size is None else world_size
@@ -285,7 +277,7 @@ class Pipeline:
         samples: list[Sample] = []
         for start in range(0, len(mine), request.batch_size):
             batch = mine[start:start + request.batch_size]
-            samples += self._batch(plan, batch, out, on_event)
+            samples += self._batch(plan, memory, batch, out, on_event)
         return samples
 
     def _attempt(self, plan: Plan, k: int, attempt: int) -> tuple[int, int, M.Mask | None]:
@@ -294,7 +286,7 @@ class Pipeline:
         seed = plan.request.seed + k
         return k, attempt_seed(seed, attempt), self.mask_for(plan, seed, attempt)
 
-    def _batch(self, plan: Plan, indices: list[int], out: str | Path | None,
+    def _batch(self, plan: Plan, memory: MemoryPlan, indices: list[int], out: str | Path | None,
                on_event: Callable[[str], None] | None) -> list[Sample]:
         t0 = time.perf_counter()
         r = plan.request
@@ -309,7 +301,7 @@ class Pipeline:
             masks = [m for _, _, m in todo]
             z = self.sample_latents(plan, [s for _, s, _ in todo], masks, [self._regions(plan, m) for m in masks], desc)
             retry = []
-            for (k, s, m), img in zip(todo, self.decode(z, self.memory, desc)):
+            for (k, s, m), img in zip(todo, self.decode(z, memory, desc)):
                 label = None if m is None else m.label
                 hu = to_hu(img, label)
                 quality = check_quality(hu, label) if r.quality_check else {
@@ -329,7 +321,7 @@ class Pipeline:
                     _emit(on_event, f"{head}; no attempts left, keeping it (see the record)")
             todo = retry
         seconds = (time.perf_counter() - t0) / len(indices)
-        return [self._finish(plan, k, *kept[k], history[k], out, seconds) for k in indices]
+        return [self._finish(plan, memory, k, *kept[k], history[k], out, seconds) for k in indices]
 
     def _regions(self, plan: Plan, mask: M.Mask | None) -> tuple[int, int]:
         if plan.regions is not None:
@@ -337,17 +329,15 @@ class Pipeline:
         found = regions_in_mask(np.unique(mask.label).tolist()) if mask is not None else None
         return found or (REGIONS.index("chest"),) * 2
 
-    def _finish(self, plan: Plan, k: int, image_seed: int, mask: M.Mask | None, hu: np.ndarray, quality: dict,
+    def _finish(self, plan: Plan, memory: MemoryPlan, k: int, image_seed: int, mask: M.Mask | None, hu: np.ndarray, quality: dict,
                 attempts: list[dict], out: str | Path | None, seconds: float) -> Sample:
-        from maisi.io.volume import affine_from_spacing
-
         seed = plan.request.seed + k
         affine = mask.affine if mask is not None else affine_from_spacing(plan.spacing, plan.size)
         image = to_int16(hu)
         label = None if mask is None else mask.label
         model = {"config": self.config.name, "scale_factor": self.nets.scale_factor, "weights": self.nets.sources,
                  "precision": self.precision,
-                 "decode_plan": self.memory and self.memory.as_dict()}
+                 "decode_plan": memory.as_dict()}
         files = {} if out is None else self._files(Path(out), seed)
         rec = sample_record(index=k, seed=seed, image_seed=image_seed, plan=replace(plan, regions=self._regions(plan, mask)), model=model,
                             mask=None if mask is None else mask.source, quality=quality, attempts=attempts,
@@ -384,9 +374,6 @@ def _emit(on_event: Callable[[str], None] | None, line: str) -> None:
 
 def write_sample(sample: Sample, spacing: Sequence[float]) -> None:
     """Image (int16 HU), label (uint8), preview PNG and record JSON, each written atomically."""
-    from maisi.data.preview import save_preview
-    from maisi.io.volume import write_volume
-
     f = sample.files
     f["image"].parent.mkdir(parents=True, exist_ok=True)
     write_volume(f["image"], sample.image, sample.affine, np.int16)

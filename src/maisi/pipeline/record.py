@@ -9,17 +9,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy
+import torch
+
+from maisi import __version__
 from maisi.io.atomic import atomic_write_text
 from maisi.io.jsondata import jsonable
 from maisi.pipeline.validation import SEED_BITS
 
 
 def environment() -> dict[str, str]:
-    import numpy
-    import torch
-
-    from maisi import __version__
-
     return {"maisi": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": sys.version.split()[0], "platform": platform.platform()}
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from maisi.config import PRESETS, ModelConfig, to_dict
+from maisi.data.regions import parse_span
 from maisi.io.atomic import check_output_dir
 from maisi.io.volume import check_volume_file
 from maisi.labels import TUMOR_HOSTS, label_id, label_name
@@ -183,8 +184,6 @@ def attempt_seed(seed: int, attempt: int) -> int:
 
 def parse_regions(regions: Sequence[str]) -> tuple[int, int] | None:
     """(top, bottom) indices of one region, a span given as two names, or "chest-abdomen"; () gives None."""
-    from maisi.data.regions import parse_span
-
     names = [r for r in regions if r]
     if not names:
         return None
@@ -225,3 +224,4 @@ class Plan:
     warnings: tuple[str, ...] = field(default_factory=tuple)
     timesteps: str | None = None  # rflow: "reference" or "clean"; None for DDPM/DDIM
     mask_database: str | None = None  # None: the built-in phantom database
+    user_mask: Any = field(default=None, repr=False)  # the request's mask (masks.Mask), read and resampled once
