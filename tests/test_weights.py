@@ -14,7 +14,8 @@ from maisi.config import ModelConfig, UNetConfig, preset
 from maisi.data.phantom import make_phantom, write_phantom
 from maisi.data.prepare import PrepareConfig, resample
 from maisi.io import hub
-from maisi.io.checkpoint import save_pretrained, sha256_file
+from maisi.io.checkpoint import save_pretrained
+from maisi.io.digest import sha256_file
 from maisi.networks import build, weights
 from maisi.networks.controlnet import ControlNet
 from maisi.networks.weights import load_component, resolve
@@ -74,6 +75,9 @@ def root(tmp_path_factory, nets) -> Path:
     save_pretrained(root / "two_vaes" / "a", nets["autoencoder"], TINY, "autoencoder")
     save_pretrained(root / "two_vaes" / "b" / "export", nets["autoencoder"], TINY, "autoencoder")
     prepare_run_dir(root / "unfinished", "diffusion", TINY, {})
+    for comp in ("autoencoder", "unet"):  # a model folder whose ControlNet run has not finished
+        save_pretrained(root / "half" / comp, nets[comp], TINY, comp, {"scale_factor": SCALE} if comp == "unet" else None)
+    prepare_run_dir(root / "half" / "controlnet", "controlnet", TINY, {})
     other = ModelConfig(name="other", autoencoder=TINY.autoencoder, scheduler=TINY.scheduler,
                         unet=UNetConfig(channels=(8, 8, 16, 16), num_head_channels=(0, 0, 8, 8), num_res_blocks=1,
                                         norm_num_groups=8))
@@ -86,13 +90,14 @@ def root(tmp_path_factory, nets) -> Path:
 def hub_cache(monkeypatch, root):
     """The released set rflow-ct 'downloaded': its files are the tiny released-layout ones; the mask-generation
     files, datasets and another set's networks beside them are not picked."""
-    def local_set(name: str, *, revision=None, cache_dir=None) -> dict[str, Path]:
+    def local_set(name: str, *, revision=None, cache_dir=None, only=None) -> dict[str, Path]:
         if name != "rflow-ct":
             raise FileNotFoundError(f"1 file(s) of set {name!r} are not in the hub cache")
         files = {f"models/{n}": root / "released" / n for n in RELEASED.values()}
         others = ("models/mask_generation_autoencoder.pt", "datasets/all_anatomy_size_conditions.json",
                   "models/diff_unet_3d_ddpm-ct.pt", "models/controlnet_3d_ddpm-ct.pt")
-        return files | {p: root / "released" / "junk" for p in others}
+        found = files | {p: root / "released" / "junk" for p in others}
+        return found if only is None else {p: f for p, f in found.items() if p in only}
 
     monkeypatch.setattr(weights, "local_set", local_set)
 
@@ -163,11 +168,14 @@ def test_released_names_give_component_and_preset(tmp_path, name, component, pre
 def test_each_hub_set_resolves_to_its_networks(tmp_path, monkeypatch, name):
     """The hub's catalogue and the file-name table agree: every network file of a set is picked, nothing else."""
     files = {f.path: tmp_path / Path(f.path).name for f in hub.released_set(name).files}
-    monkeypatch.setattr(weights, "local_set", lambda n, **kw: files)
+    asked = []
+    monkeypatch.setattr(weights, "local_set", lambda n, only=None, **kw: asked.append(only) or
+                        {p: f for p, f in files.items() if only is None or p in only})
     nets = {f.component: files[f.path] for f in hub.released_set(name).files
             if f.component in ("autoencoder", "unet", "controlnet")}
     sources = resolve(name)
     assert sources.paths == nets and sources.preset == name and "unet" in nets
+    assert asked == [[p for p, f in files.items() if f in nets.values()]]  # the mask database need not be there
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +270,7 @@ ERRORS = [
     (["model", f"released/{RELEASED['autoencoder']}"], ValueError, "two autoencoder weights given"),
     ("two_vaes", ValueError, "two autoencoder weights in .*two_vaes"),
     ("unfinished", ValueError, "training run without an export yet"),
+    ("half", ValueError, "training runs without an export yet: controlnet"),  # not silently without it
     ([f"released/{RELEASED['unet']}", "other/controlnet_3d_ddpm-ct.pt"], ValueError, "different models"),
     (["model/autoencoder", "model/unet", "other/controlnet"], ValueError, "unet config does not match that of"),
     ("model/unet", ValueError, "generation needs an autoencoder"),

@@ -7,7 +7,6 @@ names what does not fit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import pickle
@@ -23,6 +22,7 @@ from torch import nn
 from maisi import __version__
 from maisi.config import ModelConfig, from_dict, to_dict
 from maisi.io.atomic import atomic_path, atomic_write_text
+from maisi.io.digest import sha256_file
 from maisi.io.jsondata import jsonable
 
 FORMAT = "maisi-checkpoint"
@@ -41,14 +41,6 @@ class CheckpointError(ValueError):
 def _check_component(component: str) -> None:
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; choose one of {list(COMPONENTS)}")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from huggingface_hub.errors import (
 from tqdm.auto import tqdm
 
 from maisi.io.atomic import atomic_write_text
-from maisi.io.checkpoint import sha256_file
+from maisi.io.digest import sha256_file
 
 Component = Literal["autoencoder", "unet", "controlnet", "mask_autoencoder", "mask_unet", "dataset"]
 

@@ -194,7 +194,8 @@ def resnet50_radimagenet(weights_path: str | Path) -> ResNet50:
     """ResNet-50 loaded from a RadImageNet state dict (.pt/.pth/.safetensors; keys conv1.*, bn1.*, layer1-4.*,
     optional 'model.'/'module.'/'backbone.' prefixes and fc.* ignored). Keras-converted files (conv biases)
     and torchvision-layout files are both accepted."""
-    from maisi.io.checkpoint import CheckpointError, load_state_dict_strict, read_state_dict, sha256_file
+    from maisi.io.checkpoint import CheckpointError, load_state_dict_strict, read_state_dict
+    from maisi.io.digest import sha256_file
 
     path = Path(weights_path)
     if not path.is_file():
@@ -244,7 +245,7 @@ def torchscript_extractor(path: str | Path) -> TorchScriptExtractor:
         module = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"{path}: not a TorchScript model ({str(e).splitlines()[0] if str(e) else e})") from e
-    from maisi.io.checkpoint import sha256_file
+    from maisi.io.digest import sha256_file
 
     return _freeze(_identify(TorchScriptExtractor(module.eval(), path), sha256_file(path)))
 

@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from torch import nn
@@ -26,12 +26,13 @@ from maisi.io.checkpoint import (
     load_pretrained,
     load_released,
     read_pretrained_config,
-    sha256_file,
 )
+from maisi.io.digest import sha256_file
+from maisi.io.hub import SETS as HUB_SETS
 from maisi.io.hub import local_set
 
-# The sets of maisi.io.hub that hold a diffusion model; each set's name is also the preset of its files.
-SETS = ("rflow-ct", "ddpm-ct", "rflow-mr", "rflow-mr-brain")
+# The sets of maisi.io.hub that hold a diffusion model ("all" aside); each set's name is also the preset of its files.
+SETS = tuple(n for n, s in HUB_SETS.items() if n != "all" and any(f.component == "unet" for f in s.files))
 DEFAULT_PRESET = "rflow-ct"  # architecture of a released file whose name and set say nothing
 # NVIDIA's released files: the network each holds and the sets (presets) it belongs to (REFERENCE §1, §7;
 # the brain-MR model decodes with the CT autoencoder).
@@ -204,12 +205,14 @@ def _resolve_one(item: str | Path, component: str | None, revision: str | Mappin
 
 
 def _from_set(name: str, revision: str | Mapping[str, str] | None, cache_dir: str | Path | None) -> WeightSources:
-    files = local_set(name, revision=revision, cache_dir=cache_dir)
+    # only the set's networks: the mask database and mask-generation files need not be there to load them
+    networks = [f.path for f in HUB_SETS[name].files
+                if (kind := _released_kind(PurePosixPath(f.path).name)) and name in kind[1]]
+    files = local_set(name, revision=revision, cache_dir=cache_dir, only=networks)  # verified against the manifest
     found: dict[str, Source] = {}
     for rel, local in sorted(files.items()):
-        kind = _released_kind(Path(rel).name)
-        if kind and name in kind[1]:  # skips mask-generation files, datasets and the other sets' networks
-            _add(found, kind[0], Source(Path(local), "released", presets=kind[1]), f"in the released set {name}")
+        kind = _released_kind(PurePosixPath(rel).name)
+        _add(found, kind[0], Source(Path(local), "released", presets=kind[1]), f"in the released set {name}")
     if not found:
         raise ValueError(f"the released set {name} holds no network file: {sorted(files)}")
     return WeightSources(found, set_name=name, preset=name, spec=name)
@@ -237,9 +240,11 @@ def _from_folder(folder: Path) -> WeightSources:
             _add(found, *_checkpoint(cand), f"in {folder}")
         elif (sub / RUN_FILE).is_file():
             unfinished.append(sub.name)
+    if unfinished:  # loading the rest would silently drop a network (say, an unfinished ControlNet run)
+        raise ValueError(f"{folder} holds training runs without an export yet: {', '.join(unfinished)}; re-run "
+                         "their `maisi train` commands to finish them, or give the exported folders one by one")
     if not found:
-        runs = f"; training runs without an export yet: {', '.join(unfinished)}" if unfinished else ""
-        raise ValueError(f"{folder} holds no maisi checkpoint{runs} (give {ACCEPTED})")
+        raise ValueError(f"{folder} holds no maisi checkpoint (give {ACCEPTED})")
     defaults = json.loads((folder / DEFAULTS_FILE).read_text()) if (folder / DEFAULTS_FILE).is_file() else {}
     return WeightSources(found, defaults, spec=str(folder))
 

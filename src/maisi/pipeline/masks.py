@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import zipfile
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from maisi.data.labelmap import convert_labels, load_mapping
 from maisi.data.phantom import make_phantom
 from maisi.data.regions import span_name
 from maisi.io.atomic import atomic_path, atomic_write_text
-from maisi.io.hub import MissingFilesError, local_set, released_set
+from maisi.io.hub import MissingFilesError, local_set, maisi_cache_dir, released_set
 from maisi.io.volume import affine_from_spacing, read_volume, write_volume
 from maisi.labels import BODY, REGIONS, TUMOR_HOSTS, id_to_name, label_name
 
@@ -191,9 +190,8 @@ def describe_missing(entries: Sequence[Entry], regions: tuple[int, int] | None, 
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("MAISI_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "maisi")
-    return Path(base) / "masks"
+    """Where built-in mask databases are generated: maisi's cache folder (io.hub.maisi_cache_dir) / masks."""
+    return maisi_cache_dir() / "masks"
 
 
 PHANTOM_SPANS = ((0, 0), (1, 1), (2, 2), (3, 3), (1, 2), (2, 3), (0, 1))
