@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -45,17 +46,27 @@ def check_output_file(path: str | Path, what: str = "output file") -> Path:
     return path
 
 
-def file_mode() -> int:
-    """The mode any tool gives a new file: 0666 minus the process umask (read without changing it on Linux)."""
+def _umask() -> int:
+    """The process umask, read without changing it on Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
+                return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
     mask = os.umask(0o022)  # elsewhere: read by setting it, then restore at once
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def file_mode() -> int:
+    """The mode any tool gives a new file: 0666 minus the process umask."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The mode any tool gives a new folder: 0777 minus the process umask."""
+    return 0o777 & ~_umask()
 
 
 # A temporary file is named .NAME.PID-XXXXXXXX.tmpSUFFIX (older versions: .NAME.XXXXXXXX.tmpSUFFIX; XXXXXXXX is
@@ -76,19 +87,21 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(path: str | Path, suffix: str = "", older_than: float = STALE_AFTER) -> list[Path]:
-    """Remove the temporary files of target `path` (written with `suffix`) that killed writers left behind:
-    older than `older_than` seconds (by mtime) and not owned by a live process of this machine. Returns them."""
+    """Remove the temporary files (or folders, see `atomic_dir`) of target `path` (written with `suffix`) that
+    killed writers left behind: older than `older_than` seconds (by mtime) and not owned by a live process of
+    this machine. Returns them."""
     path = Path(path)
     pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)-)?[a-z0-9_]{{8}}\.tmp{re.escape(suffix)}")
     cutoff, removed = time.time() - older_than, []
     with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
         for e in entries:
             m = pattern.fullmatch(e.name)
-            if not m or not e.is_file(follow_symlinks=False) or (m[1] and _pid_alive(int(m[1]))):
+            is_dir = e.is_dir(follow_symlinks=False)
+            if not m or not (is_dir or e.is_file(follow_symlinks=False)) or (m[1] and _pid_alive(int(m[1]))):
                 continue
             with contextlib.suppress(OSError):  # gone already, or not ours to remove: leave it
                 if e.stat(follow_symlinks=False).st_mtime < cutoff:
-                    os.unlink(e.path)
+                    shutil.rmtree(e.path) if is_dir else os.unlink(e.path)
                     removed.append(Path(e.path))
     return removed
 
@@ -116,6 +129,43 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    remove_stale_temps(path, suffix)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a new temporary folder beside `path`; on success it takes the place of `path` (a folder of files,
+    such as a DICOM series), whatever was there before being removed only once the new folder is complete.
+
+    On any exception the temporary folder is removed and `path` is left as it was. The folder gets the umask's
+    mode and its files are flushed to disk before the rename. Replacing an existing `path` takes two renames
+    (old aside, new in), so a reader may briefly find no `path`; it never finds a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=f".tmp{suffix}", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        os.chmod(tmp, dir_mode())
+        old = None
+        if path.is_dir() and not path.is_symlink():  # move the old folder aside under a temporary name
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=f".tmp{suffix}", dir=path.parent))
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     remove_stale_temps(path, suffix)
 
 

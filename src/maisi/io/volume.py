@@ -1,4 +1,4 @@
-"""Volume I/O: NIfTI and DICOM series in (checked, oriented to RAS, affine kept); NIfTI out, atomically."""
+"""Volume I/O: NIfTI, NRRD and DICOM series in (checked, oriented to RAS, affine kept); NIfTI out, atomically."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
+import nrrd
 import numpy as np
 
 from maisi.io.atomic import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NRRD_SUFFIX = ".nrrd"
+# NRRD "space" → the sign that turns each of its world axes into RAS (spelled out or abbreviated)
+NRRD_SPACES = {"right-anterior-superior": (1, 1, 1), "RAS": (1, 1, 1), "left-anterior-superior": (-1, 1, 1),
+               "LAS": (-1, 1, 1), "left-posterior-superior": (-1, -1, 1), "LPS": (-1, -1, 1)}
 
 
 class VolumeError(ValueError):
@@ -61,17 +66,24 @@ def is_nifti(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def is_nrrd(path: str | Path) -> bool:
+    return str(path).lower().endswith(NRRD_SUFFIX)
+
+
 def read_volume(path: str | Path) -> Volume:
-    """Read a NIfTI file or a folder holding one DICOM series, checked and re-oriented to RAS.
+    """Read a NIfTI or NRRD file or a folder holding one DICOM series, checked and re-oriented to RAS.
 
     Raises FileNotFoundError for a missing path and VolumeError (a ValueError) naming the file and the rule
     for anything that is not a usable 3D volume: a corrupt or truncated file, a 4D image, a folder without
     DICOM, NaN or infinite voxels, a zero, negative or missing voxel size, or no orientation (NIfTI
-    qform_code = sform_code = 0). Nothing is guessed: such files are refused, not read as 1 mm.
+    qform_code = sform_code = 0; NRRD without space, space directions or space origin). Nothing is guessed:
+    such files are refused, not read as 1 mm.
     """
     path = _existing(path)
     if path.is_dir():
         array, affine = _read_dicom_series(path)
+    elif is_nrrd(path):
+        array, affine = _read_nrrd(path)
     else:
         img = _open_nifti(path)
         try:
@@ -81,17 +93,22 @@ def read_volume(path: str | Path) -> Volume:
         array, affine = _squeeze(path, array), np.asarray(img.affine, dtype=np.float64)
     check_affine(path, affine)
     check_finite(path, array)
-    return _to_ras(array, affine)
+    return to_ras(array, affine)
 
 
 def check_volume_file(path: str | Path) -> None:
     """The checks of read_volume, made before any work: a NIfTI's header (3D, voxel size, orientation,
-    affine) and its voxels only where they can be non-finite (float storage or scaling). A DICOM folder is
-    only checked for files here; read_volume checks the rest when it reads the series."""
+    affine) and its voxels only where they can be non-finite (float storage or scaling); an NRRD file is read
+    whole. A DICOM folder is only checked for files here; read_volume checks the rest when it reads the series."""
     path = _existing(path)
     if path.is_dir():
         if not any(p.is_file() and not p.name.startswith(".") for p in path.iterdir()):
             raise VolumeError(f"{path}: folder has no files; expected one DICOM series")
+        return
+    if is_nrrd(path):
+        array, affine = _read_nrrd(path)
+        check_affine(path, affine)
+        check_finite(path, array)
         return
     img = _open_nifti(path)
     shape = img.shape[:3] if len(img.shape) == 4 and img.shape[3] == 1 else img.shape
@@ -133,8 +150,9 @@ def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
-    if not path.is_dir() and not is_nifti(path):
-        raise VolumeError(f"{path}: unsupported volume format; use .nii, .nii.gz or a folder with one DICOM series")
+    if not path.is_dir() and not is_nifti(path) and not is_nrrd(path):
+        raise VolumeError(f"{path}: unsupported volume format; use .nii, .nii.gz, .nrrd or a folder with one DICOM "
+                          f"series")
     return path
 
 
@@ -186,7 +204,26 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return array, np.asarray(meta["affine"], dtype=np.float64)
 
 
-def _to_ras(array: np.ndarray, affine: np.ndarray) -> Volume:
+def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels (x fastest, as written) and the RAS affine from the header's space, directions and origin."""
+    try:
+        array, header = nrrd.read(str(path), index_order="F")
+    except Exception as e:  # pynrrd raises several types for corrupt or truncated files
+        raise VolumeError(f"{path}: cannot read as NRRD ({type(e).__name__}: {e})") from e
+    array = _squeeze(path, np.asarray(array))
+    space, directions, origin = header.get("space"), header.get("space directions"), header.get("space origin")
+    if space not in NRRD_SPACES or directions is None or origin is None:
+        raise VolumeError(f"{path}: no world geometry (NRRD space {space!r}, space directions and space origin are "
+                          f"required, with space one of {', '.join(NRRD_SPACES)}); maisi will not guess it")
+    directions = np.asarray(directions, dtype=np.float64)
+    if directions.shape != (3, 3):
+        raise VolumeError(f"{path}: expected 3 spatial NRRD axes in 3D, got space directions {directions.tolist()}")
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = directions.T, np.asarray(origin, dtype=np.float64)  # rows of directions: axes
+    return array, np.diag([*NRRD_SPACES[space], 1.0]) @ affine
+
+
+def to_ras(array: np.ndarray, affine: np.ndarray) -> Volume:
     """Reorder and flip axes so that the array is in RAS orientation (nibabel's orientation maths)."""
     ornt = nib.orientations.io_orientation(affine)
     ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
@@ -212,13 +249,9 @@ def write_volume(
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise ValueError(f"affine must be a finite 4×4 matrix, got shape {affine.shape}")
-    dtype = np.dtype(dtype or array.dtype)
-    if dtype == np.bool_:
-        dtype = np.dtype(np.uint8)
-    if np.issubdtype(dtype, np.integer) and np.issubdtype(array.dtype, np.floating):
-        info = np.iinfo(dtype)
-        array = np.clip(np.rint(array), info.min, info.max)
-    img = nib.Nifti1Image(array.astype(dtype, copy=False), affine)
+    array = cast_for_storage(array, dtype)
+    dtype = array.dtype
+    img = nib.Nifti1Image(array, affine)
     img.header.set_data_dtype(dtype)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
@@ -227,3 +260,16 @@ def write_volume(
     with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, str(tmp))
     return path
+
+
+def cast_for_storage(array: np.ndarray, dtype: np.dtype | type | str | None = None) -> np.ndarray:
+    """The array in the on-disk dtype (default: its own; bool → uint8); floats stored as integers are rounded
+    and clipped to the integer type's range rather than wrapped."""
+    array = np.asarray(array)
+    dtype = np.dtype(dtype or array.dtype)
+    if dtype == np.bool_:
+        dtype = np.dtype(np.uint8)
+    if np.issubdtype(dtype, np.integer) and np.issubdtype(array.dtype, np.floating):
+        info = np.iinfo(dtype)
+        array = np.clip(np.rint(array), info.min, info.max)
+    return array.astype(dtype, copy=False)
