@@ -16,6 +16,7 @@ import torch
 from maisi.cli import main
 from maisi.config import preset
 from maisi.io.checkpoint import save_pretrained
+from maisi.io.formats import read_label
 from maisi.io.hub import MissingFilesError
 from maisi.io.volume import read_volume
 from maisi.networks import build
@@ -103,6 +104,22 @@ def test_generate_writes_volume_label_preview_record(pipe, database, tmp_path):
     assert s.files["preview"].stat().st_size > 1000 and rec["environment"]["maisi"]
 
 
+@pytest.mark.parametrize("image_ext, label_ext", [(".nrrd", ".nii"), (".dcm", ".dcm")])
+def test_generate_writes_the_output_formats_asked_for(pipe, database, tmp_path, image_ext, label_ext):
+    """The NIM's output formats: each file reads back to the same HU, labels and geometry as the sample."""
+    r = req(mask_database=str(database), seed=2, spacing=(4.0, 8.0, 10.0), size=(64, 32, 32),
+            image_output_ext=image_ext, label_output_ext=label_ext)
+    (s,) = pipe.generate(r, out=tmp_path)
+    assert s.files["image"].name == f"sample_seed2_image{image_ext}"
+    vol, lab = read_volume(s.files["image"]), read_label(s.files["label"])
+    np.testing.assert_array_equal(vol.array, s.image)
+    np.testing.assert_array_equal(lab.array, s.label)
+    np.testing.assert_allclose(vol.affine, s.affine, atol=1e-4)
+    np.testing.assert_allclose(lab.affine, s.affine, atol=1e-4)
+    rec = json.loads(s.files["record"].read_text())
+    assert rec["files"]["label"] == f"sample_seed2_label{label_ext}"
+
+
 def test_same_seed_same_volume_whatever_batch_or_process(pipe, database):
     one_by_one = pipe.generate(req(mask_database=str(database), num_samples=2, seed=11))
     batched = pipe.generate(req(mask_database=str(database), num_samples=2, seed=11, batch_size=2))
@@ -163,6 +180,9 @@ def test_cli_generate_and_errors(model_dir, database, tmp_path, capsys):
     assert "multiple of 32" in capsys.readouterr().err
     assert main([*args, "--weights", str(tmp_path / "none")]) == 2
     assert "weights not found" in capsys.readouterr().err
+    assert main([*args, "--image-output-ext", ".png"]) == 2
+    err = capsys.readouterr().err
+    assert "--image-output-ext '.png' is not an output format" in err and ".nrrd" in err
 
 
 @pytest.mark.slow

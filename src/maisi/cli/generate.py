@@ -29,7 +29,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (0: off; default: the model's)")
     p.add_argument("--anatomy", nargs="+", default=[], metavar="NAME",
                    help="organs the mask must contain (MAISI vocabulary names, e.g. liver 'left kidney')")
-    p.add_argument("--mask", help="your label map (NIfTI or DICOM folder); resampled (nearest) to the output grid")
+    p.add_argument("--mask", help="your label map (NIfTI, NRRD or DICOM folder); resampled (nearest) to the output grid")
+    p.add_argument("--image-output-ext", default=".nii.gz",
+                   help="image format, as the NIM names them: .nii.gz (default), .nii, .nrrd, or .dcm (a folder "
+                        "holding a DICOM CT series)")
+    p.add_argument("--label-output-ext", default=".nii.gz",
+                   help="label format: .nii.gz (default), .nii, .nrrd, or .dcm (a DICOM SEG label map)")
     p.add_argument("--mask-mapping", help="JSON {your label name or id: MAISI name or id} to convert --mask")
     p.add_argument("--mask-database",
                    help="folder of label maps + index.json, or NVIDIA's database (candidate_masks_*.json, or its folder, "
@@ -65,6 +70,7 @@ def request_from_args(args: argparse.Namespace):
         mask_source="none" if args.no_mask else "auto", mask_database=args.mask_database, tumor=tuple(args.tumor),
         batch_size=args.batch_size, memory_gb=args.memory_gb, quality_retries=args.quality_retries,
         quality_check=not args.no_quality_check, timesteps=args.timesteps,
+        image_output_ext=args.image_output_ext, label_output_ext=args.label_output_ext,
     )
 
 
@@ -72,10 +78,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from maisi.pipeline.pipeline import Pipeline, world_from_env
+    from maisi.io.formats import OutputFormatError
     from maisi.pipeline.validation import check_files
 
     request = request_from_args(args)
-    check_files(request, args.out)  # a bad --out or --mask fails before any network loads
+    try:
+        check_files(request, args.out)  # a bad --out, --mask or output format fails before any network loads
+    except OutputFormatError as e:  # the field, in the words the user typed
+        raise ValueError(str(e).replace(e.field, "--" + e.field.replace("_", "-"), 1)) from e
     rank, world = world_from_env()
     if world > 1 and torch.cuda.is_available() and args.device != "cpu":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))

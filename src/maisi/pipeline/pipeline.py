@@ -17,7 +17,8 @@ from maisi.data.preview import save_preview
 from maisi.diffusion.guidance import ClassifierFreeGuidance, ConditionedDenoiser
 from maisi.diffusion.sampling import make_generators, make_noise, sample
 from maisi.diffusion.schedulers import make_scheduler
-from maisi.io.volume import affine_from_spacing, spacing_from_affine, write_volume
+from maisi.io.formats import DicomIds, write_image, write_label
+from maisi.io.volume import affine_from_spacing, spacing_from_affine
 from maisi.labels import REGIONS, TUMOR_HOSTS, modality_code, region_one_hot, regions_in_mask
 from maisi.networks.memory import MemoryPlan
 from maisi.networks.precision import compute_dtype, for_inference
@@ -338,7 +339,7 @@ class Pipeline:
         model = {"config": self.config.name, "scale_factor": self.nets.scale_factor, "weights": self.nets.sources,
                  "precision": self.precision,
                  "decode_plan": memory.as_dict()}
-        files = {} if out is None else self._files(Path(out), seed)
+        files = {} if out is None else self._files(Path(out), seed, plan.request)
         rec = sample_record(index=k, seed=seed, image_seed=image_seed, plan=replace(plan, regions=self._regions(plan, mask)), model=model,
                             mask=None if mask is None else mask.source, quality=quality, attempts=attempts,
                             files={n: p.name for n, p in files.items()}, device=str(self.device), seconds=seconds)
@@ -348,9 +349,10 @@ class Pipeline:
         return sample
 
     @staticmethod
-    def _files(out: Path, seed: int) -> dict[str, Path]:
+    def _files(out: Path, seed: int, request: GenerationRequest) -> dict[str, Path]:
         stem = out / f"sample_seed{seed}"
-        return {"image": Path(f"{stem}_image.nii.gz"), "label": Path(f"{stem}_label.nii.gz"),
+        return {"image": Path(f"{stem}_image{request.image_output_ext}"),
+                "label": Path(f"{stem}_label{request.label_output_ext}"),
                 "preview": Path(f"{stem}_preview.png"), "record": Path(f"{stem}_record.json")}
 
 
@@ -373,12 +375,14 @@ def _emit(on_event: Callable[[str], None] | None, line: str) -> None:
 
 
 def write_sample(sample: Sample, spacing: Sequence[float]) -> None:
-    """Image (int16 HU), label (uint8), preview PNG and record JSON, each written atomically."""
+    """Image (int16 HU), label (uint8), preview PNG and record JSON, each written atomically, the image and label
+    in the format their file names give (io.formats: NIfTI, NRRD, a DICOM CT series and a DICOM SEG)."""
     f = sample.files
     f["image"].parent.mkdir(parents=True, exist_ok=True)
-    write_volume(f["image"], sample.image, sample.affine, np.int16)
+    ids = DicomIds.new()  # DICOM: the image series and its SEG share one study and frame of reference
+    write_image(f["image"], sample.image, sample.affine, ids)
     if sample.label is not None:
-        write_volume(f["label"], sample.label, sample.affine, np.uint8)
+        write_label(f["label"], sample.label, sample.affine, ids)
     else:
         f.pop("label")
         sample.record["files"].pop("label", None)

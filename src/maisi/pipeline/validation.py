@@ -11,6 +11,7 @@ from typing import Any
 from maisi.config import PRESETS, ModelConfig, to_dict
 from maisi.data.regions import parse_span
 from maisi.io.atomic import check_output_dir
+from maisi.io.formats import DEFAULT_EXT, check_output_exts
 from maisi.io.volume import check_volume_file
 from maisi.labels import TUMOR_HOSTS, label_id, label_name
 
@@ -39,7 +40,7 @@ class GenerationRequest:
     sampler: str | None = None
     guidance: float | None = None
     anatomy: tuple[str, ...] = ()  # vocabulary names that the mask must contain
-    mask: str | None = None  # user label map (NIfTI or DICOM folder)
+    mask: str | None = None  # user label map (NIfTI, NRRD or DICOM folder)
     mask_mapping: str | None = None  # JSON {source name or id: MAISI name or id}
     mask_source: str = "auto"  # auto: user mask, else database when the model has a ControlNet; none: image only
     mask_database: str | None = None  # folder with index.json; None: the built-in phantom database
@@ -49,6 +50,8 @@ class GenerationRequest:
     quality_retries: int = 2  # attempts added when the quality check fails (new seed, next database mask)
     quality_check: bool = True
     timesteps: str | None = None  # rflow: "reference" (NVIDIA's), "clean"; None: the model's (reference if released)
+    image_output_ext: str = DEFAULT_EXT  # the NIM's names: .nii.gz, .nii, .nrrd, .dcm (a folder of CT slices)
+    label_output_ext: str = DEFAULT_EXT  # .nii.gz, .nii, .nrrd, .dcm (a DICOM SEG)
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,9 @@ def check_numbers(request: GenerationRequest, num_train_timesteps: int) -> None:
 
 def check_files(request: GenerationRequest, out: str | Path | None) -> None:
     """The request's files, before any network loads: the output folder can be created and written (not a
-    file, not under a file), and a user mask is a readable volume with finite voxels and a valid geometry."""
+    file, not under a file), a known output format, and a user mask is a readable volume with finite voxels and a
+    valid geometry."""
+    check_output_exts(request.image_output_ext, request.label_output_ext)
     if out is not None:
         check_output_dir(out, "output folder (--out)")
     if request.mask is not None:
