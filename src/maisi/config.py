@@ -41,9 +41,15 @@ class AutoencoderConfig:
     norm_eps: float = 1e-6
     num_splits: int = 1  # tensor-splitting segments per conv (1 = no splitting)
     split_axis: int = 0  # spatial axis that is split: 0..spatial_dims-1
+    # decoder ×2 upsampling: trilinear + 3×3×3 conv (image VAE) or a stride-2 transposed conv (mask VAE, §8)
+    upsample_mode: Literal["trilinear", "transposed_conv"] = "trilinear"
 
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        _check(
+            self.upsample_mode in ("trilinear", "transposed_conv"),
+            f"upsample_mode must be 'trilinear' or 'transposed_conv', got {self.upsample_mode!r}",
+        )
         _check(len(self.channels) >= 1, "channels must name at least one level")
         _check(
             len(self.num_res_blocks) == len(self.channels),
@@ -82,6 +88,10 @@ class UNetConfig:
     include_region_input: bool = False  # v1: top and bottom body-region one-hots
     num_region_classes: int = 4
     num_class_embeds: int | None = 128  # modality embedding (v2); None: no modality input
+    # cross-attention on a context sequence (the mask UNet's 1×10 size vector, §8): attention levels become
+    # MONAI SpatialTransformers; None: self-attention only (the image UNets)
+    cross_attention_dim: int | None = None
+    upcast_attention: bool = False  # attention in fp32 whatever the compute dtype
 
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
@@ -102,6 +112,10 @@ class UNetConfig:
         _check(
             self.num_class_embeds is None or self.num_class_embeds >= 1,
             "num_class_embeds must be None or >= 1",
+        )
+        _check(
+            self.cross_attention_dim is None or self.cross_attention_dim >= 1,
+            f"cross_attention_dim must be None or >= 1, got {self.cross_attention_dim}",
         )
 
     @property

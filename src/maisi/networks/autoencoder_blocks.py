@@ -3,13 +3,15 @@ each with its plain (autograd), split (`run`) and streaming (`stream`) inference
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from maisi.config import AutoencoderConfig
 from maisi.networks.split import _CONV, _MODE, Plan, SplitConv, conv_split, norm_affine, norm_pre
-from maisi.networks.stream import Store, StreamPlan, conv_tiled
+from maisi.networks.stream import Store, StreamPlan, conv_tiled, tiles
 
 
 class ResBlock(nn.Module):
@@ -103,23 +105,72 @@ class Downsample(nn.Module):
         return y
 
 
-class Upsample(nn.Module):
-    """(Tri)linear ×2 upsampling followed by a 3×3×3 conv (fused per segment when split)."""
+class _Held(nn.Module):
+    """Holds a layer as `.conv` (MONAI's MaisiConvolution → Convolution → layer nesting of the weight keys)."""
 
-    def __init__(self, sd: int, c: int):
+    def __init__(self, layer: nn.Module):
         super().__init__()
-        self.conv = SplitConv(sd, c, c, 3, pad=(1, 1))
+        self.conv = layer
+
+
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_CONV_T_CLS = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+class Upsample(nn.Module):
+    """×2 upsampling: (tri)linear then a 3×3×3 conv (fused per segment when split), or, with `transposed`
+    (the mask autoencoder, REFERENCE §8), a 3×3×3 stride-2 transposed conv (padding 1, output padding 1).
+    Both keep their weights at `conv.conv.conv.*`."""
+
+    def __init__(self, sd: int, c: int, transposed: bool = False):
+        super().__init__()
+        self.transposed = transposed
+        if transposed:
+            self.conv = _Held(_Held(_CONV_T_CLS[sd](c, c, 3, stride=2, padding=1, output_padding=1)))
+        else:
+            self.conv = SplitConv(sd, c, c, 3, pad=(1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            return self.conv.conv.conv(x)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode=_MODE[x.ndim - 2]))
 
+    def _transposed(self, seg: torch.Tensor, param: Callable[[torch.Tensor, torch.device], torch.Tensor]) -> torch.Tensor:
+        layer = self.conv.conv.conv
+        return _CONV_T[seg.ndim - 2](seg, param(layer.weight, seg.device), param(layer.bias, seg.device),
+                                     stride=2, padding=1, output_padding=1)
+
     def run(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
-        return conv_split(x, self.conv.conv, plan, upsample=True)
+        if not self.transposed:
+            return conv_split(x, self.conv.conv, plan, upsample=True)
+        # output rows [2a, 2b) read input rows [a, b] only (o = 2i + k - 1, k in 0..2): exact per segment
+        dim, length = plan.axis + 2, x.shape[plan.axis + 2]
+        fmt = torch.channels_last_3d if plan._cl(x) else torch.contiguous_format
+        out = torch.empty(x.shape[0], x.shape[1], *(2 * d for d in x.shape[2:]), dtype=plan.dtype, device=x.device,
+                          memory_format=fmt)
+        for i, (a, b) in enumerate(plan.segments(length)):
+            seg = x.narrow(dim, a, min(b + 1, length) - a).to(plan.device(i, x.device), plan.dtype)
+            if plan._cl(seg):
+                seg = seg.contiguous(memory_format=torch.channels_last_3d)
+            y = self._transposed(seg, plan.param)
+            out.narrow(dim, 2 * a, 2 * (b - a)).copy_(y.narrow(dim, 0, 2 * (b - a)))
+        return out
 
     def stream(self, x: Store, plan: StreamPlan, device: torch.device) -> Store:
-        y = conv_tiled(x, self.conv.conv, plan, upsample=True, device=device)
+        if not self.transposed:
+            y = conv_tiled(x, self.conv.conv, plan, upsample=True, device=device)
+            x.close()
+            return y
+        c, nd = x.channels, len(x.sizes)
+        out = plan.store(c, [2 * d for d in x.sizes])
+        edge = max(1, plan.edge(c, c, 1, 3, True, 0, nd) // 2)  # input tiles: the output tile is twice as wide
+        for i, region in enumerate(tiles(x.sizes, edge)):
+            seg = x.read(tuple((a, min(b + 1, n)) for (a, b), n in zip(region, x.sizes)), plan.device(i, device))
+            y = self._transposed(seg.to(plan.dtype), plan.param)
+            out.write(tuple((2 * a, 2 * b) for a, b in region),
+                      y[(slice(None), slice(None)) + tuple(slice(0, 2 * (b - a)) for a, b in region)])
         x.close()
-        return y
+        return out
 
 
 class Coder(nn.Module):
@@ -193,6 +244,6 @@ def decoder(c: AutoencoderConfig) -> Coder:
             blocks.append(ResBlock(sd, prev, ch, g, eps))
             prev = ch
         if i < len(chans) - 1:
-            blocks.append(Upsample(sd, prev))
+            blocks.append(Upsample(sd, prev, transposed=c.upsample_mode == "transposed_conv"))
     blocks += [nn.GroupNorm(g, prev, eps), SplitConv(sd, prev, c.out_channels, 3, pad=(1, 1))]
     return Coder(blocks)

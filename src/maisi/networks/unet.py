@@ -33,11 +33,13 @@ def build_encoder(module: nn.Module, cfg: UNetConfig, temb_width: int) -> None:
     module.down_blocks = nn.ModuleList(
         DownBlock(sd, ch[max(i - 1, 0)], ch[i], temb_width, cfg.num_res_blocks, cfg.norm_num_groups, cfg.norm_eps,
                   cfg.attention_levels[i], cfg.num_head_channels[i], cfg.include_fc,
-                  downsample=i < len(ch) - 1, resblock_updown=cfg.resblock_updown)
+                  downsample=i < len(ch) - 1, resblock_updown=cfg.resblock_updown,
+                  context_dim=cfg.cross_attention_dim, upcast=cfg.upcast_attention)
         for i in range(len(ch))
     )
     module.middle_block = MidBlock(sd, ch[-1], temb_width, cfg.norm_num_groups, cfg.norm_eps,
-                                   cfg.num_head_channels[-1], cfg.include_fc)
+                                   cfg.num_head_channels[-1], cfg.include_fc,
+                                   context_dim=cfg.cross_attention_dim, upcast=cfg.upcast_attention)
 
 
 def embed_time(module: nn.Module, cfg: UNetConfig, x: torch.Tensor, t: torch.Tensor,
@@ -58,6 +60,21 @@ def embed_time(module: nn.Module, cfg: UNetConfig, x: torch.Tensor, t: torch.Ten
     elif modality is not None:
         raise ValueError("this model takes no modality input (ddpm-ct); leave modality out")
     return emb
+
+
+def check_context(cfg: UNetConfig, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor | None:
+    """The cross-attention context as N×L×D (a batch of one is broadcast), or None for models without one."""
+    if cfg.cross_attention_dim is None:
+        if context is not None:
+            raise ValueError("this model has no cross-attention (cross_attention_dim is None); leave context out")
+        return None
+    d = cfg.cross_attention_dim
+    if context is None:
+        raise ValueError(f"this model is conditioned on a context: pass context of shape N×L×{d}")
+    context = torch.as_tensor(context, device=x.device, dtype=x.dtype)
+    if context.ndim != 3 or context.shape[2] != d or context.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"context must have shape N×L×{d} (N = {x.shape[0]} or 1), got {tuple(context.shape)}")
+    return context.expand(x.shape[0], *context.shape[1:])
 
 
 def check_latent(cfg: UNetConfig, x: torch.Tensor) -> None:
@@ -93,7 +110,8 @@ class DiffusionUNet(nn.Module):
             UpBlock(cfg.spatial_dims, rev[min(i + 1, len(ch) - 1)], rev[max(i - 1, 0)], rev[i], temb_width,
                     cfg.num_res_blocks + 1, cfg.norm_num_groups, cfg.norm_eps, cfg.attention_levels[::-1][i],
                     cfg.num_head_channels[::-1][i], cfg.include_fc, upsample=i < len(ch) - 1,
-                    resblock_updown=cfg.resblock_updown)
+                    resblock_updown=cfg.resblock_updown, context_dim=cfg.cross_attention_dim,
+                    upcast=cfg.upcast_attention)
             for i in range(len(ch))
         )
         self.out = nn.Sequential(
@@ -138,17 +156,20 @@ class DiffusionUNet(nn.Module):
         modality: torch.Tensor | None = None,
         down_residuals: list[torch.Tensor] | None = None,
         mid_residual: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: N×C×latent, t: N float timesteps in [0, T], spacing: N×3 mm, regions: N×4 one-hot,
-        modality: N codes; ControlNet residuals are added out of place (so both nets can train)."""
+        modality: N codes, context: N×L×cross_attention_dim (models with cross-attention only);
+        ControlNet residuals are added out of place (so both nets can train)."""
         check_latent(self.config, x)
         in_dtype, x = x.dtype, match_input(self.conv_in.conv, x)  # see maisi.networks.precision
+        context = check_context(self.config, x, context)
         emb = embed_time(self, self.config, x, torch.as_tensor(t, device=x.device), modality)
         emb = self._conditions(x, emb, spacing, top_region, bottom_region)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h, s = block(h, emb)
+            h, s = block(h, emb, context)
             skips.extend(s)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
@@ -156,11 +177,11 @@ class DiffusionUNet(nn.Module):
             skips = [s + r.to(s.dtype) for s, r in zip(skips, down_residuals)]
             # The deepest skip is the middle block's input: the reference adds in place, so it sees the residual.
             h = skips[-1]
-        h = self.middle_block(h, emb)
+        h = self.middle_block(h, emb, context)
         if mid_residual is not None:
             h = h + mid_residual.to(h.dtype)
         for block in self.up_blocks:
-            h = block(h, skips, emb)
+            h = block(h, skips, emb, context)
         return self.out(h).to(in_dtype).contiguous()  # no-ops in fp32 contiguous
 
     def upgrade_state_dict(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -170,14 +191,20 @@ class DiffusionUNet(nn.Module):
         - `proj_attn` (the old name of the attention output projection) becomes `attn.out_proj` for
           networks that have one (v2), and is dropped, with a note, for those that do not (older
           ddpm-ct files carry these unused weights).
+        - MONAI Generative's transformer output projection `to_out.0` becomes `out_proj`, and its v1
+          upsampler conv `upsampler.conv` becomes `upsampler.postconv` (the mask UNet, REFERENCE §8).
         """
         notes: list[str] = []
         out: dict[str, torch.Tensor] = {}
         for k, v in state.items():
             new = k
-            if ".attn." not in k:
+            if ".transformer_blocks." in k:
+                new = new.replace(".to_out.0.", ".out_proj.")
+            elif ".attn." not in k:
                 for p in ("to_q", "to_k", "to_v"):
                     new = new.replace(f".{p}.", f".attn.{p}.")
+            if not self.config.resblock_updown and ".upsampler.conv.conv." in new:
+                new = new.replace(".upsampler.conv.conv.", ".upsampler.postconv.conv.")
             if ".proj_attn." in k:
                 if not self.config.include_fc:
                     notes.append(f"dropped unused key {k} (this network has no attention output projection)")

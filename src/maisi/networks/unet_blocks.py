@@ -112,25 +112,32 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over tokens (MONAI SABlock keys: to_q, to_k, to_v, optional out_proj)."""
+class Attention(nn.Module):
+    """Multi-head attention of tokens on themselves or on a context (MONAI SABlock / CrossAttentionBlock keys:
+    to_q, to_k, to_v, optional out_proj); `upcast` computes it in fp32 whatever the input dtype."""
 
-    def __init__(self, channels: int, heads: int, out_proj: bool):
+    def __init__(self, channels: int, heads: int, out_proj: bool, *, context_dim: int | None = None,
+                 qkv_bias: bool = True, upcast: bool = False):
         super().__init__()
-        self.heads = heads
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
+        self.heads, self.upcast = heads, upcast
+        self.to_q = nn.Linear(channels, channels, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim or channels, channels, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim or channels, channels, bias=qkv_bias)
         self.out_proj = nn.Linear(channels, channels) if out_proj else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         b, n, c = x.shape
+        ctx = x if context is None else context.to(x.dtype)
 
         def split(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+            t = t.reshape(b, t.shape[1], self.heads, c // self.heads).transpose(1, 2)
+            return t.float() if self.upcast else t
 
-        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)))
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
+        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(ctx)), split(self.to_v(ctx)))
+        return self.out_proj(out.to(x.dtype).transpose(1, 2).reshape(b, n, c))
+
+
+SelfAttention = Attention  # the name the image UNet's blocks were written with
 
 
 class SpatialAttention(nn.Module):
@@ -139,12 +146,72 @@ class SpatialAttention(nn.Module):
     def __init__(self, channels: int, head_channels: int, groups: int, eps: float, out_proj: bool):
         super().__init__()
         self.norm = GroupNorm(groups, channels, eps=eps)
-        self.attn = SelfAttention(channels, channels // head_channels, out_proj)
+        self.attn = Attention(channels, channels // head_channels, out_proj)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         h = self.norm(x).reshape(*shape[:2], -1).transpose(1, 2)
         return x + self.attn(h).transpose(1, 2).reshape(shape)
+
+
+class FeedForward(nn.Module):
+    """Linear to 2×4× width, GEGLU (value · GELU(gate)), linear back (MONAI MLPBlock with act="GEGLU")."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.linear1 = nn.Linear(channels, 8 * channels)
+        self.linear2 = nn.Linear(4 * channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.linear1(x).chunk(2, dim=-1)
+        return self.linear2(value * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention, cross-attention on the context, GEGLU feed-forward; each pre-LayerNorm and residual
+    (MONAI DiffusionUNetTransformerBlock: attn1, attn2, ff.linear1/linear2, norm1..3)."""
+
+    def __init__(self, channels: int, heads: int, context_dim: int, out_proj: bool, upcast: bool):
+        super().__init__()
+        self.attn1 = Attention(channels, heads, out_proj, qkv_bias=False, upcast=upcast)
+        self.ff = FeedForward(channels)
+        self.attn2 = Attention(channels, heads, True, context_dim=context_dim, qkv_bias=False, upcast=upcast)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(channels) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm, 1×1 conv in, one transformer block over all voxels with cross-attention on a context,
+    1×1 conv out (zero-initialised), residual (MONAI SpatialTransformer)."""
+
+    def __init__(self, spatial_dims: int, channels: int, head_channels: int, groups: int, eps: float,
+                 context_dim: int, out_proj: bool, upcast: bool):
+        super().__init__()
+        self.norm = GroupNorm(groups, channels, eps=eps)
+        self.proj_in = Conv(spatial_dims, channels, channels, 1, padding=0)
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(channels, channels // head_channels, context_dim, out_proj, upcast)]
+        )
+        self.proj_out = zero_(Conv(spatial_dims, channels, channels, 1, padding=0))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        h = self.proj_in(self.norm(x)).reshape(*shape[:2], -1).transpose(1, 2)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        return x + self.proj_out(h.transpose(1, 2).reshape(shape).contiguous())
+
+
+def attention_block(spatial_dims: int, channels: int, head_channels: int, groups: int, eps: float, out_proj: bool,
+                    context_dim: int | None, upcast: bool) -> nn.Module:
+    """Self-attention (context_dim None), else a cross-attention transformer on a context_dim context."""
+    if context_dim is None:
+        return SpatialAttention(channels, head_channels, groups, eps, out_proj)
+    return SpatialTransformer(spatial_dims, channels, head_channels, groups, eps, context_dim, out_proj, upcast)
 
 
 class Downsample(nn.Module):
@@ -173,26 +240,29 @@ class DownBlock(nn.Module):
     """Res blocks (+ attention) then an optional downsampler; returns the skips it produced."""
 
     def __init__(self, spatial_dims: int, c_in: int, c_out: int, temb: int, n_res: int, groups: int, eps: float,
-                 attention: bool, head_channels: int, out_proj: bool, downsample: bool, resblock_updown: bool):
+                 attention: bool, head_channels: int, out_proj: bool, downsample: bool, resblock_updown: bool,
+                 context_dim: int | None = None, upcast: bool = False):
         super().__init__()
         self.resnets = nn.ModuleList(
             ResBlock(spatial_dims, c_in if i == 0 else c_out, c_out, temb, groups, eps) for i in range(n_res)
         )
         if attention:
             self.attentions = nn.ModuleList(
-                SpatialAttention(c_out, head_channels, groups, eps, out_proj) for _ in range(n_res)
+                attention_block(spatial_dims, c_out, head_channels, groups, eps, out_proj, context_dim, upcast)
+                for _ in range(n_res)
             )
         self.downsampler: nn.Module | None = None
         if downsample:
             self.downsampler = (ResBlock(spatial_dims, c_out, c_out, temb, groups, eps, down=True)
                                 if resblock_updown else Downsample(spatial_dims, c_out))
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor,
+                context: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             h = resnet(h, emb)
             if hasattr(self, "attentions"):
-                h = self.attentions[i](h)
+                h = self.attentions[i](h, context)
             skips.append(h)
         if self.downsampler is not None:
             h = self.downsampler(h, emb)
@@ -201,14 +271,15 @@ class DownBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, spatial_dims: int, c: int, temb: int, groups: int, eps: float, head_channels: int, out_proj: bool):
+    def __init__(self, spatial_dims: int, c: int, temb: int, groups: int, eps: float, head_channels: int, out_proj: bool,
+                 context_dim: int | None = None, upcast: bool = False):
         super().__init__()
         self.resnet_1 = ResBlock(spatial_dims, c, c, temb, groups, eps)
-        self.attention = SpatialAttention(c, head_channels, groups, eps, out_proj)
+        self.attention = attention_block(spatial_dims, c, head_channels, groups, eps, out_proj, context_dim, upcast)
         self.resnet_2 = ResBlock(spatial_dims, c, c, temb, groups, eps)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self.resnet_2(self.attention(self.resnet_1(h, emb)), emb)
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.resnet_2(self.attention(self.resnet_1(h, emb), context), emb)
 
 
 class UpBlock(nn.Module):
@@ -216,7 +287,7 @@ class UpBlock(nn.Module):
 
     def __init__(self, spatial_dims: int, c_in: int, c_prev: int, c_out: int, temb: int, n_res: int, groups: int,
                  eps: float, attention: bool, head_channels: int, out_proj: bool, upsample: bool,
-                 resblock_updown: bool):
+                 resblock_updown: bool, context_dim: int | None = None, upcast: bool = False):
         super().__init__()
         self.resnets = nn.ModuleList(
             ResBlock(spatial_dims, (c_prev if i == 0 else c_out) + (c_in if i == n_res - 1 else c_out), c_out,
@@ -225,18 +296,20 @@ class UpBlock(nn.Module):
         )
         if attention:
             self.attentions = nn.ModuleList(
-                SpatialAttention(c_out, head_channels, groups, eps, out_proj) for _ in range(n_res)
+                attention_block(spatial_dims, c_out, head_channels, groups, eps, out_proj, context_dim, upcast)
+                for _ in range(n_res)
             )
         self.upsampler: nn.Module | None = None
         if upsample:
             self.upsampler = (ResBlock(spatial_dims, c_out, c_out, temb, groups, eps, up=True)
                               if resblock_updown else Upsample(spatial_dims, c_out))
 
-    def forward(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
             if hasattr(self, "attentions"):
-                h = self.attentions[i](h)
+                h = self.attentions[i](h, context)
         if self.upsampler is not None:
             h = self.upsampler(h, emb)
         return h

@@ -1,0 +1,68 @@
+"""Sampling a label map: the mask UNet denoises a latent under the size context (DDPM 1000 steps as
+released, or DDIM), the mask autoencoder decodes latent / scale_factor, argmax and remap (REFERENCE §8)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import torch
+
+from maisi.diffusion.sampling import make_generators, make_noise, sample
+from maisi.diffusion.schedulers import make_scheduler
+from maisi.maskgen.config import CONTEXT_SIZE, MaskGenConfig
+from maisi.maskgen.encoding import decode_logits
+from maisi.networks.autoencoder import Autoencoder
+from maisi.networks.unet import DiffusionUNet
+
+
+def context_tensor(context: Sequence[float], device: str | torch.device = "cpu") -> torch.Tensor:
+    """A completed size vector as the UNet's 1×1×10 cross-attention context."""
+    values = torch.as_tensor(list(context), dtype=torch.float32, device=device)
+    if values.shape != (CONTEXT_SIZE,):
+        raise ValueError(f"context must hold {CONTEXT_SIZE} sizes (maskgen.context.complete_context), "
+                         f"got {tuple(values.shape)}")
+    return values.view(1, 1, CONTEXT_SIZE)
+
+
+@torch.no_grad()
+def sample_mask_latent(unet: DiffusionUNet, context: Sequence[float], config: MaskGenConfig, seed: int, *,
+                       sampler: str | None = None, steps: int | None = None, device: str | torch.device = "cpu",
+                       progress: bool = False,
+                       callback: Callable[[int, float, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """1×C×x×y×z latent (still multiplied by the scale factor) from noise drawn from `seed`.
+
+    `sampler` ("ddpm" or "ddim") and `steps` override the config's scheduler; the released model was
+    trained for DDPM with all 1000 steps, and DDIM with fewer steps is the faster approximation.
+    """
+    cfg = replace(config.scheduler, kind=sampler or config.scheduler.kind,
+                  num_inference_steps=steps or config.scheduler.num_inference_steps)
+    if cfg.kind not in ("ddpm", "ddim"):
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim' (the mask UNet predicts noise), got {cfg.kind!r}")
+    scheduler = make_scheduler(cfg, spatial_dims=len(config.latent_shape) - 1)
+    ctx = context_tensor(context, device)
+    gens = make_generators([seed])
+    noise = make_noise(config.latent_shape, [seed], device=device, generators=gens)
+    return sample(lambda x, t: unet(x, t, context=ctx), scheduler, noise, generator=gens,
+                  callback=callback, progress=progress)
+
+
+@torch.no_grad()
+def decode_mask(autoencoder: Autoencoder, latent: torch.Tensor, scale_factor: float, *,
+                num_splits: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """1×1×X×Y×Z uint8 map of MAISI ids: decode latent / scale_factor, argmax over the classes, remap."""
+    logits = autoencoder.decode(latent / scale_factor, num_splits=num_splits, dtype=dtype)
+    return decode_logits(logits)
+
+
+def generate_mask(autoencoder: Autoencoder, unet: DiffusionUNet, context: Sequence[float], config: MaskGenConfig,
+                  seed: int, *, sampler: str | None = None, steps: int | None = None,
+                  scale_factor: float | None = None, num_splits: int | None = None,
+                  dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                  progress: bool = False) -> torch.Tensor:
+    """A raw generated label map (1×1×X×Y×Z, MAISI ids) for a completed size vector; post-process it with
+    maskgen.postprocess.postprocess_mask(labels, target_tumor(context))."""
+    latent = sample_mask_latent(unet, context, config, seed, sampler=sampler, steps=steps, device=device,
+                                progress=progress)
+    return decode_mask(autoencoder, latent, config.scale_factor if scale_factor is None else scale_factor,
+                       num_splits=num_splits, dtype=dtype)
