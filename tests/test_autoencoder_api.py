@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from maisi.config import PRESETS, AutoencoderConfig
-from maisi.io.checkpoint import load_pretrained, save_pretrained
-from maisi.networks import build
+from maisi.io.checkpoint import save_pretrained
+from maisi.networks import build, load_pretrained
 from maisi.networks.autoencoder import Autoencoder
 from maisi.networks.memory import GB, choose_splits, estimate_peak
 

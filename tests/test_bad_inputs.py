@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from maisi import networks
 from maisi.cli import main
 from maisi.config import preset
 from maisi.data.phantom import make_phantom, write_phantom
@@ -249,7 +250,7 @@ def test_released_unet_with_a_bad_scale_factor_is_refused_at_load(tmp_path, caps
                "--no-progress", "--device", "cpu"])
     _refused(capsys, rc, bad, out, "scale_factor")
     with pytest.raises(ckpt.CheckpointError, match="scale_factor"):
-        ckpt.load_released(bad, "unet", TINY)
+        networks.load_released(bad, "unet", TINY)
 
 
 def test_project_checkpoint_with_a_nan_scale_factor_is_refused(tmp_path):

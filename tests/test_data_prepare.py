@@ -157,7 +157,8 @@ def test_prepare_with_the_project_vae(tmp_path):
 
 def test_training_reads_prepared_latents_and_sidecars(scans, tmp_path):
     """The trainer's latent loader takes `maisi prepare` output as it is (datalist, or sidecar alone)."""
-    from maisi.training.data import LatentCases, read_datalist
+    from maisi.data.datalist import read_datalist
+    from maisi.data.datasets import LatentCases
 
     src, _ = scans
     out = tmp_path / "out"

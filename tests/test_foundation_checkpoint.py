@@ -39,7 +39,7 @@ def test_project_format_round_trip_reproduces_outputs(tmp_path, fake_build):
     torch.manual_seed(0)
     model, cfg = Net(), preset("tiny")
     folder = ckpt.save_pretrained(tmp_path / "m", model, cfg, "unet", extra={"scale_factor": torch.tensor(0.9)})
-    loaded, cfg2, extra = ckpt.load_pretrained(folder)
+    loaded, cfg2, extra = maisi.networks.load_pretrained(folder)
     assert cfg2 == cfg and extra == {"scale_factor": pytest.approx(0.9)}
     x = torch.randn(2, 1, 5, 6, 7)
     assert torch.equal(model(x), loaded(x))
@@ -52,16 +52,16 @@ def test_project_format_detects_swapped_or_damaged_weights(tmp_path, fake_build)
     b = ckpt.save_pretrained(tmp_path / "b", Net(), preset("tiny"), "unet")
     (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
     with pytest.raises(ckpt.CheckpointError, match="sha256 differs"):
-        ckpt.load_pretrained(a)
+        maisi.networks.load_pretrained(a)
     data = (b / "model.safetensors").read_bytes()
     (b / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ckpt.CheckpointError, match="corrupt or truncated safetensors"):
-        ckpt.load_pretrained(b, verify_hash=False)
+        maisi.networks.load_pretrained(b, verify_hash=False)
     (b / "config.json").write_text("{}")
     with pytest.raises(ckpt.CheckpointError, match="not a maisi checkpoint config"):
-        ckpt.load_pretrained(b)
+        maisi.networks.load_pretrained(b)
     with pytest.raises(FileNotFoundError):
-        ckpt.load_pretrained(tmp_path / "nowhere")
+        maisi.networks.load_pretrained(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize(
@@ -85,7 +85,7 @@ def test_released_layouts_load_strictly(tmp_path, monkeypatch, layout, component
         obj = state
     torch.save(obj, tmp_path / "w.pt")
     monkeypatch.setattr(maisi.networks, "build", lambda c, cfg: Net(), raising=False)
-    model, extra = ckpt.load_released(tmp_path / "w.pt", component, preset("tiny"))
+    model, extra = maisi.networks.load_released(tmp_path / "w.pt", component, preset("tiny"))
     assert set(extra) == extra_keys
     x = torch.randn(1, 1, 4, 4, 4)
     assert torch.equal(model(x), src(x))

@@ -36,8 +36,9 @@ def data(tmp_path_factory):
 def held_out_loss(controlnet, unet, data, scale: float) -> float:
     """Tumour-weighted L1 of UNet + ControlNet on 16 fixed (noise, t) draws of every case."""
     from maisi.config import preset
+    from maisi.data.datalist import read_datalist
+    from maisi.data.datasets import LatentCases
     from maisi.diffusion.schedulers import make_scheduler
-    from maisi.training.data import LatentCases, read_datalist
     from maisi.training.diffusion import noised
     from maisi.training.losses import weighted_l1
 
@@ -63,7 +64,8 @@ def test_controlnet_loss_decreases(unet_folder, data, tmp_path):
     run = tmp_path / "run"
     assert train("controlnet", "--data", str(data), "--unet", str(unet_folder), "--out", str(run),
                  "--steps", "40", *FAST) == 0
-    from maisi.io.checkpoint import load_pretrained, read_pretrained_config
+    from maisi.io.checkpoint import read_pretrained_config
+    from maisi.networks import load_pretrained
     from maisi.networks.controlnet import ControlNet
 
     component, config, extra, _ = read_pretrained_config(run / "export")

@@ -24,8 +24,10 @@ SCRIPT = textwrap.dedent('''
     from maisi.config import preset
     from maisi.networks import build
     from maisi.training import distributed as D
-    from maisi.training.data import ImagePatches, LatentCases, SampleDataset, read_datalist
+    from maisi.data.datalist import read_datalist
+    from maisi.data.datasets import ImagePatches, LatentCases
     from maisi.training.diffusion import DiffusionOptions, DiffusionStage
+    from maisi.training.loop import SampleDataset
     from maisi.training.state import batch_samples
     from maisi.training.vae import VAEOptions, VAEStage
 

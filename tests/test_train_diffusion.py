@@ -34,7 +34,7 @@ def test_diffusion_loss_decreases_and_exports_scale_factor(tmp_path):
     recs = metrics(run)
     assert mean_loss(recs[-5:]) < 0.9 * mean_loss(recs[:2])  # noise alone stays within ~3 %
     assert recs[-1]["lr"] < recs[0]["lr"]  # polynomial decay
-    from maisi.io.checkpoint import load_pretrained
+    from maisi.networks import load_pretrained
 
     _, config, extra = load_pretrained(run / "export")
     lat = torch.stack([load_file(str(p))["mu"] for p in sorted(data.parent.glob("*.safetensors"))])

@@ -53,6 +53,8 @@ BAD_FIELDS = [
     (VAETrainOptions, {"lr_power": -1.0}, "lr_power must be >= 0", ["--lr-power", "-1"], "--lr-power must be >= 0"),
     (VAETrainOptions, {"patch": (8, 16)}, "patch_switch needs 1 increasing step(s)", ["--patch", "8", "16"],
      "--patch-switch needs 1 increasing step(s)"),
+    (VAETrainOptions, {"augment": "heavy"}, "augment must be one of 'none', 'flip', 'standard'",
+     ["--augment", "heavy"], "--augment must be one of 'none', 'flip', 'standard'"),
     (ControlNetTrainOptions, {"tumor_weight": 0.5}, "tumor_weight must be >= 1", ["--tumor-weight", "0.5"],
      "--tumor-weight must be >= 1"),
 ]

@@ -33,7 +33,7 @@ def test_vae_loss_decreases_and_exports(data, tmp_path):
     recs = metrics(run)
     assert len(recs) == 20 and {"loss_recon", "loss_kl", "loss_adv", "loss_disc"} <= recs[0].keys()
     assert mean_loss(recs[-3:], "loss_recon") < 0.7 * mean_loss(recs[:3], "loss_recon")
-    from maisi.io.checkpoint import load_pretrained
+    from maisi.networks import load_pretrained
 
     model, config, _ = load_pretrained(run / "export")
     assert config.name == "tiny" and json.loads((run / "config.json").read_text())["name"] == "tiny"
@@ -41,8 +41,10 @@ def test_vae_loss_decreases_and_exports(data, tmp_path):
     assert model(x)[0].shape == x.shape
 
 
-def test_vae_resume_after_interruption_is_bitwise(data, tmp_path, monkeypatch):
-    args = ["--data", str(data), "--steps", "10", "--checkpoint-every", "4", "--lr-power", "1", *FAST]
+@pytest.mark.parametrize("augment", [[], ["--augment", "standard"]], ids=["plain", "augmented"])
+def test_vae_resume_after_interruption_is_bitwise(data, tmp_path, monkeypatch, augment):
+    """Augmentation is drawn per (seed, sample) too, so an augmented run resumes bitwise as well."""
+    args = ["--data", str(data), "--steps", "10", "--checkpoint-every", "4", "--lr-power", "1", *FAST, *augment]
     train("vae", "--out", str(tmp_path / "a"), *args)
 
     real = VAEStage.train_step
@@ -64,6 +66,26 @@ def test_vae_resume_after_interruption_is_bitwise(data, tmp_path, monkeypatch):
     assert_bitwise_equal(state_weights(tmp_path / "a"), state_weights(tmp_path / "b"))
 
 
+def test_vae_augment_flag_changes_the_training_batches(data, tmp_path, monkeypatch):
+    """`--augment` reaches the batches the stage trains on: the same samples (same crops, as the augmentation
+    draws after the crop) differ from the plain run's, and stay in [0, 1]."""
+    real, seen = VAEStage.train_step, {}
+
+    def record(self, batch, step):
+        seen.setdefault(run, []).append(batch["image"].clone())
+        return real(self, batch, step)
+
+    monkeypatch.setattr(VAEStage, "train_step", record)
+    for run in ("none", "standard"):
+        assert train("vae", "--data", str(data), "--out", str(tmp_path / run), "--steps", "3", *FAST,
+                     "--adv-weight", "0", "--augment", run) == 0
+    plain, augmented = torch.stack(seen["none"]), torch.stack(seen["standard"])
+    assert plain.shape == augmented.shape == (3, 2, 1, 16, 16, 16)
+    assert 0.0 <= float(augmented.min()) and float(augmented.max()) <= 1.0
+    changed = [not torch.equal(p, a) for p, a in zip(plain.flatten(0, 1), augmented.flatten(0, 1))]
+    assert sum(changed) >= 3, changed
+
+
 def test_vae_learning_rate_decays_polynomially_to_zero(data, tmp_path):
     from maisi.training.loop import poly_lr
 
@@ -78,7 +100,8 @@ def test_vae_learning_rate_decays_polynomially_to_zero(data, tmp_path):
 
 
 def test_vae_patch_curriculum(data, tmp_path):
-    from maisi.training.data import ImagePatches, read_datalist
+    from maisi.data.datalist import read_datalist
+    from maisi.data.datasets import ImagePatches
 
     patches = ImagePatches(read_datalist(data), [(0, 8), (3, 16)], batch_size=2)
     g = torch.Generator().manual_seed(0)

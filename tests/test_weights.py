@@ -288,9 +288,13 @@ def test_a_component_the_spec_does_not_hold_or_a_file_it_cannot_load(root, tmp_p
         load_component(root / "model" / "unet", "autoencoder")
     with pytest.raises(ValueError, match="unet config does not match the given config"):
         load_component(root / "model" / "unet", "unet", "rflow-ct")
-    (tmp_path / "mask_generation_autoencoder.pt").write_bytes(b"")
-    with pytest.raises(ValueError, match="mask-generation networks are not supported"):
-        resolve(tmp_path / "mask_generation_autoencoder.pt")
+    (tmp_path / "mask_generation_autoencoder.pt").write_bytes(b"")  # the mask model's file: not an image VAE
+    assert set(resolve(tmp_path / "mask_generation_autoencoder.pt").components) == {"mask_autoencoder"}
+    with pytest.raises(ValueError, match="no VAE weights there .*it holds: mask_autoencoder"):
+        load_component(tmp_path / "mask_generation_autoencoder.pt", "autoencoder")
+    (tmp_path / "mask_generation_ae.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="name NVIDIA's mask-generation files as released"):
+        resolve(tmp_path / "mask_generation_ae.pt")
 
 
 def test_cli_errors_name_the_spec(root, tmp_path, capsys):

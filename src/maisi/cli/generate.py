@@ -43,8 +43,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-mask", action="store_true", help="image-only generation (no ControlNet)")
     p.add_argument("--tumor", nargs="+", default=[], metavar="NAME",
                    help="inpaint a tumour into its host organ: 'hepatic tumor', 'lung tumor', 'pancreatic tumor', ...")
+    p.add_argument("--anatomy-size", nargs="+", default=[], metavar="NAME=SIZE",
+                   help="generate a new mask with the mask generation model, sizes in [0, 1] (a percentile; -1: "
+                        "don't care): gallbladder, liver, stomach, pancreas, colon and at most one of 'lung tumor', "
+                        "'pancreatic tumor', 'hepatic tumor', 'colon cancer primaries', 'bone lesion'; e.g. liver=0.7 "
+                        "'pancreatic tumor=0.3'. Needs weights with a mask model")
+    p.add_argument("--anatomy-conditions", metavar="JSON",
+                   help="conditions file completing --anatomy-size (all_anatomy_size_conditions.json layout; default: "
+                        "the one beside the mask model's weights)")
+    p.add_argument("--mask-sampler", choices=["ddpm", "ddim"], help="mask model sampler (default: the model's)")
+    p.add_argument("--mask-steps", type=int, help="mask model sampling steps (default: the model's, 1000 for NVIDIA's)")
     p.add_argument("--weights", nargs="+", metavar="PATH",
-                   help="a maisi model folder, or NVIDIA's files (autoencoder, diffusion unet, controlnet .pt)")
+                   help="a maisi model folder, or NVIDIA's files (autoencoder, diffusion unet, controlnet .pt; "
+                        "mask_generation_autoencoder.pt and mask_generation_diffusion_unet.pt for --anatomy-size)")
     p.add_argument("--config", help="preset or JSON config for released .pt files (default rflow-ct / ddpm-ct)")
     p.add_argument("--memory-gb", type=float, help="memory budget of the VAE decoder (picks tensor splitting)")
     p.add_argument("--quality-retries", type=int, default=2,
@@ -59,6 +70,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def parse_anatomy_size(items: list[str]) -> tuple[tuple[str, float], ...]:
+    """["liver=0.7", "pancreatic tumor=0.3"] -> (("liver", 0.7), ("pancreatic tumor", 0.3)); names and ranges are
+    checked by the pipeline."""
+    pairs = []
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--anatomy-size {item!r}: give NAME=SIZE, e.g. liver=0.7 or 'hepatic tumor=0.3'")
+        try:
+            pairs.append((name.strip(), float(value)))
+        except ValueError:
+            raise ValueError(f"--anatomy-size {item!r}: the size must be a number in [0, 1] or -1") from None
+    return tuple(pairs)
+
+
 def request_from_args(args: argparse.Namespace):
     from maisi.pipeline.validation import GenerationRequest
 
@@ -71,14 +97,17 @@ def request_from_args(args: argparse.Namespace):
         batch_size=args.batch_size, memory_gb=args.memory_gb, quality_retries=args.quality_retries,
         quality_check=not args.no_quality_check, timesteps=args.timesteps,
         image_output_ext=args.image_output_ext, label_output_ext=args.label_output_ext,
+        anatomy_size=parse_anatomy_size(args.anatomy_size), anatomy_conditions=args.anatomy_conditions,
+        mask_sampler=args.mask_sampler, mask_steps=args.mask_steps,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from maisi.pipeline.pipeline import Pipeline, world_from_env
     from maisi.io.formats import OutputFormatError
+    from maisi.maskgen.context import AnatomySizeError
+    from maisi.pipeline.pipeline import Pipeline, world_from_env
     from maisi.pipeline.validation import check_files
 
     request = request_from_args(args)
@@ -93,7 +122,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(max(1, (torch.get_num_threads()) // world))
     pipe = Pipeline.from_pretrained(args.weights, args.config, args.device, progress=not args.no_progress,
                                     precision=args.precision)
-    plan = pipe.plan(request)  # every check before any compute
+    try:
+        plan = pipe.plan(request)  # every check before any compute
+    except AnatomySizeError as e:  # the field, in the words the user typed
+        raise ValueError(str(e).replace("anatomy_size", "--anatomy-size", 1)) from e
     if rank == 0:
         for w in plan.warnings:
             print(f"maisi generate: warning: {w}", file=sys.stderr)

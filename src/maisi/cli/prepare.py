@@ -32,10 +32,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                          "names are matched to the MAISI vocabulary")
     p.add_argument("--unmapped", choices=["background", "error"], default="background",
                    help="what happens to source labels the mapping does not cover (default: background)")
+    p.add_argument("--anatomy-conditions", action="store_true",
+                   help="only measure the ten size-controlled structures of the label maps in --input (a datalist "
+                        "with 'label' entries, or a folder of label maps) and write <out>/all_anatomy_size_conditions"
+                        ".json, the conditions file of the mask generation model (sizes: volume percentiles)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.anatomy_conditions:
+        return run_conditions(args)
     from maisi.data.labelmap import load_mapping, load_names
     from maisi.data.prepare import LabelIdsWarning, PrepareConfig, plan_cases, prepare_all
 
@@ -67,3 +73,13 @@ def run(args: argparse.Namespace) -> int:
     for name, err in report["failed"].items():
         print(f"  FAILED {name}: {err}")
     return 1 if report["failed"] else 0
+
+
+def run_conditions(args: argparse.Namespace) -> int:
+    from maisi.maskgen.context import CONDITIONS_FILE
+    from maisi.maskgen.sizes import compute_conditions, label_files, write_conditions
+
+    files = label_files(args.input)
+    path = write_conditions(Path(args.out) / CONDITIONS_FILE, compute_conditions(files))
+    print(f"anatomy size conditions of {len(files)} label map(s): {path}")
+    return 0

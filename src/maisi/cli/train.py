@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--patch-switch", type=int, nargs="*", default=[], help="steps at which the next --patch starts")
     v.add_argument("--intensity", choices=["ct", "percentile"], default="ct",
                    help="ct: HU [-1000, 1000] -> [0, 1]; percentile: p0.5..p99.5 -> [0, 1] (MR)")
+    v.add_argument("--augment", default="none",
+                   help="patch augmentation preset: none (default), flip (random flips per axis), standard (flips, "
+                        "small rotation and scaling, intensity scale and shift); drawn per sample, so resuming is exact")
     v.add_argument("--kl-weight", type=float, default=1e-7)
     v.add_argument("--perceptual-weight", type=float, default=0.3)
     v.add_argument("--perceptual-fraction", type=float, default=0.2, help="share of slices per axis (default 0.2)")
@@ -85,7 +88,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--tumor-weight", type=float, default=100.0)
     c.add_argument("--contrastive-weight", type=float, default=0.0, help="region-contrastive loss (MAISI-v2: 0.01)")
     c.add_argument("--contrastive-delta", type=float, default=2.0)
+
+    m = stages.add_parser("mask", help="the mask generation model on label maps: its autoencoder (--steps), then its "
+                                       "diffusion UNet with the size vectors as context (--unet-steps)")
+    _common(m, 1e-4, 1)
+    m.add_argument("--unet-steps", type=int, default=1000, help="UNet optimisation steps (default 1000)")
+    m.add_argument("--unet-lr", type=float, default=1e-4, help="UNet learning rate (default 1e-4)")
+    m.add_argument("--kl-weight", type=float, default=1e-6, help="autoencoder KL weight (default 1e-6)")
+    m.add_argument("--lr-power", type=float, default=2.0, help="polynomial decay power of the UNet learning rate")
+    m.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the UNet weights, exported (0: none)")
+    m.add_argument("--scale-factor", type=float, help="latent scale (default: --init's, else 1/std of the latents)")
     p.set_defaults(run=run)
+    m.set_defaults(run=run_mask)
 
 
 def _latent_args(p: argparse.ArgumentParser) -> None:
@@ -95,11 +109,12 @@ def _latent_args(p: argparse.ArgumentParser) -> None:
                    help="latent scale (default: the --init/--unet checkpoint's, else 1/std of the latents)")
 
 
-def options_from_args(args: argparse.Namespace) -> StageOptions:
-    """The stage's training options from the parsed flags (each flag's dest is the field's name)."""
+def options_from_args(args: argparse.Namespace, cls: type | None = None) -> StageOptions:
+    """The stage's training options (`cls`, else the stage's) from the parsed flags (each flag's dest is the
+    field's name)."""
     from maisi.training.options import STAGES
 
-    cls = STAGES[args.stage]
+    cls = cls or STAGES[args.stage]
     names = {f.name for f in fields(cls)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names}
     return cls(**values, progress=not args.no_progress, tensorboard=not args.no_tensorboard)
@@ -128,4 +143,14 @@ def run(args: argparse.Namespace) -> int:
         run_stage(options_from_args(args), log=print)
     except ValueError as e:
         raise ValueError(flagged(str(e), flags_of(STAGES[args.stage]))) from e
+    return 0
+
+
+def run_mask(args: argparse.Namespace) -> int:
+    from maisi.training.mask import MaskTrainOptions, run_mask_training
+
+    try:
+        run_mask_training(options_from_args(args, MaskTrainOptions), log=print)
+    except ValueError as e:
+        raise ValueError(flagged(str(e), flags_of(MaskTrainOptions))) from e
     return 0

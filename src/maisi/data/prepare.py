@@ -12,6 +12,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, DivisiblePadd, Orientationd, Resized, ScaleIntensityRanged, Spacingd
+from safetensors.torch import save_file
 
 from maisi.data.labelmap import add_body, convert_labels
 from maisi.data.regions import parse_span, region_from_label, span_name
@@ -187,9 +190,6 @@ def target_shape(shape: Sequence[int], multiple: int) -> tuple[int, ...]:
 
 def resample(hu: np.ndarray, label: np.ndarray | None, affine: np.ndarray, cfg: PrepareConfig):
     """Window HU to [0,1] and resample with MONAI (trilinear image, nearest label); returns arrays + affine."""
-    from monai.data import MetaTensor
-    from monai.transforms import Compose, DivisiblePadd, Orientationd, Resized, ScaleIntensityRanged, Spacingd
-
     keys = ["image"] + (["label"] if label is not None else [])
     modes = ["trilinear", "nearest"][: len(keys)]
     aff = torch.as_tensor(affine, dtype=torch.float64)
@@ -320,8 +320,6 @@ def prepare_case(case: Case, out_dir: Path, cfg: PrepareConfig, encoder: Encoder
 
 def save_latents(path: Path, mu: torch.Tensor, sigma: torch.Tensor, metadata: dict[str, str] | None = None) -> Path:
     """μ and σ (C×x×y×z, float32) in one safetensors file, atomically."""
-    from safetensors.torch import save_file
-
     tensors = {"mu": mu.detach().float().contiguous().cpu(), "sigma": sigma.detach().float().contiguous().cpu()}
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata), suffix=".safetensors")
 

@@ -28,6 +28,7 @@ from maisi.io.jsondata import jsonable
 FORMAT = "maisi-checkpoint"
 FORMAT_VERSION = 1
 COMPONENTS = ("autoencoder", "unet", "controlnet")
+MASK_COMPONENTS = ("mask_autoencoder", "mask_unet")  # the mask generation model (maisi.maskgen: MaskGenConfig)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # Keys of NVIDIA's released checkpoint dicts that hold the weights of each component.
@@ -39,8 +40,17 @@ class CheckpointError(ValueError):
 
 
 def _check_component(component: str) -> None:
-    if component not in COMPONENTS:
-        raise ValueError(f"unknown component {component!r}; choose one of {list(COMPONENTS)}")
+    if component not in COMPONENTS + MASK_COMPONENTS:
+        raise ValueError(f"unknown component {component!r}; choose one of {list(COMPONENTS + MASK_COMPONENTS)}")
+
+
+def _config_class(component: str) -> type:
+    """The config dataclass a checkpoint of `component` stores: ModelConfig, or MaskGenConfig for the mask model."""
+    if component in MASK_COMPONENTS:
+        from maisi.maskgen.config import MaskGenConfig  # noqa: PLC0415 (maisi.maskgen imports this module)
+
+        return MaskGenConfig
+    return ModelConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,7 +61,7 @@ def _check_component(component: str) -> None:
 def save_pretrained(
     folder: str | Path,
     model: nn.Module,
-    config: ModelConfig,
+    config: Any,
     component: str,
     extra: dict[str, Any] | None = None,
 ) -> Path:
@@ -76,8 +86,9 @@ def save_pretrained(
     return folder
 
 
-def read_pretrained_config(folder: str | Path) -> tuple[str, ModelConfig, dict[str, Any], dict[str, Any]]:
-    """(component, ModelConfig, extra, raw metadata) of a project checkpoint folder, without loading weights."""
+def read_pretrained_config(folder: str | Path) -> tuple[str, Any, dict[str, Any], dict[str, Any]]:
+    """(component, config, extra, raw metadata) of a project checkpoint folder, without loading weights; the
+    config is a ModelConfig, or a MaskGenConfig for the mask model's components."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no checkpoint folder at {folder} (expected {CONFIG_FILE} + {WEIGHTS_FILE})")
@@ -97,7 +108,7 @@ def read_pretrained_config(folder: str | Path) -> tuple[str, ModelConfig, dict[s
     component = meta.get("component")
     _check_component(component)
     try:
-        config = from_dict(ModelConfig, meta["config"])
+        config = from_dict(_config_class(component), meta["config"])
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{cfg_path}: invalid model config ({e})") from e
     extra = dict(meta.get("extra", {}))
@@ -118,28 +129,6 @@ def check_scale_factor(extra: dict[str, Any], source: str) -> None:
     if not ok:
         raise CheckpointError(f"{source}: scale_factor is {value!r}; it must be a finite number > 0 (1/std of the "
                               f"training latents): the file is damaged or comes from a diverged run")
-
-
-def load_pretrained(
-    folder: str | Path, map_location: str | torch.device = "cpu", verify_hash: bool = True
-) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
-    """Build the model a project checkpoint folder describes and load its weights strictly."""
-    from maisi.networks import build
-
-    folder = Path(folder)
-    component, config, extra, meta = read_pretrained_config(folder)
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{folder}: missing {WEIGHTS_FILE}")
-    if verify_hash and meta.get("weights_sha256") and sha256_file(weights) != meta["weights_sha256"]:
-        raise CheckpointError(
-            f"{weights}: sha256 differs from the one in {CONFIG_FILE}; the weights file was changed, "
-            "truncated or belongs to another checkpoint"
-        )
-    state = read_state_dict(weights)
-    model = build(component, config)
-    load_state_dict_strict(model, state, source=str(weights))
-    return model.to(map_location), config, extra
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,20 +204,6 @@ def split_released(obj: Any, component: str, source: str = "checkpoint") -> tupl
     extra = {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in extra.items()}
     check_scale_factor(extra, source)
     return state, extra
-
-
-def load_released(
-    path: str | Path, component: str, config: ModelConfig, map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Build `component` from `config` and load one of NVIDIA's released files into it strictly.
-
-    extra holds the other entries of the file (e.g. scale_factor, epoch, num_train_timesteps)."""
-    from maisi.networks import build
-
-    state, extra = split_released(read_checkpoint_file(path), component, source=str(path))
-    model = build(component, config)
-    load_state_dict_strict(model, state, source=str(path))
-    return model.to(map_location), extra
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import nrrd
 import numpy as np
+from monai.data import PydicomReader
 
 from maisi.io.atomic import atomic_path
 
@@ -187,8 +188,6 @@ def _squeeze(path: Path, array: np.ndarray) -> np.ndarray:
 
 
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    from monai.data import PydicomReader
-
     files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
     if not files:
         raise VolumeError(f"{folder}: folder has no files; expected one DICOM series")

@@ -22,6 +22,8 @@ TUMOR_LABELS: dict[str, int] = {  # tumour slots → MAISI label ids
 DONT_CARE = -1.0
 MAX_ENTRIES = len(ANATOMY_SIZE_NAMES)
 CONDITIONS_KEY = "organ_size"
+CONDITIONS_FILE = "all_anatomy_size_conditions.json"  # the released name (NV-Generate-CT datasets/)
+VOLUME_KEY = "organ_volume_ml"  # this project's addition to the released layout: each map's measured volumes (mL)
 
 Request = Mapping[str, float] | Sequence[tuple[str, float]]
 
@@ -75,6 +77,12 @@ def _check_size(field: str, value: object) -> float:
 
 def load_conditions(path: str | Path) -> np.ndarray:
     """The size vectors of a conditions file as a K×10 float array; a wrong layout raises naming it."""
+    return load_condition_table(path)[0]
+
+
+def load_condition_table(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(K×10 sizes, K×10 volumes in mL or None) of a conditions file: the volumes are there when every entry has
+    "organ_volume_ml" (files `maisi prepare --anatomy-conditions` writes; NVIDIA's have none)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -90,7 +98,10 @@ def load_conditions(path: str | Path) -> np.ndarray:
         if not isinstance(size, list) or len(size) != MAX_ENTRIES:
             raise ValueError(f"{path}: entry {i} needs \"{CONDITIONS_KEY}\": a list of {MAX_ENTRIES} sizes, got {entry!r}")
         rows.append([float(v) for v in size])
-    return np.asarray(rows, dtype=np.float64)
+    volumes = [e.get(VOLUME_KEY) for e in data]
+    has_volumes = all(isinstance(v, list) and len(v) == MAX_ENTRIES for v in volumes)
+    return (np.asarray(rows, dtype=np.float64),
+            np.asarray(volumes, dtype=np.float64) if has_volumes else None)
 
 
 def complete_context(request: Request, conditions: np.ndarray) -> tuple[float, ...]:
@@ -108,7 +119,11 @@ def complete_context(request: Request, conditions: np.ndarray) -> tuple[float, .
     return tuple(float(v) for v in context)
 
 
-def target_tumor(context: Sequence[float]) -> int | None:
-    """The label id of the tumour a context asks for (the last tumour slot that is not −1), else None."""
+def target_tumor(context: Sequence[float], requested: Mapping[str, float] | None = None) -> int | None:
+    """The label id of the tumour asked for: the one the request names (not −1), else the last tumour slot of the
+    context that is not −1 (a completed row may hold several), else None."""
+    named = [TUMOR_LABELS[n] for n, v in (requested or {}).items() if n in TUMOR_LABELS and v != DONT_CARE]
+    if named:
+        return named[0]
     found = [TUMOR_LABELS[n] for n, v in zip(ANATOMY_SIZE_NAMES, context) if n in TUMOR_LABELS and v != DONT_CARE]
     return found[-1] if found else None

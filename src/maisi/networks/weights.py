@@ -23,13 +23,13 @@ from torch import nn
 from maisi.config import ModelConfig, load_model_config, to_dict
 from maisi.io.checkpoint import (
     CONFIG_FILE,
-    load_pretrained,
-    load_released,
+    MASK_COMPONENTS,
     read_pretrained_config,
 )
 from maisi.io.digest import sha256_file
 from maisi.io.hub import SETS as HUB_SETS
 from maisi.io.hub import local_set
+from maisi.networks import load_pretrained, load_released
 
 # The sets of maisi.io.hub that hold a diffusion model ("all" aside); each set's name is also the preset of its files.
 SETS = tuple(n for n, s in HUB_SETS.items() if n != "all" and any(f.component == "unet" for f in s.files))
@@ -43,15 +43,19 @@ RELEASED_FILES: dict[str, tuple[str, tuple[str, ...]]] = {
     "diff_unet_3d_ddpm-ct.pt": ("unet", ("ddpm-ct",)),
     "diff_unet_3d_rflow-mr.pt": ("unet", ("rflow-mr",)),
     "diff_unet_3d_rflow-mr-brain_v1.pt": ("unet", ("rflow-mr-brain",)),
+    # the mask generation model (maisi.maskgen; REFERENCE §8): no image preset
+    "mask_generation_autoencoder.pt": ("mask_autoencoder", ()),
+    "mask_generation_diffusion_unet.pt": ("mask_unet", ()),
 }
 RELEASED_CONTROLNET = re.compile(r"controlnet_3d_(?P<preset>.+)\.pt")
 # The config parts a checkpoint of each component depends on (a ControlNet copies the UNet's encoder).
 PARTS = {"autoencoder": ("autoencoder",), "unet": ("unet",), "controlnet": ("unet", "controlnet")}
-LABELS = {"autoencoder": "VAE", "unet": "diffusion UNet", "controlnet": "ControlNet"}
+LABELS = {"autoencoder": "VAE", "unet": "diffusion UNet", "controlnet": "ControlNet",
+          "mask_autoencoder": "mask autoencoder", "mask_unet": "mask diffusion UNet"}
 DEFAULTS_FILE = "generation.json"  # optional defaults of a model folder: size, spacing, body_region
 EXPORT_DIR, RUN_FILE = "export", "run.json"  # the run-folder layout `maisi train` writes (training/loop.py)
 ACCEPTED = (f"a released set ({', '.join(SETS)}), NVIDIA's .pt files, a maisi checkpoint or model folder "
-            "(autoencoder/, unet/, controlnet/), or a training run folder (with export/)")
+            "(autoencoder/, unet/, controlnet/, mask_autoencoder/, mask_unet/), or a training run folder (with export/)")
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ class Source:
 
     path: Path
     format: str  # "maisi" (config.json + model.safetensors) or "released" (NVIDIA's .pt)
-    config: ModelConfig | None = None  # maisi: the config saved beside the weights
+    config: ModelConfig | None = None  # maisi: the config saved beside the weights (None for the mask model's)
     sha256: str = ""  # maisi: as config.json records it (released files are hashed when loaded)
     presets: tuple[str, ...] = ()  # released: the presets whose architecture the file has, from its name
 
@@ -81,7 +85,8 @@ class WeightSources:
 
     @property
     def released(self) -> bool:
-        return any(s.format == "released" for s in self.components.values())
+        """Whether the image networks are NVIDIA's files (the mask model's do not count)."""
+        return any(s.format == "released" for c, s in self.components.items() if c not in MASK_COMPONENTS)
 
     def only(self, *components: str) -> WeightSources:
         """These components alone; an error naming the spec when one is not there."""
@@ -256,7 +261,8 @@ def _is_checkpoint(folder: Path) -> bool:
 
 def _checkpoint(folder: Path) -> tuple[str, Source]:
     component, config, _, meta = read_pretrained_config(folder)
-    return component, Source(folder, "maisi", config, meta.get("weights_sha256") or "")
+    own = None if component in MASK_COMPONENTS else config  # the mask model's MaskGenConfig is not shared
+    return component, Source(folder, "maisi", own, meta.get("weights_sha256") or "")
 
 
 def _add(found: dict[str, Source], component: str, src: Source, where: str) -> None:
@@ -283,7 +289,8 @@ def _guess_kind(name: str) -> tuple[str, tuple[str, ...]]:
     """(component, presets) of a renamed released file, from words in its name."""
     low = name.lower()
     if low.startswith("mask_generation"):
-        raise ValueError(f"{name}: the mask-generation networks are not supported; give {ACCEPTED}")
+        raise ValueError(f"{name}: name NVIDIA's mask-generation files as released: mask_generation_autoencoder.pt "
+                         "and mask_generation_diffusion_unet.pt")
     if "autoencoder" in low or "vae" in low:
         return "autoencoder", ()
     if "controlnet" in low:

@@ -11,6 +11,7 @@ from torch import nn
 
 from maisi.config import ModelConfig
 from maisi.io.checkpoint import COMPONENTS
+from maisi.maskgen.networks import MaskModel, load_mask_model
 from maisi.networks.weights import WeightSources, demo_model_dir, load_component, resolve
 
 __all__ = ["RELEASED_DEFAULTS", "Networks", "demo_model_dir", "load_networks"]
@@ -31,6 +32,7 @@ class Networks:
     sources: dict[str, dict[str, str]]  # component -> {"path", "sha256", "format"}
     defaults: dict[str, Any] = field(default_factory=dict)
     trained_schedule: str = "rflow"
+    mask: MaskModel | None = None  # the mask generation model, when the weights hold one (--anatomy-size)
 
 
 def load_networks(weights: str | Path | Sequence[str | Path] | WeightSources | None = None,
@@ -38,7 +40,7 @@ def load_networks(weights: str | Path | Sequence[str | Path] | WeightSources | N
     """Load every network `weights` names (None: the demo model; see `maisi.networks.weights.resolve`).
     `config` (a preset or JSON) overrides the architecture of released .pt files, which is otherwise their
     set's or the one their names give; maisi checkpoints must fit it. Every config is checked before any
-    weight loads."""
+    weight loads. The mask generation model loads too when the weights hold one (NVIDIA's files: mask-ct)."""
     sources = resolve(weights)
     missing = [c for c in ("autoencoder", "unet") if c not in sources.components]
     if missing:
@@ -54,4 +56,5 @@ def load_networks(weights: str | Path | Sequence[str | Path] | WeightSources | N
     defaults = dict(sources.defaults) or (dict(RELEASED_DEFAULTS) if sources.released else {})
     return Networks(loaded["autoencoder"].model, loaded["unet"].model,
                     loaded["controlnet"].model if "controlnet" in loaded else None, cfg, float(scale),
-                    {c: x.source for c, x in loaded.items()}, defaults, cfg.scheduler.kind)
+                    {c: x.source for c, x in loaded.items()}, defaults, cfg.scheduler.kind,
+                    load_mask_model(sources, device=device))

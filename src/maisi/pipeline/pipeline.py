@@ -20,6 +20,16 @@ from maisi.diffusion.schedulers import make_scheduler
 from maisi.io.formats import DicomIds, write_image, write_label
 from maisi.io.volume import affine_from_spacing, spacing_from_affine
 from maisi.labels import REGIONS, TUMOR_HOSTS, modality_code, region_one_hot, regions_in_mask
+from maisi.maskgen.context import (
+    AnatomySizeError,
+    check_request,
+    complete_context,
+    load_condition_table,
+    target_tumor,
+)
+from maisi.maskgen.postprocess import postprocess_mask
+from maisi.maskgen.sampling import generate_mask
+from maisi.maskgen.sizes import measure_sizes
 from maisi.networks.memory import MemoryPlan
 from maisi.networks.precision import compute_dtype, for_inference
 from maisi.pipeline import masks as M
@@ -29,6 +39,7 @@ from maisi.pipeline.record import failed_organs, sample_record, write_record
 from maisi.pipeline.validation import (
     GenerationRequest,
     Plan,
+    SizeControl,
     anatomy_ids,
     attempt_seed,
     check_files,
@@ -98,11 +109,13 @@ class Pipeline:
     def plan(self, request: GenerationRequest) -> Plan:
         cfg, d = self.config, self.nets.defaults
         check_numbers(request, cfg.scheduler.num_train_timesteps)
+        size_control = self.size_control(request)  # --anatomy-size: names, values, mask model, conditions
         size = triple(request.size if request.size is not None else d.get("size", 64), "size", int)
         spacing = triple(request.spacing if request.spacing is not None else d.get("spacing", 1.5), "spacing")
         anatomy, tumors = anatomy_ids(request.anatomy), tumor_ids(request.tumor)
         # no region given: the model's default, unless a mask decides or the anatomy asked for picks it
-        default_region = () if request.mask or anatomy or tumors else tuple(d.get("body_region", ()))
+        picked = request.mask or anatomy or tumors or size_control
+        default_region = () if picked else tuple(d.get("body_region", ()))
         regions = parse_regions(request.body_region or default_region)
         sampler = request.sampler or self.nets.trained_schedule
         check_sampler(sampler, self.nets.trained_schedule)
@@ -134,12 +147,48 @@ class Pipeline:
             raise ValueError(f"--timesteps chooses rectified-flow timesteps; the {sampler} sampler has its own")
         timesteps = (request.timesteps or self.default_timesteps()) if sampler == "rflow" else None
         database = request.mask_database
-        if use_mask and request.mask is None and database is None and self.released:
+        from_database = use_mask and request.mask is None and size_control is None
+        if from_database and database is None and self.released:
             database = M.hub_database()  # NVIDIA's networks: NVIDIA's masks once `maisi download` brought them
-        if use_mask and request.mask is None and database is not None:
+        if from_database and database is not None:
             M.open_database(database)  # a missing or malformed database fails before any compute
         return Plan(request, size, spacing, regions, modality, steps, sampler, guidance, anatomy, tumors,
-                    use_mask, tuple(warnings), timesteps, None if database is None else str(database), user)
+                    use_mask, tuple(warnings), timesteps, None if database is None else str(database), user,
+                    size_control)
+
+    def size_control(self, request: GenerationRequest) -> SizeControl | None:
+        """`request.anatomy_size` checked and completed before any compute: known names, sizes in [0, 1] or -1,
+        at most 10 entries and one tumour; a mask model and a ControlNet; a conditions file; the mask sampler.
+        Errors are AnatomySizeError (a ValueError) whose `field` names the entry, or "anatomy_size"."""
+        if not request.anatomy_size:
+            return None
+        requested = check_request(request.anatomy_size)
+        model = self.nets.mask
+        if model is None:
+            raise AnatomySizeError("anatomy_size", "needs a mask generation model, and these weights hold none: give "
+                                   "--weights with a model folder holding mask_autoencoder/ and mask_unet/ (`maisi "
+                                   "train mask` writes them) or NVIDIA's mask_generation_autoencoder.pt and "
+                                   "mask_generation_diffusion_unet.pt")
+        if request.mask_source == "none" or request.mask or request.mask_database or request.anatomy or request.tumor:
+            raise AnatomySizeError("anatomy_size", "the mask is generated, so it cannot be combined with --mask, "
+                                   "--mask-database, --anatomy, --tumor or --no-mask; name the structures (and at "
+                                   "most one tumour) in --anatomy-size")
+        if self.nets.controlnet is None:
+            raise AnatomySizeError("anatomy_size", "this model has no ControlNet, so it cannot follow a generated "
+                                   "mask; give weights with a controlnet")
+        path = request.anatomy_conditions or model.conditions
+        if path is None:
+            raise AnatomySizeError("anatomy_size", "needs a conditions file to complete the request and none lies "
+                                   "beside the mask model: give --anatomy-conditions all_anatomy_size_conditions.json "
+                                   "(NVIDIA's, or one `maisi prepare --anatomy-conditions` wrote)")
+        sizes, volumes = load_condition_table(path)
+        sampler = request.mask_sampler or model.config.scheduler.kind
+        steps = model.config.scheduler.num_inference_steps if request.mask_steps is None else request.mask_steps
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"mask_sampler must be 'ddpm' or 'ddim' (the mask UNet predicts noise), got {sampler!r}")
+        if not 1 <= steps <= model.config.scheduler.num_train_timesteps:
+            raise ValueError(f"mask_steps must be in 1..{model.config.scheduler.num_train_timesteps}, got {steps}")
+        return SizeControl(requested, complete_context(requested, sizes), str(path), volumes, sampler, steps)
 
     @property
     def released(self) -> bool:
@@ -167,6 +216,8 @@ class Pipeline:
         r = plan.request
         if not plan.use_mask:
             return None
+        if plan.size_control is not None:
+            return self.generated_mask(plan, seed, attempt)
         if r.mask is not None:
             mask = plan.user_mask
         else:
@@ -180,6 +231,22 @@ class Pipeline:
                 label = M.insert_tumor(label, t, plan.spacing, rng)
             mask = M.Mask(label, mask.affine, {**mask.source, "tumors": list(plan.tumors)})
         return mask
+
+    def generated_mask(self, plan: Plan, seed: int, attempt: int) -> M.Mask:
+        """A new label map from the mask model for the plan's size vector (the attempt's seed): post-processed,
+        its ten structures measured, then resampled (nearest) and padded or cropped to the output grid."""
+        sc, model = plan.size_control, self.nets.mask
+        mask_seed = attempt_seed(seed, attempt)
+        raw = generate_mask(model.autoencoder, model.unet, sc.context, model.config, mask_seed, sampler=sc.sampler,
+                            steps=sc.steps, scale_factor=model.scale_factor, dtype=self.dtype, device=self.device)
+        label = postprocess_mask(raw[0, 0].cpu().numpy(), target_tumor(sc.context, sc.requested))
+        grid = (model.config.spacing_mm,) * 3
+        measured = measure_sizes(label, grid, sc.reference_volumes)
+        label, affine = M.resample_label(label, affine_from_spacing(grid, label.shape), plan.size, plan.spacing)
+        sizes = {"requested": sc.requested, "completed": list(sc.context), "measured": measured,
+                 "conditions": sc.conditions}
+        return M.Mask(label, affine, {"kind": "generated", "seed": mask_seed, "sampler": sc.sampler, "steps": sc.steps,
+                                      "spacing": grid, "anatomy_size": sizes})
 
     # -----------------------------------------------------------------------------------------
     # Sampling and decoding

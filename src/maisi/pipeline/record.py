@@ -48,6 +48,9 @@ def sample_record(*, index: int, seed: int, image_seed: int, plan: Any, model: d
             "steps": plan.steps, "sampler": plan.sampler, "timesteps": plan.timesteps, "guidance": plan.guidance,
             "anatomy": plan.anatomy, "tumors": plan.tumors, "use_mask": plan.use_mask,
             "mask_database": plan.mask_database,
+            "anatomy_size": None if plan.size_control is None else {
+                "requested": plan.size_control.requested, "completed": plan.size_control.context,
+                "conditions": plan.size_control.conditions},
         },
         "warnings": plan.warnings,
         "model": model,

@@ -52,6 +52,11 @@ class GenerationRequest:
     timesteps: str | None = None  # rflow: "reference" (NVIDIA's), "clean"; None: the model's (reference if released)
     image_output_ext: str = DEFAULT_EXT  # the NIM's names: .nii.gz, .nii, .nrrd, .dcm (a folder of CT slices)
     label_output_ext: str = DEFAULT_EXT  # .nii.gz, .nii, .nrrd, .dcm (a DICOM SEG)
+    # a new mask from the mask generation model: (structure, size in [0, 1] or -1) pairs (maskgen.context)
+    anatomy_size: tuple[tuple[str, float], ...] = ()
+    anatomy_conditions: str | None = None  # conditions file; None: the one beside the mask model's weights
+    mask_sampler: str | None = None  # "ddpm" or "ddim"; None: the mask model's (released: DDPM)
+    mask_steps: int | None = None  # None: the mask model's (released: 1000)
 
 
 @dataclass(frozen=True)
@@ -212,6 +217,18 @@ def tumor_ids(names: Sequence[str]) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
+class SizeControl:
+    """A checked size request: the slots asked for, the completed 10-vector, and the conditions it came from."""
+
+    requested: dict[str, float]  # slot name -> size, as asked (canonical names)
+    context: tuple[float, ...]  # the completed vector the mask UNet gets
+    conditions: str  # the conditions file
+    reference_volumes: Any = field(default=None, repr=False)  # K×10 mL of that file, when it records them
+    sampler: str = "ddpm"
+    steps: int = 1000
+
+
+@dataclass(frozen=True)
 class Plan:
     """A request with every default resolved and checked: what will be generated."""
 
@@ -230,3 +247,4 @@ class Plan:
     timesteps: str | None = None  # rflow: "reference" or "clean"; None for DDPM/DDIM
     mask_database: str | None = None  # None: the built-in phantom database
     user_mask: Any = field(default=None, repr=False)  # the request's mask (masks.Mask), read and resampled once
+    size_control: SizeControl | None = None  # --anatomy-size: the mask comes from the mask generation model

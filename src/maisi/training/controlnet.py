@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maisi.config import ModelConfig
+from maisi.diffusion.schedulers import make_scheduler
 from maisi.labels import TUMOR_HOSTS
 from maisi.training import distributed as D
 from maisi.training.diffusion import noised, unet_kwargs
@@ -66,8 +67,6 @@ class ControlNetStage:
 
     def __init__(self, controlnet: nn.Module, unet: nn.Module, config: ModelConfig, opts: ControlNetOptions,
                  world: D.World, scale_factor: float, seed: int = 0):
-        from maisi.diffusion.schedulers import make_scheduler
-
         self.config, self.opts, self.world, self.seed = config, opts, world, seed
         self.scheduler = make_scheduler(config.scheduler, config.unet.spatial_dims)
         self.unet = unet.to(world.device).eval().requires_grad_(False)

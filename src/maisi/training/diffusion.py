@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maisi.config import ModelConfig, UNetConfig
+from maisi.data.datasets import LatentCases
+from maisi.diffusion.schedulers import make_scheduler
 from maisi.training import distributed as D
 from maisi.training.loop import autocast, poly_lr, set_lr
 from maisi.training.state import sample_generator
@@ -96,8 +98,6 @@ class DiffusionStage:
 
     def __init__(self, unet: nn.Module, config: ModelConfig, opts: DiffusionOptions, world: D.World,
                  steps: int, scale_factor: float, seed: int = 0):
-        from maisi.diffusion.schedulers import make_scheduler
-
         self.config, self.opts, self.world, self.steps, self.seed = config, opts, world, steps, seed
         self.scheduler = make_scheduler(config.scheduler, config.unet.spatial_dims)
         self.unet = unet.to(world.device)
@@ -140,3 +140,15 @@ class DiffusionStage:
         if self.ema is not None:
             self.ema.update(self.unet)
         return {"loss": loss.item(), "lr": self.opt.param_groups[0]["lr"]}
+
+
+def latent_std(cases: LatentCases, seed: int = 0) -> float:
+    """Standard deviation over all training latents (scale_factor = 1 / std, REFERENCE §3)."""
+    total, total2, n = 0.0, 0.0, 0
+    for i in range(len(cases)):
+        z = cases.latent(i, sample_generator(seed, i, stream=7)).double()
+        total, total2, n = total + float(z.sum()), total2 + float(z.pow(2).sum()), n + z.numel()
+    var = total2 / n - (total / n) ** 2
+    if var <= 0:
+        raise ValueError("the training latents are constant, so their scale 1/std is undefined; give scale_factor")
+    return var**0.5

@@ -13,14 +13,18 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from tqdm import tqdm
 
 from maisi.config import ModelConfig, to_dict
 from maisi.io.atomic import atomic_write_text
+from maisi.io.checkpoint import save_pretrained
 from maisi.training import distributed as D
 from maisi.training.state import (
     batch_samples,
+    item_of_sample,
     load_latest_checkpoint,
     mix_seed,
+    sample_generator,
     save_checkpoint,
     trim_metrics,
 )
@@ -67,6 +71,23 @@ class LoopOptions:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class SampleDataset(Dataset):
+    """Indexed by global sample number: picks the item of a data source (ImagePatches, LatentCases; shuffled
+    epochs) and loads it with the sample's own generator, so sample k is the same whatever the batching."""
+
+    def __init__(self, source: Any, seed: int):
+        self.source, self.seed = source, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, sample: int) -> dict[str, Any]:
+        item = item_of_sample(sample, len(self.source), self.seed)
+        out = self.source.load(item, sample_generator(self.seed, sample, stream=1), sample)
+        out["sample"] = torch.tensor(sample)
+        return out
 
 
 class StepBatches(Sampler[list[int]]):
@@ -157,7 +178,7 @@ def _tensorboard(run_dir: Path, enabled: bool) -> Any:
     if not enabled:
         return None
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (optional extra)
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
@@ -192,8 +213,6 @@ def training_loop(stage: Stage, dataset: Dataset, opts: LoopOptions, world: D.Wo
     writer = _tensorboard(run_dir, opts.tensorboard) if world.is_main else None
     bar = None
     if world.is_main and opts.progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=opts.steps, initial=start, desc=f"train {stage.name}", unit="step", dynamic_ncols=True)
 
     sums: dict[str, float] = {}
@@ -242,8 +261,6 @@ def training_loop(stage: Stage, dataset: Dataset, opts: LoopOptions, world: D.Wo
 
     # Export: slim inference weights + config (rank 0).
     if world.is_main:
-        from maisi.io.checkpoint import save_pretrained
-
         model, extra = stage.export()
         save_pretrained(run_dir / EXPORT_DIR, model, stage.config, stage.component, extra=extra)
     D.barrier(world)

@@ -6,9 +6,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from maisi.data.augment import AUGMENTS
+from maisi.data.datasets import INTENSITIES, LATENT_USES
 from maisi.labels import TUMOR_HOSTS, label_id
 from maisi.training.controlnet import ControlNetOptions
-from maisi.training.data import INTENSITIES, LATENT_USES
 from maisi.training.diffusion import DiffusionOptions
 from maisi.training.loop import LoopOptions
 from maisi.training.vae import VAEOptions
@@ -78,6 +79,7 @@ class VAETrainOptions(TrainOptions):
     patch: tuple[int, ...] = (64,)  # patch edge(s) in voxels; several give a curriculum
     patch_switch: tuple[int, ...] = ()  # steps at which the next patch edge starts
     intensity: str = "ct"  # ct: HU [-1000, 1000] -> [0, 1]; percentile: p0.5..p99.5 -> [0, 1] (MR)
+    augment: str = "none"  # patch augmentation preset (maisi.data.augment.AUGMENTS): none, flip, standard
     kl_weight: float = 1e-7
     perceptual_weight: float = 0.3
     perceptual_fraction: float = 0.2  # share of slices per axis
@@ -101,6 +103,8 @@ class VAETrainOptions(TrainOptions):
                              f"{list(self.patch)}, got {list(self.patch_switch)}")
         if self.intensity not in INTENSITIES:
             raise ValueError(f"intensity must be {' or '.join(map(repr, INTENSITIES))}, got {self.intensity!r}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {', '.join(map(repr, AUGMENTS))}, got {self.augment!r}")
         super().__post_init__()
 
     def curriculum(self) -> list[tuple[int, int]]:

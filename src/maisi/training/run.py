@@ -11,22 +11,17 @@ import torch
 from torch import nn
 
 from maisi.config import ModelConfig, load_model_config
+from maisi.data.augment import AUGMENTS
+from maisi.data.datalist import read_datalist
+from maisi.data.datasets import ImagePatches, LatentCases, check_volumes
 from maisi.io.atomic import check_output_dir
 from maisi.networks import build
 from maisi.networks.controlnet import ControlNet
 from maisi.networks.weights import WeightSources, load_component, merge, resolve
 from maisi.training import distributed as D
 from maisi.training.controlnet import ControlNetStage
-from maisi.training.data import (
-    ImagePatches,
-    LatentCases,
-    SampleDataset,
-    check_volumes,
-    latent_std,
-    read_datalist,
-)
-from maisi.training.diffusion import DiffusionStage
-from maisi.training.loop import EXPORT_DIR, Stage, prepare_run_dir, training_loop
+from maisi.training.diffusion import DiffusionStage, latent_std
+from maisi.training.loop import EXPORT_DIR, SampleDataset, Stage, prepare_run_dir, training_loop
 from maisi.training.options import (
     ControlNetTrainOptions,
     DiffusionTrainOptions,
@@ -111,7 +106,8 @@ def _weights(options: StageOptions) -> WeightSources | None:
 
 def _vae(options: VAETrainOptions, entries: list[dict[str, Any]], config: ModelConfig, model: nn.Module | None,
          world: D.World, precision: str) -> tuple[Stage, ImagePatches]:
-    source = ImagePatches(entries, options.curriculum(), options.batch_size, intensity=options.intensity)
+    source = ImagePatches(entries, options.curriculum(), options.batch_size, intensity=options.intensity,
+                          augment=AUGMENTS[options.augment])
     autoencoder = model or build("autoencoder", config)
     perceptual = None
     if options.perceptual_weight > 0:

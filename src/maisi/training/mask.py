@@ -1,0 +1,343 @@
+"""`maisi train mask`: the mask autoencoder on label maps (cross-entropy over the 125 classes + KL), then the mask
+diffusion UNet on its latents with each map's size vector as context (REFERENCE §8). Both phases run through
+training.loop, so each resumes from its own run folder and runs under torchrun."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maisi.config import from_dict, to_dict
+from maisi.data.datalist import read_datalist
+from maisi.data.datasets import check_volumes
+from maisi.diffusion.schedulers import make_scheduler
+from maisi.io.atomic import check_output_dir
+from maisi.io.volume import read_volume
+from maisi.maskgen.config import MASK_PRESETS, MaskGenConfig, mask_preset
+from maisi.maskgen.context import CONDITIONS_FILE, CONDITIONS_KEY
+from maisi.maskgen.encoding import encode_label_map, to_class_index
+from maisi.maskgen.networks import MaskModel, build_mask_autoencoder, build_mask_unet, load_mask_model
+from maisi.maskgen.sizes import conditions_entries, structure_volumes, write_conditions
+from maisi.networks.weights import resolve
+from maisi.pipeline.masks import resample_label
+from maisi.training import distributed as D
+from maisi.training.diffusion import EMA, noised
+from maisi.training.loop import (
+    EXPORT_DIR,
+    LoopOptions,
+    SampleDataset,
+    autocast,
+    poly_lr,
+    prepare_run_dir,
+    set_lr,
+    training_loop,
+)
+from maisi.training.losses import kl_loss
+from maisi.training.options import TrainOptions
+from maisi.training.run import TrainResult
+from maisi.training.state import sample_generator
+from maisi.training.vae import SampledVAE
+
+PHASES = ("mask_autoencoder", "mask_unet")  # the run folder's two sub-runs, in order (also the components)
+
+
+@dataclass(frozen=True)
+class MaskStageOptions:
+    lr: float = 1e-4  # autoencoder
+    kl_weight: float = 1e-6
+    unet_lr: float = 1e-4
+    lr_power: float = 2.0  # polynomial decay of the UNet's learning rate to 0 at its last step
+    ema_decay: float = 0.999  # EMA of the UNet's weights, exported; 0: none
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        for k in ("lr", "unet_lr"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"{k} must be > 0, got {getattr(self, k)}")
+        for k in ("kl_weight", "lr_power"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaskTrainOptions(TrainOptions):
+    """Both mask networks on label maps (a datalist with "label" entries: `maisi phantom` writes one). `steps` are
+    the autoencoder's, `unet_steps` the UNet's; `config` is a mask preset (mask-tiny, mask-ct) or a JSON file
+    ({"preset": name, ...overrides} or a whole MaskGenConfig); `init` a mask model to start both from."""
+
+    stage: ClassVar[str] = "mask"
+    component: ClassVar[str] = "mask_autoencoder"
+
+    unet_steps: int = 1000
+    unet_lr: float = 1e-4
+    kl_weight: float = 1e-6
+    lr_power: float = 2.0
+    ema_decay: float = 0.999
+    scale_factor: float | None = None  # latent scale; None: the init model's, else 1/std of the latents
+
+    def __post_init__(self) -> None:
+        if self.unet_steps < 1:
+            raise ValueError(f"unet_steps must be >= 1, got {self.unet_steps}")
+        if self.scale_factor is not None and self.scale_factor <= 0:
+            raise ValueError(f"scale_factor must be > 0, got {self.scale_factor}")
+        super().__post_init__()
+
+    def loop_options(self, phase: str = PHASES[0]) -> LoopOptions:
+        """The loop of one phase: its own run folder (<out>/mask_autoencoder, <out>/mask_unet) and length."""
+        return replace(super().loop_options(), run_dir=Path(self.out) / phase,
+                       steps=self.steps if phase == PHASES[0] else self.unet_steps)
+
+    def stage_options(self, precision: str) -> MaskStageOptions:
+        return MaskStageOptions(lr=self.lr, kl_weight=self.kl_weight, unet_lr=self.unet_lr, lr_power=self.lr_power,
+                                ema_decay=self.ema_decay, precision=precision)
+
+
+def mask_config(source: str | Path | None) -> MaskGenConfig:
+    """A mask preset name, or a JSON file: a whole MaskGenConfig or {"preset": name, ...top-level overrides}."""
+    if source is None or str(source) in MASK_PRESETS:
+        return mask_preset(str(source or "mask-tiny"))
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"unknown mask preset or missing config file {str(source)!r}; presets: {sorted(MASK_PRESETS)}")
+    data = json.loads(path.read_text())
+    if "preset" in data:
+        data = {**to_dict(mask_preset(data.pop("preset"))), **data}
+    return from_dict(MaskGenConfig, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: label maps on the mask model's grid, then their latents and size vectors
+# ---------------------------------------------------------------------------------------------
+
+
+class LabelMaps:
+    """The label maps, resampled (nearest, centred pad/crop) once onto the mask model's output grid and checked
+    against its vocabulary."""
+
+    def __init__(self, files: Sequence[str | Path], config: MaskGenConfig):
+        self.files = [Path(f) for f in files]
+        self.spacing = (config.spacing_mm,) * 3
+        self.labels = []
+        for f in self.files:
+            vol = read_volume(f)
+            label, _ = resample_label(np.rint(vol.array).astype(np.uint8), vol.affine, config.output_shape,
+                                      self.spacing)
+            try:
+                to_class_index(label)
+            except ValueError as e:
+                raise ValueError(f"{f}: {e}") from None
+            self.labels.append(label)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int, g: torch.Generator, sample: int = 0) -> dict[str, Tensor]:
+        return {"label": torch.from_numpy(self.labels[i].astype(np.int64))[None]}
+
+    def conditions(self) -> list[dict[str, Any]]:
+        """The conditions entries of the maps (sizes: percentiles of their volumes on this grid)."""
+        volumes = np.stack([structure_volumes(lab, self.spacing) for lab in self.labels])
+        return conditions_entries(volumes, [f.name for f in self.files])
+
+
+class MaskLatents:
+    """Each map's latent (the trained autoencoder's mean) and its size vector."""
+
+    def __init__(self, latents: Tensor, contexts: Tensor):
+        self.latents, self.contexts = latents, contexts
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def load(self, i: int, g: torch.Generator, sample: int = 0) -> dict[str, Tensor]:
+        return {"latent": self.latents[i], "context": self.contexts[i]}
+
+
+@torch.no_grad()
+def encode_maps(autoencoder: nn.Module, maps: LabelMaps, device: torch.device) -> Tensor:
+    """K×C×latent means of the maps, one at a time, on the CPU."""
+    autoencoder.eval()
+    out = []
+    for i in range(len(maps)):
+        x = encode_label_map(maps.load(i, torch.Generator())["label"][None]).to(device)
+        out.append(autoencoder.encode(x)[0][0].float().cpu())
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two stages
+# ---------------------------------------------------------------------------------------------
+
+
+class MaskAutoencoderStage:
+    """Bit planes in, 125 class logits out: cross-entropy against the class indices + kl_weight · KL."""
+
+    name = component = "mask_autoencoder"
+
+    def __init__(self, autoencoder: nn.Module, config: MaskGenConfig, opts: MaskStageOptions, world: D.World,
+                 seed: int = 0):
+        self.config, self.opts, self.world, self.seed = config, opts, world, seed
+        self.autoencoder = autoencoder.to(world.device)
+        self.model = D.wrap(SampledVAE(self.autoencoder), world)
+        self.opt = torch.optim.Adam(self.autoencoder.parameters(), lr=opts.lr)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"mask_autoencoder": self.autoencoder}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"mask_autoencoder": self.opt}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def export(self) -> tuple[nn.Module, dict[str, Any]]:
+        return self.autoencoder, {}
+
+    def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
+        labels = batch["label"]
+        x, target = encode_label_map(labels).to(self.world.device), to_class_index(labels)[:, 0]
+        f = self.config.autoencoder.downsample_factor
+        shape = (self.config.autoencoder.latent_channels, *(n // f for n in labels.shape[2:]))
+        eps = torch.stack([torch.randn(shape, generator=sample_generator(self.seed, int(s), 2))
+                           for s in batch["sample"]]).to(x.device)
+        self.model.train()
+        with autocast(self.world.device, self.opts.precision):
+            logits, mu, sigma = self.model(x, eps)
+        ce = F.cross_entropy(logits.float(), target)
+        kl = kl_loss(mu, sigma)
+        loss = ce + self.opts.kl_weight * kl
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        accuracy = (logits.argmax(1) == target).float().mean()
+        return {"loss": loss.item(), "loss_ce": ce.item(), "loss_kl": kl.item(), "accuracy": accuracy.item()}
+
+
+class MaskDiffusionStage:
+    """The mask UNet on scaled latents: the scheduler's noise and target (DDPM: ε), MSE, the size context."""
+
+    name = component = "mask_unet"
+
+    def __init__(self, unet: nn.Module, config: MaskGenConfig, opts: MaskStageOptions, world: D.World, steps: int,
+                 scale_factor: float, seed: int = 0):
+        self.config, self.opts, self.world, self.steps, self.seed = config, opts, world, steps, seed
+        self.scheduler = make_scheduler(config.scheduler, config.unet.spatial_dims)
+        self.unet = unet.to(world.device)
+        self.model = D.wrap(self.unet, world)
+        self.ema = EMA(self.unet, opts.ema_decay) if opts.ema_decay > 0 else None
+        self.opt = torch.optim.Adam(self.unet.parameters(), lr=opts.unet_lr)
+        self.scale_factor = torch.tensor(float(scale_factor))
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"mask_unet": self.unet, **({"ema": self.ema.model} if self.ema else {})}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"mask_unet": self.opt}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"scale_factor": self.scale_factor}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.scale_factor = torch.as_tensor(state["scale_factor"]).cpu().float()
+
+    def export(self) -> tuple[nn.Module, dict[str, Any]]:
+        extra = {"scale_factor": float(self.scale_factor),
+                 "num_train_timesteps": self.config.scheduler.num_train_timesteps}
+        return (self.ema.model if self.ema else self.unet), extra
+
+    def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
+        set_lr(self.opt, poly_lr(self.opts.unet_lr, step, self.steps, self.opts.lr_power))
+        z = batch["latent"].float() * self.scale_factor.to(self.world.device)
+        x_t, t, target = noised(self.scheduler, z, batch["sample"], self.seed)
+        context = batch["context"].float().view(len(z), 1, -1)
+        self.model.train()
+        with autocast(self.world.device, self.opts.precision):
+            pred = self.model(x_t, t, context=context)
+        loss = F.mse_loss(pred.float(), target)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.unet)
+        return {"loss": loss.item(), "lr": self.opt.param_groups[0]["lr"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def run_mask_training(options: MaskTrainOptions, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train the autoencoder to `steps`, then the UNet to `unet_steps`, each resuming from its sub-run's last
+    checkpoint; `<out>/mask_unet/export/` also holds the conditions file of the training maps, so `maisi generate
+    --weights <model folder> <out>` finds everything."""
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    check_output_dir(options.out, "run folder")
+    entries = read_datalist(options.data)
+    missing = [i for i, e in enumerate(entries) if not e.get("label")]
+    if missing:
+        raise ValueError(f"{options.data}: the mask model trains on label maps; entries {missing[:10]} have no \"label\"")
+    check_volumes(entries, ("label",))
+    config = mask_config(options.config)
+    maps = LabelMaps([e["label"] for e in entries], config)  # unknown ids fail here, before any weights
+    init = _init(options, config)
+    world = D.init(options.device)
+    try:
+        precision = options.precision if options.precision != "auto" else (
+            "bf16" if world.device.type == "cuda" else "fp32")
+        opts = options.stage_options(precision)
+        torch.manual_seed(options.seed)  # the same fresh weights on every rank and every run
+        ae = init.autoencoder if init else build_mask_autoencoder(config)
+        ae_stage = MaskAutoencoderStage(ae, config, opts, world, options.seed)
+        _loop(ae_stage, maps, options, world, log)
+
+        conditions = maps.conditions()
+        latents = encode_maps(ae_stage.autoencoder, maps, world.device)
+        contexts = torch.tensor([e[CONDITIONS_KEY] for e in conditions], dtype=torch.float32)
+        scale = options.scale_factor or (init.scale_factor if init else 1.0 / float(latents.double().std()))
+        torch.manual_seed(options.seed)
+        unet = init.unet if init else build_mask_unet(config)
+        unet_stage = MaskDiffusionStage(unet, config, opts, world, options.unet_steps, scale, options.seed)
+        metrics = _loop(unet_stage, MaskLatents(latents, contexts), options, world, log)
+        if world.is_main:
+            write_conditions(options.loop_options(PHASES[1]).run_dir / EXPORT_DIR / CONDITIONS_FILE, conditions)
+        D.barrier(world)
+        return TrainResult(Path(options.out), options.unet_steps, metrics)
+    finally:
+        D.shutdown()
+
+
+def _init(options: MaskTrainOptions, config: MaskGenConfig) -> MaskModel | None:
+    """The mask model `init` names, which must have `config`'s architecture."""
+    if not options.init:
+        return None
+    model = load_mask_model(resolve(options.init), preset=config.name if config.name in MASK_PRESETS else None)
+    if model is None:
+        raise ValueError(f"{options.init}: no mask model there (mask_autoencoder/ + mask_unet/, or NVIDIA's files)")
+    if to_dict(model.config.autoencoder) != to_dict(config.autoencoder) or to_dict(model.config.unet) != to_dict(
+            config.unet):
+        raise ValueError(f"{options.init}: its mask networks do not have the architecture of config {config.name!r}")
+    return model
+
+
+def _loop(stage: MaskAutoencoderStage | MaskDiffusionStage, source: Any, options: MaskTrainOptions, world: D.World,
+          log: Callable[[str], None] | None) -> dict[str, float]:
+    loop = options.loop_options(stage.name)
+    if world.is_main:
+        prepare_run_dir(loop.run_dir, stage.name, stage.config, options.record())
+    D.barrier(world)
+    return training_loop(stage, SampleDataset(source, options.seed), loop, world, log)

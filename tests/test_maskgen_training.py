@@ -1,0 +1,107 @@
+"""`maisi train mask`: the autoencoder's and the UNet's losses fall on phantoms, an interrupted run resumes bitwise,
+and the result is a mask model `maisi generate --anatomy-size` loads with its conditions file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from maisi.config import to_dict
+from maisi.data.phantom import write_datalist
+from maisi.io.volume import affine_from_spacing, write_volume
+from maisi.maskgen import mask_preset
+from maisi.maskgen.context import CONDITIONS_FILE, load_conditions
+from maisi.maskgen.networks import load_mask_model
+from maisi.networks.weights import resolve
+from maisi.training.mask import MaskDiffusionStage, MaskTrainOptions
+from train_support import assert_bitwise_equal, mean_loss, metrics, phantom_datalist, state_weights, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return phantom_datalist(tmp_path_factory.mktemp("phantoms"), n=3, size=32)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    """mask-tiny on a 16³ grid at 24 mm with a two-level autoencoder: the smallest the UNet accepts (latent 8³)."""
+    ae = to_dict(mask_preset("mask-tiny").autoencoder) | {"channels": [8, 8], "num_res_blocks": [1, 1]}
+    path = tmp_path_factory.mktemp("cfg") / "mask.json"
+    path.write_text(json.dumps({"preset": "mask-tiny", "latent_shape": [4, 8, 8, 8], "spacing_mm": 24.0,
+                                "autoencoder": ae}))
+    return path
+
+
+def args(data, config, out, steps: int, unet_steps: int, *more: str) -> list[str]:
+    return ["--data", str(data), "--out", str(out), "--config", str(config), "--steps", str(steps), "--unet-steps",
+            str(unet_steps), "--batch-size", "2", "--lr", "3e-3", "--unet-lr", "1e-3", "--log-every", "2",
+            "--no-progress", "--no-tensorboard", *more]
+
+
+@pytest.mark.slow
+def test_mask_training_losses_fall_and_export_a_loadable_mask_model(data, config, tmp_path):
+    run = tmp_path / "run"
+    assert train("mask", *args(data, config, run, 16, 16, "--ema-decay", "0")) == 0
+    ae, unet = metrics(run / "mask_autoencoder"), metrics(run / "mask_unet")
+    assert len(ae) == len(unet) == 8 and {"loss_ce", "loss_kl", "accuracy"} <= ae[0].keys()
+    assert mean_loss(ae[-2:], "loss_ce") < 0.5 * mean_loss(ae[:2], "loss_ce")
+    assert mean_loss(unet[-3:], "loss") < mean_loss(unet[:2], "loss")
+    model = load_mask_model(resolve(run))
+    assert model is not None and model.config.spacing_mm == 24.0 and model.scale_factor > 0
+    assert model.conditions == run / "mask_unet" / "export" / CONDITIONS_FILE
+    sizes = load_conditions(model.conditions)
+    assert sizes.shape == (3, 10) and (sizes[:, 1] > 0).any() and (sizes[:, 1] == -1).any()  # pelvis: no liver
+
+
+@pytest.mark.slow  # ~10 s
+def test_mask_training_resumes_bitwise_after_an_interruption(data, config, tmp_path, monkeypatch):
+    common = args(data, config, tmp_path / "a", 4, 4, "--checkpoint-every", "2")
+    assert train("mask", *common) == 0
+
+    real = MaskDiffusionStage.train_step
+
+    def dies_at_step_3(self, batch, step):
+        if step == 3:
+            raise RuntimeError("killed")
+        return real(self, batch, step)
+
+    monkeypatch.setattr(MaskDiffusionStage, "train_step", dies_at_step_3)
+    resumed = args(data, config, tmp_path / "b", 4, 4, "--checkpoint-every", "2")
+    with pytest.raises(RuntimeError, match="killed"):
+        train("mask", *resumed)
+    monkeypatch.setattr(MaskDiffusionStage, "train_step", real)
+    assert [r["step"] for r in metrics(tmp_path / "b" / "mask_unet")] == [2]
+    assert train("mask", *resumed) == 0  # the same command: the autoencoder is done, the UNet resumes at step 2
+
+    for phase in ("mask_autoencoder", "mask_unet"):
+        a, b = tmp_path / "a" / phase, tmp_path / "b" / phase
+        assert_bitwise_equal(load_file(str(a / "export" / "model.safetensors")),
+                             load_file(str(b / "export" / "model.safetensors")))
+        assert_bitwise_equal(state_weights(a), state_weights(b))
+    assert [r["step"] for r in metrics(tmp_path / "b" / "mask_unet")] == [2, 4]
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(unet_steps=0), "unet_steps must be >= 1"),
+    (dict(unet_lr=0.0), "unet_lr must be > 0"),
+    (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\)"),
+    (dict(scale_factor=-1.0), "scale_factor must be > 0"),
+])
+def test_bad_options_are_refused_when_made(change, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        MaskTrainOptions(data="d.json", out=tmp_path, **change)
+
+
+def test_maps_outside_the_vocabulary_and_bad_flags_are_refused_before_a_run_folder(tmp_path, capsys):
+    lab = np.zeros((8, 8, 8), np.uint8)
+    lab[2:5, 2:5, 2:5] = 2  # id 2 is not one of the mask model's 125 classes
+    write_volume(tmp_path / "m.nii.gz", lab, affine_from_spacing(30.0), np.uint8)
+    data = write_datalist(tmp_path / "datalist.json", [{"image": "m.nii.gz", "label": "m.nii.gz"}])
+    out = tmp_path / "run"
+    assert train("mask", "--data", str(data), "--out", str(out)) == 2
+    assert "ids [2] are not in the mask model's vocabulary" in capsys.readouterr().err and not out.exists()
+    assert train("mask", "--data", str(data), "--out", str(out), "--unet-lr", "0") == 2
+    assert "--unet-lr must be > 0" in capsys.readouterr().err
