@@ -19,6 +19,7 @@ COMMANDS: list[str] = [
     "train",
     "evaluate",
     "download",
+    "serve",
 ]
 
 
