@@ -99,3 +99,13 @@ def test_tiny_training_segments_held_out_phantoms(tmp_path):
     dice = _heldout_dice(seg, labels)
     assert set(dice) == set(labels)
     assert np.mean(list(dice.values())) > 0.4, dice  # the first version: ~0.1
+
+
+def test_training_leaves_out_spans_that_do_not_fit(tmp_path):
+    # 16³ crops at 4 mm with context 1.5: a 96 mm field of view shows chest-abdomen (35 mm needed) but not
+    # head_neck-chest (170 mm) or abdomen-pelvis (215 mm), which make_phantom would refuse
+    seg = train_phantom_segmenter(tmp_path / "s.safetensors", steps=1, size=(16, 16, 16), n_phantoms=2, batch=1)
+    assert seg.info["regions"] == ["head_neck", "chest", "abdomen", "pelvis", "chest-abdomen"]
+    assert load_segmenter(tmp_path / "s.safetensors").info["regions"] == seg.info["regions"]
+    with pytest.raises(ValueError, match="no training region fits a 96 mm field of view"):
+        train_phantom_segmenter(tmp_path / "x.safetensors", steps=1, size=(16, 16, 16), regions=("abdomen-pelvis",))
