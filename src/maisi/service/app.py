@@ -1,4 +1,5 @@
-"""The FastAPI app of `maisi serve`: the NIM's routes, the job routes, and the checks before any compute."""
+"""The FastAPI app of `maisi serve`: the NIM's routes, the job routes, the web page, and the checks before any
+compute."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 
 from maisi import __version__, labels
+from maisi.data.preview import label_colours
 from maisi.io.formats import IMAGE_EXTS, LABEL_EXTS
 from maisi.networks.precision import compute_dtype
 from maisi.pipeline.validation import GenerationRequest, check_files, rules_for
@@ -42,6 +45,10 @@ LICENSE = ("maisi is released under the Apache License 2.0 (https://www.apache.o
            "NVIDIA's MAISI weights, when served, come under NVIDIA's own license (see the model card); "
            "generated images are synthetic and not for diagnosis.")
 POLL_S = 0.2
+WEB = Path(__file__).parent / "web"  # the page (index.html, app.js, style.css) and vendor/niivue.umd.js
+# What the files route serves, by how a result file's name ends (a DICOM series is a folder: the zip has it).
+FILE_TYPES = {".nii.gz": "application/gzip", ".nii": "application/octet-stream", ".nrrd": "application/octet-stream",
+              ".json": "application/json", ".png": "image/png"}
 
 
 @dataclass
@@ -94,6 +101,7 @@ def create_app(options: ServeOptions) -> FastAPI:
                   description="MAISI CT generation, compatible with NVIDIA's MAISI NIM, plus a job queue.")
     app.add_middleware(Guard, options=options)
     _routes(app)
+    _web_routes(app)
     return app
 
 
@@ -206,6 +214,46 @@ def _routes(app: FastAPI) -> None:
             return JSONResponse({"detail": f"job {job_id} {j.state}: {j.error or j.message}", "job": j.public()}, status)
         return FileResponse(result_path(svc.options, job_id), media_type="application/zip",
                             filename=f"maisi_{job_id}.zip", headers={"X-Maisi-Job": job_id})
+
+
+def _web_routes(app: FastAPI) -> None:
+    """The page (public: it asks for the token), the legend, and one result file at a time for its viewer."""
+    app.mount("/web", StaticFiles(directory=WEB), name="web")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(WEB / "index.html", media_type="text/html; charset=utf-8")
+
+    @app.get("/v1/maisi/legend")
+    def legend() -> dict:
+        """Every label's id, name and overlay colour (the colours of the PNG previews)."""
+        colours = label_colours()
+        return {"labels": [{"id": i, "name": name, "rgb": colours[i].tolist()}
+                           for i, name in sorted(labels.id_to_name().items()) if 0 < i < len(colours)]}
+
+    @app.get("/v1/jobs/{job_id}/files")
+    def files(request: Request, job_id: str) -> dict:
+        """The job's output files written so far (a DICOM series is a folder, listed but served only in the zip)."""
+        out = _out_dir(service(request), job_id)
+        found = sorted(out.iterdir()) if out.is_dir() else []
+        return {"files": [{"name": f.name, "size": f.stat().st_size if f.is_file() else None, "folder": f.is_dir()}
+                          for f in found if not f.name.startswith(".")]}
+
+    @app.get("/v1/jobs/{job_id}/files/{name}")
+    def file(request: Request, job_id: str, name: str) -> FileResponse:
+        out = _out_dir(service(request), job_id)
+        path = out / name
+        kind = next((t for ext, t in FILE_TYPES.items() if name.endswith(ext)), None)
+        # a plain name of a file in the job's output folder: no separators, no "..", no hidden file, no link out of it
+        if name != Path(name).name or name.startswith(".") or kind is None or path.resolve().parent != out.resolve() \
+                or not path.is_file():
+            raise HTTPException(404, f"job {job_id} has no file {name!r}; GET /v1/jobs/{job_id}/files lists them")
+        return FileResponse(path, media_type=kind, filename=name, content_disposition_type="inline")
+
+
+def _out_dir(svc: Service, job_id: str) -> Path:
+    _job(svc, job_id)  # 404 for an unknown id, before the id touches a path
+    return svc.options.job_dir(job_id) / "out"
 
 
 def _job(svc: Service, job_id: str):

@@ -12,6 +12,7 @@ from collections import deque
 from maisi.service.config import ServeOptions
 
 OPEN_PATHS = ("/v1/health/",)  # no token, no rate limit: load balancers and probes poll these
+PAGE_PATHS = ("/web/",)  # the web page's assets, and "/" itself: no token (the page asks for it), rate limited
 WINDOW_S = 60.0
 
 
@@ -51,7 +52,8 @@ async def _send_json(send, status: int, detail: str, headers: dict[str, str] | N
 
 
 class Guard:
-    """ASGI middleware: 413 past `max_upload_mb`, 401 without the bearer token, 429 past the rate limit."""
+    """ASGI middleware: 413 past `max_upload_mb`, 401 without the bearer token (the page excepted), 429 past the
+    rate limit."""
 
     def __init__(self, app, options: ServeOptions) -> None:
         self.app, self.options = app, options
@@ -67,8 +69,10 @@ class Guard:
         too_large = f"the request body is larger than this server's limit of {self.options.max_upload_mb:g} MB"
         if length.isdigit() and int(length) > limit:
             return await _send_json(send, 413, too_large)
-        if not scope["path"].startswith(OPEN_PATHS):
-            if self.token is not None and not self._authorised(headers.get(b"authorization", b"")):
+        path = scope["path"]
+        if not path.startswith(OPEN_PATHS):
+            page = path == "/" or path.startswith(PAGE_PATHS)
+            if self.token is not None and not page and not self._authorised(headers.get(b"authorization", b"")):
                 return await _send_json(send, 401, "this server needs a bearer token: send the header "
                                         "'Authorization: Bearer <token>' with the token it was started with",
                                         {"WWW-Authenticate": "Bearer"})
