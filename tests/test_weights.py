@@ -214,7 +214,7 @@ def test_load_networks_takes_every_form(root, nets, form):
 @pytest.mark.parametrize("spec, extra", [
     ("model", []),  # a model folder: its autoencoder
     ("runs/vae", []),
-    ("rflow-ct", ["--vae-preset", "tiny"]),  # tiny files stand in for the set; the real one needs no preset
+    ("rflow-ct", ["--config", "tiny"]),  # tiny files stand in for the set; the real one needs no preset
     (f"released/{RELEASED['autoencoder']}", ["--vae-preset", "tiny"]),
 ])
 def test_prepare_vae_takes_every_form(root, nets, tmp_path, spec, extra):
@@ -231,7 +231,7 @@ def test_prepare_vae_takes_every_form(root, nets, tmp_path, spec, extra):
     assert encoder == str(resolve(_spec(root, spec)).paths["autoencoder"].resolve())
 
 
-@pytest.mark.parametrize("spec, extra", [("runs", []), ("rflow-ct", ["--preset", "tiny"])])
+@pytest.mark.parametrize("spec, extra", [("runs", []), ("rflow-ct", ["--config", "tiny"])])
 def test_evaluate_reconstruction_takes_a_folder_of_runs_and_a_set(root, tmp_path, spec, extra):
     write_phantom(make_phantom("abdomen", size=16, spacing=14.0, seed=0), tmp_path / "data", "p0")
     out = tmp_path / "rep"

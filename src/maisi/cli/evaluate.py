@@ -56,8 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r = s.add_parser("reconstruction", help="VAE PSNR / SSIM / MAE (HU) through the memory-aware path")
     r.add_argument("--vae", required=True, help="autoencoder weights: a released set (rflow-ct, ...), a maisi "
                                                 "checkpoint, model or training run folder, or a released .pt file")
-    r.add_argument("--preset", help="preset whose autoencoder a bare released .pt file has (default: from its name, "
-                                    "else rflow-ct)")
+    r.add_argument("--config", "--preset", dest="config",
+                   help="preset or config JSON whose autoencoder a bare released .pt file has (default: from its name, "
+                        "else rflow-ct); --preset is the old name")
     r.add_argument("--data", required=True, help=DATA_HELP)
     r.add_argument("--memory-gb", type=float, default=None, help="memory budget for encode/decode splitting")
     r.add_argument("--device", default="cpu")
@@ -104,7 +105,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
     if a.metric == "consistency":
         return ConsistencyOptions(images=a.images, masks=a.masks, segmenter=a.segmenter, out=a.out, key=a.key)
     if a.metric == "reconstruction":
-        return ReconstructionOptions(vae=a.vae, data=a.data, preset=a.preset, memory_gb=a.memory_gb, device=a.device,
+        return ReconstructionOptions(vae=a.vae, data=a.data, preset=a.config, memory_gb=a.memory_gb, device=a.device,
                                      out=a.out, key=a.key)
     if a.metric == "diversity":
         return DiversityOptions(data=a.data, size=_triple(a.size), max_pairs=a.max_pairs, out=a.out, key=a.key)

@@ -17,8 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", help="autoencoder weights: a released set (rflow-ct, ...), a maisi checkpoint, model or "
                                  "training run folder, or a released .pt file; without it the resampled images "
                                  "are written instead")
-    p.add_argument("--vae-preset", help="preset whose autoencoder a bare released .pt file has (default: from its "
-                                        "name, else rflow-ct)")
+    p.add_argument("--config", "--vae-preset", dest="config",
+                   help="preset or config JSON whose autoencoder a bare released .pt file has (default: from its "
+                        "name, else rflow-ct); --vae-preset is the old name")
     p.add_argument("--spacing", type=float, nargs="+", help="resample to this voxel size in mm (1 or 3 values), "
                                                            "then pad each axis to --multiple-of")
     p.add_argument("--multiple-of", type=int, default=128,
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         from maisi.networks.weights import load_component
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        vae = load_component(args.vae, "autoencoder", args.vae_preset, device)
+        vae = load_component(args.vae, "autoencoder", args.config, device)
         encoder, encoder_id = vae.model, str(Path(vae.source["path"]).resolve())
     with warnings.catch_warnings():  # the library warns about foreign-looking label ids: one line each
         warnings.simplefilter("always", LabelIdsWarning)
