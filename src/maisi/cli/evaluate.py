@@ -14,6 +14,9 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
+FLAGS = {"tumors": "--tumor"}  # option fields whose flag is not their name
+
+
 def flag(field: str) -> str:
     """The flag of an option field: every field of the evaluation options is its flag's dest (out_path: --out-path)."""
     return "--" + field.replace("_", "-")
@@ -76,7 +79,47 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--reference-images", help="real images for HU histograms per organ (real vs synthetic)")
     q.add_argument("--reference-labels", help="label maps of the reference images")
     _common(q, "evaluation")
+    _add_augment(s)
     p.set_defaults(run=run)
+
+
+def _add_augment(s: argparse._SubParsersAction) -> None:
+    a = s.add_parser("augment", help="does synthetic data help? train a segmenter on real vs real + synthetic pairs",
+                     description="Train the same MONAI segmenter on real data only (baseline), real + N synthetic "
+                                 "pairs for each --counts N and optionally synthetic only, --seeds times each; "
+                                 "report per-class Dice and HD95 on the held-out test set with bootstrap intervals "
+                                 "and the paired difference to the baseline. Re-running resumes. Runs under torchrun.")
+    a.add_argument("--train", help="real training pairs: a datalist .json (image + label) or a folder")
+    a.add_argument("--test", help="held-out test pairs: a datalist .json or a folder")
+    a.add_argument("--phantoms", action="store_true",
+                   help="benchmark without data: phantom train/test sets in <out>/phantoms, pairs from the demo model")
+    a.add_argument("--phantoms-train", type=int, default=4, help="--phantoms: real training phantoms (default 4)")
+    a.add_argument("--phantoms-test", type=int, default=8, help="--phantoms: held-out phantoms (default 8)")
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--model", help="weights to generate pairs with ('demo': the shipped demo model)")
+    g.add_argument("--synthetic", help="a folder of already generated pairs (sample_*_image/_label/_record files)")
+    a.add_argument("--source", default="masks", choices=("masks", "database", "tumor"),
+                   help="how --model makes pairs: from each real training mask (ControlNet), from the mask "
+                        "database, or training masks with --tumor inpainted (default masks)")
+    a.add_argument("--tumor", nargs="+", default=[], help="--source tumor: tumours to inpaint (e.g. hepatic_tumor)")
+    a.add_argument("--counts", type=int, nargs="*", default=[4, 8], help="N of the real + N arms (default 4 8)")
+    a.add_argument("--synthetic-only", action="store_true", help="add an arm trained on max(counts) pairs alone")
+    a.add_argument("--seeds", type=int, default=3, help="training seeds per arm (default 3)")
+    a.add_argument("--labels", type=int, nargs="+", help="MAISI ids to segment (default: those of the training masks)")
+    a.add_argument("--network", default="segresnet", choices=("segresnet", "basicunet"), help="MONAI segmenter")
+    a.add_argument("--features", type=int, default=8, help="SegResNet init filters / BasicUNet base features")
+    a.add_argument("--patch", type=int, nargs=3, default=[32, 32, 32], help="training crop (multiples of 16)")
+    a.add_argument("--batch", type=int, default=2, help="crops per step")
+    a.add_argument("--steps", type=int, default=200, help="Adam steps per run (default 200)")
+    a.add_argument("--lr", type=float, default=2e-3)
+    a.add_argument("--generation-seed", type=int, default=1000, help="pair k uses seed generation_seed + k")
+    a.add_argument("--generation-steps", type=int, default=None, help="sampler steps (default: the model's)")
+    a.add_argument("--train-key", default="training", help="datalist list of --train")
+    a.add_argument("--test-key", default=None, help="datalist list of --test (default testing, validation, training)")
+    a.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    a.add_argument("--device", default="cpu")
+    a.add_argument("--out", default="evaluation/augment", help="report folder (default evaluation/augment)")
+    a.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def _triple(values: list | None) -> tuple | None:
@@ -96,6 +139,8 @@ def options_from_args(args: argparse.Namespace) -> Any:
     )
 
     a = args
+    if a.metric == "augment":
+        return _augment_options(a)
     if a.metric == "fid":
         cache = True if not a.cache else False if a.cache.lower() == "none" else a.cache
         settings = FIDSettings(spacing=_triple(a.spacing), size=_triple(a.size), center_fraction=a.center_fraction,
@@ -116,12 +161,57 @@ def options_from_args(args: argparse.Namespace) -> Any:
                             spacing=tuple(a.spacing), seed=a.seed, device=a.device)
 
 
+def _augment_options(a: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from maisi.evaluation.augment.options import DEMO_MODEL, AugmentOptions, SegmenterRecipe
+    from maisi.evaluation.augment.phantoms import LABELS
+
+    train, test, labels, model = a.train, a.test, a.labels, a.model
+    if a.phantoms:  # the sets make_phantom_sets writes into <out>/phantoms
+        if a.train or a.test:
+            raise ValueError("--phantoms builds its own train and test sets: leave out --train and --test")
+        train, test = str(Path(a.out) / "phantoms" / "train.json"), str(Path(a.out) / "phantoms" / "test.json")
+        labels = labels or list(LABELS)
+        model = model or (None if a.synthetic else DEMO_MODEL)
+    elif not (a.train and a.test):
+        raise ValueError("give --train and --test (datalists or folders of image/label pairs), or --phantoms")
+    recipe = SegmenterRecipe(network=a.network, features=a.features, patch=tuple(a.patch), batch=a.batch,
+                             steps=a.steps, lr=a.lr)
+    return AugmentOptions(train=train, test=test, out=a.out, model=model, synthetic=a.synthetic,
+                          source=a.source, tumors=tuple(a.tumor), counts=tuple(a.counts),
+                          synthetic_only=a.synthetic_only, seeds=a.seeds,
+                          labels=tuple(labels) if labels else None, recipe=recipe,
+                          generation_seed=a.generation_seed, generation_steps=a.generation_steps,
+                          train_key=a.train_key, test_key=a.test_key, device=a.device, bootstrap=a.bootstrap)
+
+
+def _run_augment(args: argparse.Namespace, log: Any) -> int:
+    import os
+    from pathlib import Path
+
+    from maisi.evaluation.augment.phantoms import make_phantom_sets
+    from maisi.evaluation.augment.run import evaluate_augment
+
+    options = _augment_options(args)  # every option checked before the phantoms are made
+    if args.phantoms:
+        make_phantom_sets(Path(options.train).parent, args.phantoms_train, args.phantoms_test, log=log)
+    report = evaluate_augment(options, log)
+    if os.environ.get("RANK", "0") == "0":
+        print(report.summary)
+        if log:
+            log("report: " + ", ".join(str(p) for p in report.files))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from maisi.evaluation import evaluate
     from maisi.evaluation.errors import OptionError
 
     log = None if getattr(args, "quiet", False) else (lambda m: print(m, flush=True))
     try:
+        if args.metric == "augment":
+            return _run_augment(args, log)
         options = options_from_args(args)
         if args.metric == "train-segmenter":
             seg = evaluate.train_segmenter(options, log)
@@ -129,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         report = evaluate.EVALUATIONS[args.metric](options, log)
     except OptionError as e:  # the library names option fields; the command line shows its flags
-        raise ValueError(e.worded({f: flag(f) for f in e.fields})) from None
+        raise ValueError(e.worded({f: FLAGS.get(f, flag(f.split(".")[-1])) for f in e.fields})) from None
     print(report.summary)
     if log:
         log("report: " + ", ".join(str(p) for p in report.files))

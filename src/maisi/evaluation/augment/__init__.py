@@ -1,0 +1,1 @@
+"""`maisi evaluate augment`: does adding synthetic image–mask pairs to real data help a downstream segmenter?"""
