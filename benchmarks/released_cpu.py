@@ -56,6 +56,7 @@ def run(files: list[Path], size: list[int], spacing: list[float], precision: str
     cmd = [sys.executable, "-m", "maisi", "generate", "--weights", *map(str, files), "--size", *map(str, size),
            "--spacing", *map(str, spacing), "--steps", str(steps), "--precision", precision, "--device", "cpu",
            "--no-quality-check", "--seed", "0", "--out", str(out)]
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -63,7 +64,9 @@ def run(files: list[Path], size: list[int], spacing: list[float], precision: str
     if proc.returncode:
         raise SystemExit(f"maisi generate failed ({precision}):\n{proc.stderr[-3000:]}")
     return {"precision": precision, "wall_s": round(wall, 1),
-            "peak_rss_gib": round(int(peak.group(1)) / 2**20, 2) if peak else None, "command": " ".join(cmd[2:])}
+            "peak_rss_gib": round(int(peak.group(1)) / 2**20, 2) if peak else None, "command": " ".join(cmd[2:]),
+            # other work on the machine stretches the wall time: the 1-minute load average before and after
+            "load_avg_before_after": [round(load, 2), round(os.getloadavg()[0], 2)]}
 
 
 def main() -> None:
