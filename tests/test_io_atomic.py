@@ -13,10 +13,10 @@ from pathlib import Path
 import nibabel
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 from PIL import Image
 
+import maisi.data.prepare
 import maisi.io.checkpoint
 from maisi.config import preset
 from maisi.data.prepare import save_latents
@@ -66,7 +66,7 @@ WRITERS = {
     "record-json": (_record, [(Path, "write_text")], 0),
     "training-checkpoint": (_checkpoint, [(torch, "save")], 1),
     "model-export-safetensors": (_export, [(maisi.io.checkpoint, "save_file")], 1),
-    "latents-safetensors": (_latents, [(safetensors.torch, "save_file")], 1),
+    "latents-safetensors": (_latents, [(maisi.data.prepare, "save_file")], 1),  # where save_latents looks it up
     "preview-png": (_preview, [(Image.Image, "save")], 1),
     "report-png": (_report, [(Image.Image, "save")], 1),
 }
