@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from maisi import __version__
-from maisi.config import ModelConfig, from_dict, to_dict
+from maisi.config import MaskGenConfig, ModelConfig, from_dict, to_dict
 from maisi.io.atomic import atomic_path, atomic_write_text
 from maisi.io.digest import sha256_file
 from maisi.io.jsondata import jsonable
@@ -47,8 +47,6 @@ def _check_component(component: str) -> None:
 def _config_class(component: str) -> type:
     """The config dataclass a checkpoint of `component` stores: ModelConfig, or MaskGenConfig for the mask model."""
     if component in MASK_COMPONENTS:
-        from maisi.maskgen.config import MaskGenConfig  # noqa: PLC0415 (maisi.maskgen imports this module)
-
         return MaskGenConfig
     return ModelConfig
 

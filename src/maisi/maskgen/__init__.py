@@ -1,6 +1,6 @@
 """The mask generation model (REFERENCE §8): new anatomy label maps conditioned on organ and tumour sizes."""
 
-from maisi.maskgen.config import MASK_PRESETS, MaskGenConfig, mask_preset
+from maisi.config import MASK_PRESETS, MaskGenConfig, mask_preset
 from maisi.maskgen.context import (
     ANATOMY_SIZE_NAMES,
     AnatomySizeError,

@@ -10,7 +10,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-from maisi.maskgen.config import BITS, NUM_CLASSES
+from maisi.config import BITS, NUM_CLASSES
 from maisi.networks.controlnet import mask_to_bit_planes
 
 REMAP_FILE = "label_dict_124_to_132.json"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from maisi.config import to_dict
+from maisi.config import MaskGenConfig, mask_preset, to_dict
 from maisi.io.checkpoint import (
     MASK_COMPONENTS,
     load_state_dict_strict,
@@ -16,7 +16,6 @@ from maisi.io.checkpoint import (
     split_released,
 )
 from maisi.io.digest import sha256_file
-from maisi.maskgen.config import MaskGenConfig, mask_preset
 from maisi.maskgen.context import CONDITIONS_FILE
 from maisi.networks import load_pretrained
 from maisi.networks.autoencoder import Autoencoder

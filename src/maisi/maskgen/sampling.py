@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import torch
 
+from maisi.config import CONTEXT_SIZE, MaskGenConfig
 from maisi.diffusion.sampling import make_generators, make_noise, sample
 from maisi.diffusion.schedulers import make_scheduler
-from maisi.maskgen.config import CONTEXT_SIZE, MaskGenConfig
 from maisi.maskgen.encoding import decode_logits
 from maisi.networks.autoencoder import Autoencoder
 from maisi.networks.unet import DiffusionUNet

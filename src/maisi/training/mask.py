@@ -15,13 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maisi.config import from_dict, to_dict
+from maisi.config import MASK_PRESETS, MaskGenConfig, from_dict, mask_preset, to_dict
 from maisi.data.datalist import read_datalist
 from maisi.data.datasets import check_volumes
 from maisi.diffusion.schedulers import make_scheduler
 from maisi.io.atomic import check_output_dir
 from maisi.io.volume import read_volume
-from maisi.maskgen.config import MASK_PRESETS, MaskGenConfig, mask_preset
 from maisi.maskgen.context import CONDITIONS_FILE, CONDITIONS_KEY
 from maisi.maskgen.encoding import encode_label_map, to_class_index
 from maisi.maskgen.networks import MaskModel, build_mask_autoencoder, build_mask_unet, load_mask_model
