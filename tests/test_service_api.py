@@ -123,8 +123,9 @@ BAD = [  # (change to SMALL, or a raw body; status; a piece of the message)
     ({"controllable_anatomy_size": [["liver", 0.5]]}, (400, 422), "mask generation model"),
     ({"controllable_anatomy_size": [["livers", 0.5]]}, 400, "unknown structure (did you mean 'liver'?)"),
     ({"controllable_anatomy_size": [["liver", 2.0]]}, 400, "size must be in [0, 1] or -1"),
-    ({"pre_signed_url": "https://example.org/upload"}, 422, "pre_signed_url is not supported"),
-    ({"local_working_dir": "/data"}, 422, "local_working_dir is not supported"),
+    ({"pre_signed_url": "ftp://example.org/upload"}, 400, "pre_signed_url must be an http:// or https:// URL"),
+    ({"local_working_dir": "/data"}, 422, "local_working_dir is not enabled on this server"),  # no --allow-local-dir
+    ({"local_working_dir": "/data"}, 422, "--allow-local-dir PATH"),
     ({"mask_mapping": {"1": "liver"}}, 400, "mask_mapping needs an uploaded mask"),
 ]
 

@@ -35,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="server restarts a job may survive (it resumes); past that it is marked failed (default 2)")
     p.add_argument("--nim-limits", choices=["auto", "on", "off"], default="auto",
                    help="the NIM's output_size/spacing limits (auto: on for NVIDIA's CT networks)")
+    p.add_argument("--allow-local-dir", action="append", default=[], metavar="PATH",
+                   help="a folder under which a request's local_working_dir may write its outputs (repeatable; "
+                        "default none: the field is refused)")
     p.set_defaults(run=run)
 
 
@@ -47,6 +50,7 @@ def options_from_args(args: argparse.Namespace):
         devices=tuple(args.device), precision=args.precision, queue_size=args.queue_size,
         max_samples=args.max_samples, max_upload_mb=args.max_upload_mb, rate_limit=args.rate_limit,
         max_restarts=args.max_restarts, nim_limits=args.nim_limits,
+        local_dirs=tuple(str(Path(d).absolute()) for d in args.allow_local_dir),
     )
 
 

@@ -38,6 +38,7 @@ from maisi.service.nim import (
     request_to_json,
     to_request,
 )
+from maisi.service.outputs import ForbiddenError, check_delivery, save_delivery
 from maisi.service.workers import Worker, default_devices, result_path
 
 MASK_EXTS = (".nii.gz", ".nii", ".nrrd")  # uploaded masks (a DICOM folder cannot travel as one file)
@@ -182,7 +183,7 @@ def _routes(app: FastAPI) -> None:
     def result(request: Request, job_id: str):
         svc = service(request)
         j = _job(svc, job_id)
-        if j.state != DONE:
+        if not j.has_result:
             raise HTTPException(409, f"job {job_id} is {j.state}, not done" + (f": {j.error}" if j.error else ""))
         return FileResponse(result_path(svc.options, job_id), media_type="application/zip",
                             filename=f"maisi_{job_id}.zip")
@@ -300,7 +301,8 @@ async def _prepare(request: Request, keep: bool = True) -> tuple[str, Generation
         message = str(e).replace(f"{folder / 'inputs'}/", "uploaded ").replace(str(folder), "the job folder")
         if message.startswith("anatomy_size"):  # the library's name for the NIM's field
             message = "controllable_" + message
-        raise HTTPException(422 if isinstance(e, NotSupportedError) else 400, message) from None
+        status = 422 if isinstance(e, NotSupportedError) else 403 if isinstance(e, ForbiddenError) else 400
+        raise HTTPException(status, message) from None
     finally:
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -324,6 +326,9 @@ def _check(svc: Service, job_id: str, payload: RunPayload, mask: UploadFile | No
     req = to_request(payload, max_samples=svc.options.max_samples, nim_limits=svc.nim_limits(),
                      mask=None if mask_path is None else str(mask_path),
                      mask_mapping=None if mapping_path is None else str(mapping_path))
+    delivery = check_delivery(payload.pre_signed_url, payload.local_working_dir, svc.options.local_dirs)
+    if keep:
+        save_delivery(folder, delivery)
     precision = payload.precision or svc.options.precision
     for w in svc.workers:
         compute_dtype(precision, torch.device(w.device))

@@ -27,6 +27,7 @@ class ServeOptions:
     rate_limit: float = 600.0  # requests per minute per client address, health routes excepted; 0: no limit
     max_restarts: int = 2  # a job interrupted by more server restarts than this is marked failed
     nim_limits: str = "auto"  # the NIM's output_size/spacing limits: on, off, auto (on for NVIDIA's CT networks)
+    local_dirs: tuple[str, ...] = ()  # roots a request's local_working_dir may lie under; (): the field is refused
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -48,6 +49,10 @@ class ServeOptions:
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(str(w) for w in self.weights))
         object.__setattr__(self, "devices", tuple(self.devices))
+        object.__setattr__(self, "local_dirs", tuple(str(d) for d in self.local_dirs))
+        for d in self.local_dirs:
+            if not Path(d).is_absolute() or not Path(d).is_dir():
+                raise ValueError(f"local_dirs: {d!r} must be an absolute path to an existing folder")
 
     @property
     def max_upload_bytes(self) -> int:

@@ -14,6 +14,9 @@ from typing import Any
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 ACTIVE = (QUEUED, RUNNING)
 FINAL = (DONE, FAILED, CANCELLED)
+# The message of a job whose samples and zip were made but whose delivery (local_working_dir, pre_signed_url)
+# failed: it is failed, with the reason in `error`, and its result stays downloadable.
+NOT_DELIVERED = "generated, but not delivered (see error); the result zip stays downloadable"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -63,7 +66,12 @@ class Job:
                 "message": self.message, "error": self.error, "restarts": self.restarts,
                 "cancel_requested": self.cancel_requested, "created": self.created, "started": self.started,
                 "finished": self.finished, "precision": self.precision, "request": self.request,
-                "result": f"/v1/jobs/{self.id}/result" if self.state == DONE else None}
+                "result": f"/v1/jobs/{self.id}/result" if self.has_result else None}
+
+    @property
+    def has_result(self) -> bool:
+        """Done, or failed only in its delivery: the result zip is there."""
+        return self.state == DONE or (self.state == FAILED and self.message == NOT_DELIVERED)
 
 
 def _job(row: sqlite3.Row) -> Job:

@@ -111,7 +111,8 @@ def check_nim_grid(size: list[int] | None, spacing: list[float] | None) -> None:
 
 def to_request(p: RunPayload, *, max_samples: int, nim_limits: bool, mask: str | None = None,
                mask_mapping: str | None = None) -> GenerationRequest:
-    """The `GenerationRequest` of a payload; the NIM-level rules are checked here, the model's by `plan`."""
+    """The `GenerationRequest` of a payload; the NIM-level rules are checked here, the model's by `plan`
+    (pre_signed_url and local_working_dir are the service's, checked by `outputs.check_delivery`)."""
     if not 1 <= p.num_output_samples <= max_samples:
         raise ValueError(f"num_output_samples must be in 1..{max_samples} on this server, got {p.num_output_samples}")
     for name, values in (("output_size", p.output_size), ("spacing", p.spacing)):
@@ -126,10 +127,6 @@ def to_request(p: RunPayload, *, max_samples: int, nim_limits: bool, mask: str |
             raise NotSupportedError("controllable_anatomy_size is not supported yet: this maisi's pipeline has no "
                                     "mask generation model wired in; leave it out (masks come from the mask "
                                     "database or your upload)")
-    for name in ("pre_signed_url", "local_working_dir"):
-        if getattr(p, name):
-            raise NotSupportedError(f"{name} is not supported by maisi serve: the response (or "
-                                    f"GET /v1/jobs/{{id}}/result) carries the zip; leave {name} out")
     if p.mask_mapping is not None and mask is None:
         raise ValueError("mask_mapping needs an uploaded mask (multipart field 'mask')")
     return GenerationRequest(

@@ -13,8 +13,9 @@ import torch
 from maisi.io.atomic import atomic_path
 from maisi.pipeline.pipeline import Pipeline
 from maisi.service.config import ServeOptions
-from maisi.service.jobs import CANCELLED, DONE, FAILED, Job, JobStore
+from maisi.service.jobs import CANCELLED, DONE, FAILED, NOT_DELIVERED, Job, JobStore
 from maisi.service.nim import request_from_json
+from maisi.service.outputs import DeliveryError, deliver
 
 RESULT = "result.zip"
 
@@ -145,4 +146,10 @@ class Worker(threading.Thread):
             done.add(k)
             self.store.progress(job.id, len(done) / n, f"{len(done)}/{n} samples written", sorted(done))
         zip_folder(out, result_path(self.options, job.id))
-        self.store.finish(job.id, DONE, f"{n} sample(s) generated")
+        try:  # local_working_dir and pre_signed_url, when the request named them
+            delivered = deliver(self.options.job_dir(job.id), out, result_path(self.options, job.id),
+                                self.options.local_dirs)
+        except DeliveryError as e:
+            self.store.finish(job.id, FAILED, NOT_DELIVERED, str(e))
+            return
+        self.store.finish(job.id, DONE, "; ".join([f"{n} sample(s) generated", *delivered]))
