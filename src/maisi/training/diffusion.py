@@ -93,6 +93,9 @@ def drop_modality(modality: Tensor, samples: Tensor, p: float, seed: int) -> Ten
 
 
 class DiffusionStage:
+    """A UNet on scaled latents: the scheduler's noise and target, an EMA of the weights, polynomial lr decay.
+    The conditions and the loss are the two hooks a stage changes (maisi.training.mask's UNet: the size context)."""
+
     name = "diffusion"
     component = "unet"
 
@@ -103,14 +106,18 @@ class DiffusionStage:
         self.unet = unet.to(world.device)
         self.model = D.wrap(self.unet, world)
         self.ema = EMA(self.unet, opts.ema_decay) if opts.ema_decay > 0 else None
-        self.opt = torch.optim.Adam(self.unet.parameters(), lr=opts.lr)
+        self.opt = torch.optim.Adam(self.unet.parameters(), lr=self.base_lr)
         self.scale_factor = torch.tensor(float(scale_factor))
 
+    @property
+    def base_lr(self) -> float:
+        return self.opts.lr
+
     def modules(self) -> dict[str, nn.Module]:
-        return {"unet": self.unet, **({"ema": self.ema.model} if self.ema else {})}
+        return {self.component: self.unet, **({"ema": self.ema.model} if self.ema else {})}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"unet": self.opt}
+        return {self.component: self.opt}
 
     def extra_state(self) -> dict[str, Any]:
         return {"scale_factor": self.scale_factor}
@@ -123,17 +130,23 @@ class DiffusionStage:
                  "num_train_timesteps": self.config.scheduler.num_train_timesteps}
         return (self.ema.model if self.ema else self.unet), extra
 
+    def conditions(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The UNet's keyword inputs: spacing, regions and the modality (dropped for guidance)."""
+        modality = drop_modality(batch["modality"], batch["sample"], self.opts.modality_dropout, self.seed)
+        return unet_kwargs(self.config.unet, batch, modality)
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        return F.l1_loss(pred, target) if self.opts.loss == "l1" else F.mse_loss(pred, target)
+
     def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
-        o = self.opts
-        set_lr(self.opt, poly_lr(o.lr, step, self.steps, o.lr_power))
+        set_lr(self.opt, poly_lr(self.base_lr, step, self.steps, self.opts.lr_power))
         z = batch["latent"].float() * self.scale_factor.to(self.world.device)
         x_t, t, target = noised(self.scheduler, z, batch["sample"], self.seed)
-        modality = drop_modality(batch["modality"], batch["sample"], o.modality_dropout, self.seed)
+        kwargs = self.conditions(batch)
         self.model.train()
-        with autocast(self.world.device, o.precision):
-            pred = self.model(x_t, t, **unet_kwargs(self.config.unet, batch, modality))
-        pred = pred.float()
-        loss = F.l1_loss(pred, target) if o.loss == "l1" else F.mse_loss(pred, target)
+        with autocast(self.world.device, self.opts.precision):
+            pred = self.model(x_t, t, **kwargs)
+        loss = self.loss(pred.float(), target)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

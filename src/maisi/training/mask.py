@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from maisi.config import MASK_PRESETS, MaskGenConfig, from_dict, mask_preset, to_dict
 from maisi.data.datalist import read_datalist
 from maisi.data.datasets import check_volumes
-from maisi.diffusion.schedulers import make_scheduler
 from maisi.io.atomic import check_output_dir
 from maisi.io.volume import read_volume
 from maisi.maskgen.context import CONDITIONS_FILE, CONDITIONS_KEY
@@ -28,15 +27,13 @@ from maisi.maskgen.sizes import conditions_entries, structure_volumes, write_con
 from maisi.networks.weights import resolve
 from maisi.pipeline.masks import resample_label
 from maisi.training import distributed as D
-from maisi.training.diffusion import EMA, noised
+from maisi.training.diffusion import DiffusionStage
 from maisi.training.loop import (
     EXPORT_DIR,
     LoopOptions,
     SampleDataset,
     autocast,
-    poly_lr,
     prepare_run_dir,
-    set_lr,
     training_loop,
 )
 from maisi.training.losses import kl_loss
@@ -225,53 +222,21 @@ class MaskAutoencoderStage:
         return {"loss": loss.item(), "loss_ce": ce.item(), "loss_kl": kl.item(), "accuracy": accuracy.item()}
 
 
-class MaskDiffusionStage:
-    """The mask UNet on scaled latents: the scheduler's noise and target (DDPM: ε), MSE, the size context."""
+class MaskDiffusionStage(DiffusionStage):
+    """The mask UNet on scaled latents (training.diffusion's stage): DDPM ε target, MSE, the size context."""
 
     name = component = "mask_unet"
 
-    def __init__(self, unet: nn.Module, config: MaskGenConfig, opts: MaskStageOptions, world: D.World, steps: int,
-                 scale_factor: float, seed: int = 0):
-        self.config, self.opts, self.world, self.steps, self.seed = config, opts, world, steps, seed
-        self.scheduler = make_scheduler(config.scheduler, config.unet.spatial_dims)
-        self.unet = unet.to(world.device)
-        self.model = D.wrap(self.unet, world)
-        self.ema = EMA(self.unet, opts.ema_decay) if opts.ema_decay > 0 else None
-        self.opt = torch.optim.Adam(self.unet.parameters(), lr=opts.unet_lr)
-        self.scale_factor = torch.tensor(float(scale_factor))
+    @property
+    def base_lr(self) -> float:
+        return self.opts.unet_lr
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {"mask_unet": self.unet, **({"ema": self.ema.model} if self.ema else {})}
+    def conditions(self, batch: dict[str, Any]) -> dict[str, Any]:
+        context = batch["context"].float()
+        return {"context": context.view(len(context), 1, -1)}
 
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"mask_unet": self.opt}
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"scale_factor": self.scale_factor}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.scale_factor = torch.as_tensor(state["scale_factor"]).cpu().float()
-
-    def export(self) -> tuple[nn.Module, dict[str, Any]]:
-        extra = {"scale_factor": float(self.scale_factor),
-                 "num_train_timesteps": self.config.scheduler.num_train_timesteps}
-        return (self.ema.model if self.ema else self.unet), extra
-
-    def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
-        set_lr(self.opt, poly_lr(self.opts.unet_lr, step, self.steps, self.opts.lr_power))
-        z = batch["latent"].float() * self.scale_factor.to(self.world.device)
-        x_t, t, target = noised(self.scheduler, z, batch["sample"], self.seed)
-        context = batch["context"].float().view(len(z), 1, -1)
-        self.model.train()
-        with autocast(self.world.device, self.opts.precision):
-            pred = self.model(x_t, t, context=context)
-        loss = F.mse_loss(pred.float(), target)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        if self.ema is not None:
-            self.ema.update(self.unet)
-        return {"loss": loss.item(), "lr": self.opt.param_groups[0]["lr"]}
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(pred, target)
 
 
 # ---------------------------------------------------------------------------------------------
