@@ -120,7 +120,7 @@ def test_a_volume_write_killed_by_sigkill_leaves_the_previous_volume(tmp_path):
         nibabel.save = dies
         write_volume(sys.argv[1], np.full((4, 4, 4), 2, np.int16), np.eye(4))
     """)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", script, str(target)], env=env, capture_output=True, timeout=120)
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()
     np.testing.assert_array_equal(read_volume(target).array, np.full((4, 4, 4), 1))

@@ -19,7 +19,7 @@ from maisi.maskgen.context import CONDITIONS_FILE, complete_context, load_condit
 from maisi.maskgen.sizes import conditions_entries, measure_sizes, percentile_sizes, structure_volumes
 from maisi.pipeline import pipeline as P
 from maisi.pipeline.pipeline import Pipeline
-from test_pipeline_generate import req, save_tiny_model
+from pipeline_support import req, save_tiny_model
 
 SIZES = (("liver", 0.7), ("pancreatic tumor", 0.3))
 FAST_MASK = dict(mask_steps=3, body_region=())  # the region comes from the generated mask

@@ -15,8 +15,8 @@ import pytest
 from maisi.cli import build_parser
 from maisi.cli.serve import options_from_args
 from maisi.service.config import ServeOptions
-from test_pipeline_generate import save_tiny_model
-from test_service_support import SMALL, ThreadServer, options, zip_names
+from pipeline_support import save_tiny_model
+from service_support import SMALL, ThreadServer, options, zip_names
 
 PAIR = {"sample_seed0_image.nii.gz", "sample_seed0_label.nii.gz"}
 

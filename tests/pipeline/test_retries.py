@@ -24,7 +24,7 @@ from maisi.pipeline.validation import (
     attempt_seed,
     check_numbers,
 )
-from test_pipeline_generate import FAST, save_tiny_model
+from pipeline_support import FAST, save_tiny_model
 
 
 def req(**change) -> GenerationRequest:

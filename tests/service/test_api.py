@@ -19,8 +19,8 @@ from maisi.io.volume import read_volume
 from maisi.labels import label_id
 from maisi.service.config import ServeOptions
 from maisi.service.guard import Guard
-from test_pipeline_generate import save_tiny_model
-from test_service_support import SMALL, ThreadServer, options, zip_names
+from pipeline_support import save_tiny_model
+from service_support import SMALL, ThreadServer, options, zip_names
 
 TOKEN = "s3cret-token"
 LIVER = label_id("liver")

@@ -19,12 +19,12 @@ import pytest
 
 from maisi.data.preview import label_colours
 from maisi.labels import label_id
-from test_pipeline_generate import save_tiny_model
-from test_service_support import SMALL, ThreadServer, options
+from pipeline_support import save_tiny_model
+from service_support import SMALL, ThreadServer, options
 
 TOKEN = "web-token"
-VENDOR = Path(__file__).resolve().parents[1] / "src" / "maisi" / "service" / "web" / "vendor"
-DOCS_SHOT = Path(__file__).resolve().parents[1] / "docs" / "serve_viewer.png"
+VENDOR = Path(__file__).resolve().parents[2] / "src" / "maisi" / "service" / "web" / "vendor"
+DOCS_SHOT = Path(__file__).resolve().parents[2] / "docs" / "serve_viewer.png"
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,13 @@ released database), tumour inpainting."""
 from __future__ import annotations
 
 import json
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from maisi.io.volume import affine_from_spacing, spacing_from_affine, write_volume
 from maisi.pipeline import masks as M
+from pipeline_support import RELEASED, block_label, make_released_db
 
 
 def _blocks(shape=(20, 20, 20)) -> np.ndarray:
@@ -115,49 +114,6 @@ def test_insert_tumour_inside_host():
         M.insert_tumor(lab, 24, (2.0, 2.0, 2.0), np.random.default_rng(0))
 
 
-RELEASED = "flexible_size_and_spacing_4000"
-
-
-def _label(n: int, ids: tuple[int, ...], centred: bool = False) -> np.ndarray:
-    """An n³ body (200) holding one block per id, side by side along x (or one block at the centre)."""
-    lab = np.zeros((n,) * 3, np.uint8)
-    lab[n // 10:-(n // 10)] = 200
-    for j, i in enumerate(ids):
-        x = slice(n * 2 // 5, n * 3 // 5) if centred else slice(n * (3 + 6 * j) // 20, n * (6 + 6 * j) // 20)
-        lab[x, n * 2 // 5:n * 3 // 5, n * 2 // 5:n * 3 // 5] = i
-    return lab
-
-
-def make_released_db(root: Path, zipped: bool = True) -> Path:
-    """A tiny database in NVIDIA's format (datasets/candidate_masks_<name>.json + all_masks_<name>.zip whose
-    members sit under all_masks_<name>/, as scripts/find_masks.py extracts and reads them); returns datasets/."""
-    specs = [  # name, voxels per axis, spacing (mm), top and bottom region, organ ids
-        ("a", 32, 8.0, 1, 2, (1, 28)),  # chest to abdomen, 256 mm
-        ("b", 16, 8.0, 2, 2, (1,)),  # abdomen, 128 mm, the requested spacing
-        ("c", 32, 8.0, 2, 2, (1, 26)),  # abdomen with a hepatic tumour, 256 mm
-        ("d", 64, 4.0, 2, 2, (1,)),  # abdomen, 256 mm, finer
-        ("e", 32, 8.0, 1, 1, (28,)),  # chest only
-    ]
-    datasets, folder = root / "datasets", f"all_masks_{RELEASED}"
-    (datasets / "tmp").mkdir(parents=True)
-    entries = []
-    with zipfile.ZipFile(datasets / f"{folder}.zip", "w") as zf:
-        for name, n, sp, top, bottom, ids in specs:
-            tmp = datasets / "tmp" / f"{name}.nii.gz"
-            write_volume(tmp, _label(n, ids), affine_from_spacing(sp), np.uint8)
-            zf.write(tmp, f"{folder}/{name}/pseudo_label.nii.gz")
-            entries.append({"pseudo_label_filename": f"{name}/pseudo_label.nii.gz", "label_list": sorted({*ids, 200}),
-                            "dim": [n] * 3, "spacing": [sp] * 3,
-                            "top_region_index": [int(i == top) for i in range(4)],
-                            "bottom_region_index": [int(i == bottom) for i in range(4)]})
-    (datasets / f"candidate_masks_{RELEASED}.json").write_text(json.dumps(entries))
-    if not zipped:
-        with zipfile.ZipFile(datasets / f"{folder}.zip") as zf:
-            zf.extractall(datasets)
-        (datasets / f"{folder}.zip").unlink()
-    return datasets
-
-
 def test_released_ranking_follows_the_reference(tmp_path):
     """scripts/find_masks.py + LDMSampler.find_closest_masks: the regions inside the mask's span, every organ, no
     tumour not asked for, then Σ |fov − FOV|/10 + |dim − size|/100 + |spacing − s| (field of view dominates)."""
@@ -204,7 +160,7 @@ def test_released_database_zip_extracted_once_into_the_cache(tmp_path, monkeypat
 def test_database_skips_masks_that_lose_the_anatomy_when_resampled(tmp_path):
     """A small field of view around the centre keeps the centred liver only (the reference skips the others)."""
     for name, centred in (("a_side.nii.gz", False), ("b_centre.nii.gz", True)):
-        write_volume(tmp_path / name, _label(32, (1,), centred), affine_from_spacing(8.0), np.uint8)
+        write_volume(tmp_path / name, block_label(32, (1,), centred), affine_from_spacing(8.0), np.uint8)
     M.write_index(tmp_path, [M.Entry(n, (32,) * 3, (8.0,) * 3, 2, 2, frozenset({1, 200}))
                              for n in ("a_side.nii.gz", "b_centre.nii.gz")])
     for attempt in range(2):

@@ -14,55 +14,13 @@ import pytest
 import torch
 
 from maisi.cli import main
-from maisi.config import preset
-from maisi.io.checkpoint import save_pretrained
 from maisi.io.formats import read_label
 from maisi.io.hub import MissingFilesError
 from maisi.io.volume import read_volume
-from maisi.networks import build
-from maisi.networks.controlnet import ControlNet
 from maisi.pipeline import masks as M
 from maisi.pipeline.masks import phantom_database
 from maisi.pipeline.pipeline import Pipeline, shard
-from maisi.pipeline.validation import GenerationRequest
-from test_pipeline_masks import RELEASED, make_released_db
-
-FAST = dict(size=(32, 32, 32), spacing=(8.0, 8.0, 8.0), steps=1, quality_check=False, body_region=("chest",))
-
-
-def req(**change) -> GenerationRequest:
-    return GenerationRequest(**{**FAST, **change})
-
-
-def tiny_networks(seed: int = 0) -> dict[str, torch.nn.Module]:
-    """Tiny random networks whose zero-initialised layers (UNet output, ControlNet zero convs, residual convs)
-    are randomised too, so that every output depends on the noise, the timestep and the mask."""
-    cfg = preset("tiny")
-    torch.manual_seed(seed)
-    unet = build("unet", cfg)
-    nets = {"autoencoder": build("autoencoder", cfg), "unet": unet,
-            "controlnet": ControlNet.from_unet(unet, cfg.controlnet)}
-    with torch.no_grad():
-        for net in nets.values():
-            for p in net.parameters():
-                if not p.any():
-                    torch.nn.init.normal_(p, std=0.05)
-    return nets
-
-
-def save_tiny_model(folder: Path, released: bool = False) -> list[Path]:
-    """The tiny networks as a project model folder, or as NVIDIA's three .pt files (released layouts)."""
-    nets, cfg = tiny_networks(), preset("tiny")
-    if not released:
-        save_pretrained(folder / "autoencoder", nets["autoencoder"], cfg, "autoencoder")
-        save_pretrained(folder / "unet", nets["unet"], cfg, "unet", extra={"scale_factor": 1.0})
-        save_pretrained(folder / "controlnet", nets["controlnet"], cfg, "controlnet")
-        return [folder]
-    files = [folder / "autoencoder_v1.pt", folder / "diff_unet_3d_rflow-ct.pt", folder / "controlnet_3d_rflow-ct.pt"]
-    torch.save(nets["autoencoder"].state_dict(), files[0])
-    torch.save({"unet_state_dict": nets["unet"].state_dict(), "scale_factor": torch.tensor(1.0)}, files[1])
-    torch.save({"controlnet_state_dict": nets["controlnet"].state_dict()}, files[2])
-    return files
+from pipeline_support import RELEASED, make_released_db, req, save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +149,7 @@ def test_torchrun_two_processes_match_one(model_dir, database, tmp_path):
     common = ["-m", "maisi", "generate", "--weights", str(model_dir), "--size", "32", "--spacing", "8",
               "--steps", "2", "--num-samples", "3", "--mask-database", str(database), "--no-quality-check",
               "--no-progress", "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src"), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], check=True, env=env)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
                     *common, "--out", str(tmp_path / "two")], check=True, env=env)

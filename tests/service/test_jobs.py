@@ -13,8 +13,8 @@ import pytest
 
 from maisi.service.app import lock_work_dir
 from maisi.service.jobs import CANCELLED, FAILED, QUEUED, RUNNING, JobStore, QueueFullError
-from test_pipeline_generate import save_tiny_model
-from test_service_support import SMALL, ProcessServer, ThreadServer, options, zip_names
+from pipeline_support import save_tiny_model
+from service_support import SMALL, ProcessServer, ThreadServer, options, zip_names
 
 FINAL = ("done", "failed", "cancelled")
 
