@@ -1,4 +1,5 @@
-"""Label conversion into the MAISI vocabulary: by id, by name, TotalSegmentator names, unmapped labels."""
+"""Label conversion into the MAISI vocabulary (by id, by name, TotalSegmentator names, unmapped labels) and
+resampling of label maps onto another grid."""
 
 import json
 
@@ -6,9 +7,9 @@ import numpy as np
 import pytest
 
 from maisi.cli import main
-from maisi.data.labelmap import convert_labels, load_mapping, match_name
+from maisi.data.labelmap import convert_labels, load_mapping, match_name, resample_label
 from maisi.data.phantom import make_phantom
-from maisi.io.volume import read_volume, write_volume
+from maisi.io.volume import affine_from_spacing, read_volume, spacing_from_affine, write_volume
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -65,3 +66,33 @@ def test_prepare_converts_a_foreign_label_map(tmp_path):
     assert rc == 1
     report = json.loads((tmp_path / "out2" / "prepare_report.json").read_text())
     assert "99" in report["failed"]["s"]
+
+def _blocks(shape=(20, 20, 20)) -> np.ndarray:
+    lab = np.zeros(shape, np.uint8)
+    lab[4:16, 4:16, 4:16] = 1  # liver
+    lab[8:12, 8:12, 8:12] = 26  # hepatic tumour inside
+    lab[2:5, 14:18, 6:10] = 14  # left kidney
+    return lab
+
+
+def test_resample_keeps_ids_and_physical_extent():
+    lab = _blocks()
+    aff = affine_from_spacing(2.0, lab.shape)
+    out, out_aff = resample_label(lab, aff, (40, 40, 40), (1.0, 1.0, 1.0))
+    assert set(np.unique(out)) == set(np.unique(lab)) and out.dtype == np.uint8
+    assert spacing_from_affine(out_aff) == (1.0, 1.0, 1.0)
+    # the liver block is 12 voxels of 2 mm = 24 mm: 24 voxels of 1 mm on the new grid
+    assert (out == 1).any(axis=(1, 2)).sum() + (out == 26).any(axis=(1, 2)).sum() >= 24
+    assert np.count_nonzero(out == 1) + np.count_nonzero(out == 26) == pytest.approx(8 * 12**3, rel=0.02)
+    # same grid: the identity
+    same, _ = resample_label(lab, aff, lab.shape, (2.0, 2.0, 2.0))
+    np.testing.assert_array_equal(same, lab)
+
+
+def test_resample_centred_on_source():
+    lab = _blocks()
+    aff = affine_from_spacing(2.0, lab.shape)
+    _, out_aff = resample_label(lab, aff, (10, 10, 10), (4.0, 4.0, 4.0))
+    centre_in = aff @ np.array([9.5, 9.5, 9.5, 1.0])
+    centre_out = out_aff @ np.array([4.5, 4.5, 4.5, 1.0])
+    np.testing.assert_allclose(centre_in, centre_out)

@@ -13,7 +13,7 @@ from maisi.cli import main
 from maisi.config import ModelConfig, UNetConfig, preset
 from maisi.data.phantom import make_phantom, write_phantom
 from maisi.data.prepare import PrepareConfig, resample
-from maisi.io import hub
+from maisi.io import checkpoint, hub
 from maisi.io.checkpoint import save_pretrained
 from maisi.io.digest import sha256_file
 from maisi.networks import build, weights
@@ -306,3 +306,24 @@ def test_cli_errors_name_the_spec(root, tmp_path, capsys):
     assert "no VAE weights there" in capsys.readouterr().err
     assert main(["evaluate", "reconstruction", "--vae", "rflow-cx", "--data", str(tmp_path / "data")]) == 2
     assert "no VAE checkpoint at rflow-cx; did you mean" in capsys.readouterr().err
+
+
+def test_each_config_json_is_read_once_per_load(tmp_path, monkeypatch):
+    """Resolving a model folder reads each checkpoint's config.json; loading reuses that reading."""
+    folder = tmp_path / "model"
+    for component in ("autoencoder", "unet", "controlnet"):
+        net = _randomised(build(component, TINY) if component != "controlnet" else
+                          ControlNet.from_unet(build("unet", TINY), TINY.controlnet), 0)
+        save_pretrained(folder / component, net, TINY, component, extra={"scale_factor": SCALE})
+    reads: list[Path] = []
+    real = checkpoint.read_pretrained_config
+
+    def counting(path):
+        reads.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(weights, "read_pretrained_config", counting)
+    monkeypatch.setattr("maisi.networks.read_pretrained_config", counting)
+    nets = load_networks(folder)
+    assert nets.controlnet is not None
+    assert sorted(p.name for p in reads) == ["autoencoder", "controlnet", "unet"]

@@ -269,3 +269,22 @@ def test_decode_plan_follows_the_budget_and_is_logged_and_recorded(pipe, databas
     assert np.abs(streamed.image.astype(int) - plain.image.astype(int)).max() <= 1  # HU, int16 rounding
     with pytest.raises(ValueError, match="needs at least"):
         pipe.generate(replace(base, memory_gb=1e-6))
+
+
+def test_on_step_reports_each_sampling_step_and_can_stop_the_job(model_dir, database, tmp_path):
+    steps: list[tuple[int, int]] = []
+    pipe = Pipeline.from_pretrained(model_dir, device="cpu", progress=False, on_step=lambda *a: steps.append(a))
+    pipe.generate(req(mask_database=str(database), steps=3, num_samples=2))
+    assert steps == [(1, 3), (2, 3), (3, 3)] * 2  # one sample per batch: each counts its own steps
+
+    class Stop(Exception):
+        pass
+
+    def stop(done: int, total: int) -> None:
+        if done == 2:
+            raise Stop
+
+    pipe.on_step = stop
+    with pytest.raises(Stop):
+        pipe.generate(req(mask_database=str(database), steps=3), out=tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*_image.nii.gz"))  # stopped between steps: nothing written

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from maisi.data.labelmap import ensure_body
 from maisi.io.volume import affine_from_spacing, spacing_from_affine, write_volume
 from maisi.pipeline import masks as M
 from pipeline_support import RELEASED, block_label, make_released_db
@@ -21,29 +22,6 @@ def _blocks(shape=(20, 20, 20)) -> np.ndarray:
     return lab
 
 
-def test_resample_keeps_ids_and_physical_extent():
-    lab = _blocks()
-    aff = affine_from_spacing(2.0, lab.shape)
-    out, out_aff = M.resample_label(lab, aff, (40, 40, 40), (1.0, 1.0, 1.0))
-    assert set(np.unique(out)) == set(np.unique(lab)) and out.dtype == np.uint8
-    assert spacing_from_affine(out_aff) == (1.0, 1.0, 1.0)
-    # the liver block is 12 voxels of 2 mm = 24 mm: 24 voxels of 1 mm on the new grid
-    assert (out == 1).any(axis=(1, 2)).sum() + (out == 26).any(axis=(1, 2)).sum() >= 24
-    assert np.count_nonzero(out == 1) + np.count_nonzero(out == 26) == pytest.approx(8 * 12**3, rel=0.02)
-    # same grid: the identity
-    same, _ = M.resample_label(lab, aff, lab.shape, (2.0, 2.0, 2.0))
-    np.testing.assert_array_equal(same, lab)
-
-
-def test_resample_centred_on_source():
-    lab = _blocks()
-    aff = affine_from_spacing(2.0, lab.shape)
-    _, out_aff = M.resample_label(lab, aff, (10, 10, 10), (4.0, 4.0, 4.0))
-    centre_in = aff @ np.array([9.5, 9.5, 9.5, 1.0])
-    centre_out = out_aff @ np.array([4.5, 4.5, 4.5, 1.0])
-    np.testing.assert_allclose(centre_in, centre_out)
-
-
 def test_user_mask_without_body_gets_one(tmp_path):
     lab = np.zeros((24, 24, 24), np.uint8)
     lab[4:20, 4:20, 2:22] = 63  # a ring of "rib" around ...
@@ -54,7 +32,7 @@ def test_user_mask_without_body_gets_one(tmp_path):
     assert info["body_added"] is True
     assert label[7, 7, 10] == 200  # the gap inside the ring is body
     assert label[0, 0, 0] == 0 and label[12, 12, 10] == 1 and label[4, 10, 10] == 63
-    with_body, added = M.ensure_body(label)
+    with_body, added = ensure_body(label)
     assert not added and np.array_equal(with_body, label)
 
 

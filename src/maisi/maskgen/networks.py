@@ -96,7 +96,7 @@ def load_mask_model(sources: WeightSources, preset: str | None = None,
     for comp in MASK_COMPONENTS:
         src = sources.components[comp]
         if src.format == "maisi":
-            nets[comp], configs[comp], extras[comp] = load_pretrained(src.path, map_location=device)
+            nets[comp], configs[comp], extras[comp] = load_pretrained(src.path, map_location=device, saved=src.saved)
             digest = src.sha256
         else:
             configs[comp] = mask_preset(preset or "mask-ct")

@@ -45,11 +45,14 @@ def build(component: str, config: ModelConfig) -> nn.Module:
 
 
 def load_pretrained(
-    folder: str | Path, map_location: str | torch.device = "cpu", verify_hash: bool = True
+    folder: str | Path, map_location: str | torch.device = "cpu", verify_hash: bool = True,
+    saved: tuple[str, Any, dict[str, Any], dict[str, Any]] | None = None,
 ) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
-    """Build the model a project checkpoint folder describes and load its weights strictly."""
+    """Build the model a project checkpoint folder describes and load its weights strictly. `saved`: what
+    `read_pretrained_config(folder)` returned when the caller already read it (its config.json is then not
+    read again)."""
     folder = Path(folder)
-    component, config, extra, meta = read_pretrained_config(folder)
+    component, config, extra, meta = saved or read_pretrained_config(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{folder}: missing {WEIGHTS_FILE}")

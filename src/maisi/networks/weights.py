@@ -67,6 +67,8 @@ class Source:
     config: ModelConfig | None = None  # maisi: the config saved beside the weights (None for the mask model's)
     sha256: str = ""  # maisi: as config.json records it (released files are hashed when loaded)
     presets: tuple[str, ...] = ()  # released: the presets whose architecture the file has, from its name
+    # maisi: read_pretrained_config's answer, kept so that loading does not read config.json a second time
+    saved: tuple[str, Any, dict[str, Any], dict[str, Any]] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,7 @@ def load_component(spec: Spec, component: str, config: ModelConfig | str | Path 
     src = sources.components[component]
     cfg = sources.config(config)
     if src.format == "maisi":
-        model, _, extra = load_pretrained(src.path, map_location=device)
+        model, _, extra = load_pretrained(src.path, map_location=device, saved=src.saved)
         digest = src.sha256
     else:
         model, extra = load_released(src.path, component, cfg, map_location=device)
@@ -260,9 +262,10 @@ def _is_checkpoint(folder: Path) -> bool:
 
 
 def _checkpoint(folder: Path) -> tuple[str, Source]:
-    component, config, _, meta = read_pretrained_config(folder)
+    saved = read_pretrained_config(folder)
+    component, config, _, meta = saved
     own = None if component in MASK_COMPONENTS else config  # the mask model's MaskGenConfig is not shared
-    return component, Source(folder, "maisi", own, meta.get("weights_sha256") or "")
+    return component, Source(folder, "maisi", own, meta.get("weights_sha256") or "", saved=saved)
 
 
 def _add(found: dict[str, Source], component: str, src: Source, where: str) -> None:

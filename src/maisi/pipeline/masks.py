@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from maisi.data.labelmap import convert_labels, load_mapping
+from maisi.data.labelmap import convert_labels, ensure_body, load_mapping, resample_label
 from maisi.data.phantom import make_phantom
 from maisi.data.regions import span_name
 from maisi.io.atomic import atomic_path, atomic_write_text
 from maisi.io.hub import MissingFilesError, local_set, maisi_cache_dir, released_set
-from maisi.io.volume import affine_from_spacing, read_volume, write_volume
+from maisi.io.volume import read_volume, write_volume
 from maisi.labels import BODY, REGIONS, TUMOR_HOSTS, id_to_name, label_name
 
 INDEX_FILE = "index.json"
@@ -38,58 +38,6 @@ class Mask:
     label: np.ndarray  # uint8 X×Y×Z
     affine: np.ndarray
     source: dict  # JSON-ready description (file, database entry, phantom seed, ...)
-
-
-# ---------------------------------------------------------------------------------------------
-# Geometry
-# ---------------------------------------------------------------------------------------------
-
-
-def centred_affine(label_affine: np.ndarray, label_shape: Sequence[int], size: Sequence[int],
-                   spacing: Sequence[float]) -> np.ndarray:
-    """An axis-aligned RAS affine of `size`×`spacing` whose centre is the centre of the source grid."""
-    centre = np.asarray(label_affine) @ np.append((np.asarray(label_shape[:3]) - 1) / 2, 1.0)
-    return affine_from_spacing(spacing, origin=centre[:3] - (np.asarray(size) - 1) / 2 * np.asarray(spacing))
-
-
-def resample_label(label: np.ndarray, affine: np.ndarray, size: Sequence[int], spacing: Sequence[float],
-                   out_affine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest-neighbour resampling of a label map onto a `size` grid of `spacing` mm (centred on the
-    source unless `out_affine` is given); ids are kept, voxels outside the source become background."""
-    size = tuple(int(s) for s in size)
-    out_affine = centred_affine(affine, label.shape, size, spacing) if out_affine is None else out_affine
-    # voxel of the output -> voxel of the source
-    m = np.linalg.inv(np.asarray(affine, np.float64)) @ np.asarray(out_affine, np.float64)
-    if np.allclose(m, np.eye(4)) and tuple(label.shape) == size:
-        return np.asarray(label, np.uint8).copy(), out_affine
-    out = ndimage.affine_transform(np.asarray(label, np.uint8), m[:3, :3], m[:3, 3], output_shape=size,
-                                   order=0, mode="constant", cval=0)
-    return out, out_affine
-
-
-def body_envelope(label: np.ndarray, closing_voxels: int = 2) -> np.ndarray:
-    """A body envelope from a label map without CT: the labelled voxels, closed and with holes filled."""
-    fg = np.asarray(label) > 0
-    if not fg.any():
-        return fg
-    st = ndimage.generate_binary_structure(3, 1)
-    padded = np.pad(fg, closing_voxels)
-    closed = ndimage.binary_closing(padded, st, iterations=closing_voxels)
-    closed = closed[tuple(slice(closing_voxels, -closing_voxels) for _ in range(3))]
-    filled = ndimage.binary_fill_holes(closed)
-    for k in range(filled.shape[2]):  # also fill each axial slice (bodies are open at the ends)
-        filled[:, :, k] = ndimage.binary_fill_holes(filled[:, :, k])
-    return filled | fg
-
-
-def ensure_body(label: np.ndarray) -> tuple[np.ndarray, bool]:
-    """The label map with background inside the body envelope set to 200 when no body label is present."""
-    label = np.asarray(label, np.uint8)
-    if (label == BODY).any() or not label.any():
-        return label, False
-    out = label.copy()
-    out[(out == 0) & body_envelope(label)] = BODY
-    return out, True
 
 
 # ---------------------------------------------------------------------------------------------

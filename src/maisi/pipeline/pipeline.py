@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from maisi.data.labelmap import resample_label
 from maisi.data.preview import save_preview
 from maisi.diffusion.guidance import ClassifierFreeGuidance, ConditionedDenoiser
 from maisi.diffusion.sampling import make_generators, make_noise, sample
@@ -79,8 +80,12 @@ def world_from_env() -> tuple[int, int]:
 class Pipeline:
     """`Pipeline.from_pretrained(weights)` then `pipe.generate(GenerationRequest(...), out=folder)`."""
 
-    def __init__(self, networks: Networks, device: str = "cpu", progress: bool = True, precision: str = "fp32") -> None:
+    def __init__(self, networks: Networks, device: str = "cpu", progress: bool = True, precision: str = "fp32",
+                 on_step: Callable[[int, int], None] | None = None) -> None:
+        """`on_step(done, total)` is called after each sampling step (a service's progress; it may raise to stop
+        the job between steps); `progress` shows tqdm bars."""
         self.nets = networks
+        self.on_step = on_step
         self.config = networks.config
         self.device = torch.device(device)
         self.progress = progress
@@ -93,14 +98,15 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, weights: str | Path | Sequence[str | Path] | None = None, config: str | None = None,
-                        device: str | None = None, progress: bool = True, precision: str = "fp32") -> Pipeline:
+                        device: str | None = None, progress: bool = True, precision: str = "fp32",
+                        on_step: Callable[[int, int], None] | None = None) -> Pipeline:
         """weights: None (the shipped demo model), a model folder, or NVIDIA's files (.pt).
         precision: fp32 (default), bf16 (CPUs with AVX-512 BF16 or AMX, GPUs) or fp16 (GPU only)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
         compute_dtype(precision, torch.device(device))  # a bad precision fails before the weights load
-        return cls(load_networks(weights, config, device), device, progress, precision)
+        return cls(load_networks(weights, config, device), device, progress, precision, on_step)
 
     # -----------------------------------------------------------------------------------------
     # Planning: every default resolved and every rule checked before any compute
@@ -136,7 +142,7 @@ class Pipeline:
             missing = [i for i in anatomy if not (label == i).any()]
             if missing:
                 raise ValueError(f"the mask {request.mask} lacks the requested anatomy ids {missing}")
-            user = M.Mask(*M.resample_label(label, affine, size, spacing), info)
+            user = M.Mask(*resample_label(label, affine, size, spacing), info)
         warnings = check_geometry(size, spacing, regions or (1, 1), rules_for(cfg))
         steps = request.steps or cfg.scheduler.num_inference_steps
         guidance = cfg.guidance_scale if request.guidance is None else float(request.guidance)
@@ -242,7 +248,7 @@ class Pipeline:
         label = postprocess_mask(raw[0, 0].cpu().numpy(), target_tumor(sc.context, sc.requested))
         grid = (model.config.spacing_mm,) * 3
         measured = measure_sizes(label, grid, sc.reference_volumes)
-        label, affine = M.resample_label(label, affine_from_spacing(grid, label.shape), plan.size, plan.spacing)
+        label, affine = resample_label(label, affine_from_spacing(grid, label.shape), plan.size, plan.spacing)
         sizes = {"requested": sc.requested, "completed": list(sc.context), "measured": measured,
                  "conditions": sc.conditions}
         return M.Mask(label, affine, {"kind": "generated", "seed": mask_seed, "sampler": sc.sampler, "steps": sc.steps,
@@ -293,10 +299,18 @@ class Pipeline:
         if masks and masks[0] is not None:
             mask = torch.stack([torch.from_numpy(m.label.astype(np.int64)) for m in masks])[:, None].to(self.device)
         den = self._denoiser(plan, self._conditions(plan, len(seeds), regions), mask)
-        bar = self._bar(len(scheduler.timesteps), f"sampling {len(seeds)} sample(s){desc}")
-        z = sample(den, scheduler, noise, generator=gens, callback=lambda *a: bar.update(1))
-        bar.close()
-        return z
+        total = len(scheduler.timesteps)
+        bar = tqdm(total=total, desc=f"sampling {len(seeds)} sample(s){desc}", disable=not self.progress, leave=False)
+
+        def step(i: int, t: float, x: torch.Tensor) -> None:
+            bar.update(1)
+            if self.on_step is not None:
+                self.on_step(i + 1, total)
+
+        try:
+            return sample(den, scheduler, noise, generator=gens, callback=step)
+        finally:
+            bar.close()
 
     def decode_plan(self, plan: Plan) -> MemoryPlan:
         """How one sample of `plan` will be decoded within `request.memory_gb` (networks.memory)."""
@@ -312,9 +326,6 @@ class Pipeline:
                                                     plan=memory)
             out.append(x[0, 0].float().cpu().numpy())
         return np.stack(out)
-
-    def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
 
     def _bar_iter(self, it, desc: str):
         return tqdm(it, desc=desc, disable=not self.progress or len(it) < 2, leave=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import traceback
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,29 +21,6 @@ RESULT = "result.zip"
 
 class Interrupted(Exception):
     """Raised between sampling steps when the job is cancelled or the server stops."""
-
-
-class _Steps:
-    """Stands in for the pipeline's progress bar: counts sampling steps and calls `tick` on each."""
-
-    def __init__(self, total: int, tick: Callable[[int, int], None]) -> None:
-        self.total, self.n, self.tick = total, 0, tick
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        self.tick(self.n, self.total)
-
-    def close(self) -> None:
-        pass
-
-
-class ServicePipeline(Pipeline):
-    """A Pipeline whose sampling progress goes to `on_step(done, total)` (which may raise `Interrupted`)."""
-
-    on_step: Callable[[int, int], None] = staticmethod(lambda done, total: None)
-
-    def _bar(self, total: int, desc: str):
-        return _Steps(total, self.on_step)
 
 
 def default_devices() -> tuple[str, ...]:
@@ -74,13 +50,13 @@ class Worker(threading.Thread):
         self.stopping = threading.Event()
         self.ready = threading.Event()
         self.load_error: str | None = None
-        self.pipes: dict[str, ServicePipeline] = {}
+        self.pipes: dict[str, Pipeline] = {}
 
-    def pipeline(self, precision: str) -> ServicePipeline:
+    def pipeline(self, precision: str) -> Pipeline:
         """The networks in `precision`, loaded once; one precision is kept at a time (memory)."""
         if precision not in self.pipes:
             self.pipes = {}  # a new dict, not a cleared one: the request threads may be reading the old one
-            pipe = ServicePipeline.from_pretrained(self.options.weights, self.options.config, self.device,
+            pipe = Pipeline.from_pretrained(self.options.weights, self.options.config, self.device,
                                                    progress=False, precision=precision)
             self.pipes = {precision: pipe}
         return self.pipes[precision]

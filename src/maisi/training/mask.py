@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from maisi.config import MASK_PRESETS, MaskGenConfig, from_dict, mask_preset, to_dict
 from maisi.data.datalist import read_datalist
 from maisi.data.datasets import check_volumes
+from maisi.data.labelmap import resample_label
 from maisi.io.atomic import check_output_dir
 from maisi.io.volume import read_volume
 from maisi.maskgen.context import CONDITIONS_FILE, CONDITIONS_KEY
@@ -25,7 +26,6 @@ from maisi.maskgen.encoding import encode_label_map, to_class_index
 from maisi.maskgen.networks import MaskModel, build_mask_autoencoder, build_mask_unet, load_mask_model
 from maisi.maskgen.sizes import conditions_entries, structure_volumes, write_conditions
 from maisi.networks.weights import resolve
-from maisi.pipeline.masks import resample_label
 from maisi.training import distributed as D
 from maisi.training.diffusion import DiffusionStage
 from maisi.training.loop import (
