@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0:
         for w in plan.warnings:
             print(f"maisi generate: warning: {w}", file=sys.stderr)
-    samples = pipe.generate(request, out=args.out, plan=plan, on_event=lambda line: print(line, flush=True))  # one line per retry
+    samples = pipe.generate(request, out=args.out, rank=rank, world_size=world, plan=plan,
+                            on_event=lambda line: print(line, flush=True))  # one line per retry
     for s in samples:
         q = s.record["quality"].get("passed")
         status = {True: "quality check passed", False: "quality check FAILED (see record)", None: "no quality check"}[q]

@@ -12,17 +12,22 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The compute dtype of a precision name; ValueError for unknown names or fp16 on a CPU."""
+    """The compute dtype of a precision name; ValueError for unknown names or fp16 on a CPU (see `warn_if_slow`)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("fp16 is for GPUs (PyTorch's CPU fp16 convolutions are slow or missing); "
                          "on a CPU use bf16 or fp32")
-    if precision == "bf16" and device.type == "cpu" and not native_cpu_bf16():
+    return PRECISIONS[precision]
+
+
+def warn_if_slow(dtype: torch.dtype, device: torch.device) -> None:
+    """A SlowPrecisionWarning for bf16 on a CPU without native bf16 (the code that will run in `dtype` calls this
+    once; checking a precision name with `compute_dtype` does not warn)."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and not native_cpu_bf16():
         warnings.warn(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16: PyTorch's bf16 3D "
                       "convolutions run hundreds of times slower than fp32 here; use fp32", SlowPrecisionWarning,
-                      stacklevel=2)
-    return PRECISIONS[precision]
+                      stacklevel=3)
 
 
 class SlowPrecisionWarning(UserWarning):

@@ -32,7 +32,7 @@ from maisi.maskgen.postprocess import postprocess_mask
 from maisi.maskgen.sampling import generate_mask
 from maisi.maskgen.sizes import measure_sizes
 from maisi.networks.memory import MemoryPlan
-from maisi.networks.precision import compute_dtype, for_inference
+from maisi.networks.precision import compute_dtype, for_inference, warn_if_slow
 from maisi.pipeline import masks as M
 from maisi.pipeline.models import Networks, load_networks
 from maisi.pipeline.postprocess import check_quality, to_hu, to_int16
@@ -91,6 +91,7 @@ class Pipeline:
         self.progress = progress
         self.precision = precision
         self.dtype = compute_dtype(precision, self.device)
+        warn_if_slow(self.dtype, self.device)
         if self.dtype != torch.float32:  # UNet/ControlNet weights in dtype (GroupNorm fp32); the steps stay fp32
             for net in (networks.unet, networks.controlnet):
                 if net is not None:
@@ -105,7 +106,7 @@ class Pipeline:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
-        compute_dtype(precision, torch.device(device))  # a bad precision fails before the weights load
+        compute_dtype(precision, torch.device(device))  # checked only: a bad precision fails before the weights load
         return cls(load_networks(weights, config, device), device, progress, precision, on_step)
 
     # -----------------------------------------------------------------------------------------
