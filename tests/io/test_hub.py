@@ -18,7 +18,7 @@ import torch
 from huggingface_hub import constants
 
 from maisi.cli import main
-from maisi.config import PRESETS
+from maisi.config import MASK_PRESETS, PRESETS
 from maisi.io import hub
 
 LFS_SUFFIXES = (".pt", ".zip")  # served with their sha256 as ETag, like the hub's LFS files
@@ -152,7 +152,7 @@ def _blob(path: Path) -> Path:
 
 
 def test_catalogue_names_the_presets_and_all_holds_every_file():
-    assert set(hub.SETS) - {"all"} <= set(PRESETS)
+    assert set(hub.SETS) - {"all"} <= set(PRESETS) | set(MASK_PRESETS)
     assert {f.path for f in hub.SETS["all"].files} == set(hub.FILES)
     for rs in hub.SETS.values():
         assert {f.path for f in rs.files} <= set(hub.FILES)

@@ -164,18 +164,54 @@ def test_released_names_give_component_and_preset(tmp_path, name, component, pre
     assert list(sources.components) == [component] and sources.config().name == preset_name
 
 
+def _cached(monkeypatch, files: dict[str, Path], missing: tuple[str, ...] = ()) -> list:
+    """weights.local_set over a fake hub cache holding `files` but not `missing`; returns the `only` lists asked."""
+    asked = []
+
+    def local_set(name, only=None, **kw):
+        asked.append(only)
+        gone = [p for p in (only or files) if p in missing]
+        if gone:
+            raise hub.MissingFilesError(f"{len(gone)} file(s) of set {name!r} are not in the hub cache: {gone}")
+        return {p: f for p, f in files.items() if only is None or p in only}
+
+    monkeypatch.setattr(weights, "local_set", local_set)
+    return asked
+
+
+MASK_MODEL = {"mask_autoencoder": "models/mask_generation_autoencoder.pt",
+              "mask_unet": "models/mask_generation_diffusion_unet.pt"}
+
+
 @pytest.mark.parametrize("name", weights.SETS)
 def test_each_hub_set_resolves_to_its_networks(tmp_path, monkeypatch, name):
-    """The hub's catalogue and the file-name table agree: every network file of a set is picked, nothing else."""
+    """The hub's catalogue and the file-name table agree: every network file of a set is picked (the mask model
+    too, when the set holds it and it is cached), nothing else; the mask database need not be there."""
     files = {f.path: tmp_path / Path(f.path).name for f in hub.released_set(name).files}
-    asked = []
-    monkeypatch.setattr(weights, "local_set", lambda n, only=None, **kw: asked.append(only) or
-                        {p: f for p, f in files.items() if only is None or p in only})
     nets = {f.component: files[f.path] for f in hub.released_set(name).files
             if f.component in ("autoencoder", "unet", "controlnet")}
+    mask = {c: files[p] for c, p in MASK_MODEL.items() if p in files}
+    asked = _cached(monkeypatch, files)
     sources = resolve(name)
-    assert sources.paths == nets and sources.preset == name and "unet" in nets
-    assert asked == [[p for p, f in files.items() if f in nets.values()]]  # the mask database need not be there
+    assert sources.paths == nets | mask and sources.preset == name and "unet" in nets
+    assert asked[0] == sorted(p for p, f in files.items() if f in nets.values())
+    if mask:  # ddpm-ct: without its mask files in the cache, the image networks still load
+        asked = _cached(monkeypatch, files, missing=tuple(MASK_MODEL.values()))
+        assert resolve(name).paths == nets and len(asked) == 2
+
+
+def test_the_mask_set_adds_size_control_to_an_image_set(tmp_path, monkeypatch):
+    """`--weights rflow-ct mask-ct`: rflow-ct's networks and NVIDIA's mask model; mask-ct alone must be cached."""
+    files = {f.path: tmp_path / f.path for s in ("rflow-ct", "mask-ct") for f in hub.released_set(s).files}
+    asked = _cached(monkeypatch, files)
+    sources = resolve(["rflow-ct", "mask-ct"])
+    assert set(sources.components) == {"autoencoder", "unet", "controlnet", "mask_autoencoder", "mask_unet"}
+    assert sources.preset == "rflow-ct" and sources.paths["mask_unet"] == files[MASK_MODEL["mask_unet"]]
+    assert ["datasets/all_anatomy_size_conditions.json" in (only or ()) for only in asked] == [False, True]
+    assert resolve("mask-ct").preset is None  # no image architecture from a mask model
+    _cached(monkeypatch, files, missing=(MASK_MODEL["mask_unet"],))
+    with pytest.raises(FileNotFoundError, match="not in the hub cache"):
+        resolve(["rflow-ct", "mask-ct"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -126,7 +126,8 @@ def _set(name: str, description: str, *paths: str) -> ReleasedSet:
 
 _MASK_DB = ("datasets/all_masks_flexible_size_and_spacing_4000.zip", "datasets/all_anatomy_size_conditions.json")
 # Set contents follow NVIDIA-Medtech/NV-Generate-CTMR scripts/download_model_data.py, except that rflow-ct
-# leaves out the mask-generation models (maisi's rflow-ct pipeline draws masks from the database).
+# leaves out the mask-generation models (maisi's rflow-ct pipeline draws masks from the database); `mask-ct` holds
+# them with their conditions file, so that `--weights rflow-ct mask-ct` adds size control to the v2 model.
 # ddpm-ct pairs the 4000-mask zip with the 3000-entry candidate list, as upstream does. rflow-mr-brain uses
 # autoencoder_v1 from NV-Generate-CT (upstream environment_maisi_diff_model_rflow-mr-brain.json:
 # "trained_autoencoder_path": "models/autoencoder_v1.pt"); rflow-mr uses autoencoder_v2.
@@ -138,6 +139,9 @@ SETS: dict[str, ReleasedSet] = {s.name: s for s in (
          "models/autoencoder_v1.pt", "models/diff_unet_3d_ddpm-ct.pt", "models/controlnet_3d_ddpm-ct.pt",
          "models/mask_generation_autoencoder.pt", "models/mask_generation_diffusion_unet.pt",
          *_MASK_DB, "datasets/candidate_masks_flexible_size_and_spacing_3000.json"),
+    _set("mask-ct", "MAISI v1 mask generation: mask autoencoder + mask UNet (--anatomy-size), size conditions",
+         "models/mask_generation_autoencoder.pt", "models/mask_generation_diffusion_unet.pt",
+         "datasets/all_anatomy_size_conditions.json"),
     _set("rflow-mr", "MAISI v2 MR: rectified-flow UNet, MR VAE (autoencoder_v2)",
          "models/autoencoder_v2.pt", "models/diff_unet_3d_rflow-mr.pt"),
     _set("rflow-mr-brain", "MAISI v2 brain MR: rectified-flow UNet, CT VAE (autoencoder_v1)",

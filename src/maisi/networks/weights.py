@@ -28,11 +28,17 @@ from maisi.io.checkpoint import (
 )
 from maisi.io.digest import sha256_file
 from maisi.io.hub import SETS as HUB_SETS
-from maisi.io.hub import local_set
+from maisi.io.hub import MissingFilesError, local_set
 from maisi.networks import load_pretrained, load_released
 
 # The sets of maisi.io.hub that hold a diffusion model ("all" aside); each set's name is also the preset of its files.
 SETS = tuple(n for n, s in HUB_SETS.items() if n != "all" and any(f.component == "unet" for f in s.files))
+# The sets of the mask generation model alone (mask-ct): given beside an image set, e.g. `rflow-ct mask-ct`.
+MASK_SETS = tuple(n for n, s in HUB_SETS.items() if n != "all" and n not in SETS
+                  and any(f.component == "mask_unet" for f in s.files))
+# The mask model's files and its conditions file: loaded with a set that holds them when they are in the cache.
+MASK_MODEL_FILES = ("models/mask_generation_autoencoder.pt", "models/mask_generation_diffusion_unet.pt",
+                    "datasets/all_anatomy_size_conditions.json")
 DEFAULT_PRESET = "rflow-ct"  # architecture of a released file whose name and set say nothing
 # NVIDIA's released files: the network each holds and the sets (presets) it belongs to (REFERENCE §1, §7;
 # the brain-MR model decodes with the CT autoencoder).
@@ -54,7 +60,7 @@ LABELS = {"autoencoder": "VAE", "unet": "diffusion UNet", "controlnet": "Control
           "mask_autoencoder": "mask autoencoder", "mask_unet": "mask diffusion UNet"}
 DEFAULTS_FILE = "generation.json"  # optional defaults of a model folder: size, spacing, body_region
 EXPORT_DIR, RUN_FILE = "export", "run.json"  # the run-folder layout `maisi train` writes (training/loop.py)
-ACCEPTED = (f"a released set ({', '.join(SETS)}), NVIDIA's .pt files, a maisi checkpoint or model folder "
+ACCEPTED = (f"a released set ({', '.join(SETS + MASK_SETS)}), NVIDIA's .pt files, a maisi checkpoint or model folder "
             "(autoencoder/, unet/, controlnet/, mask_autoencoder/, mask_unet/), or a training run folder (with export/)")
 
 
@@ -202,9 +208,9 @@ def _resolve_one(item: str | Path, component: str | None, revision: str | Mappin
         return _from_folder(path)
     if path.is_file():
         return _from_file(path)
-    if str(item) in SETS:  # an existing file or folder of the same name wins
+    if str(item) in SETS + MASK_SETS:  # an existing file or folder of the same name wins
         return _from_set(str(item), revision, cache_dir)
-    close = difflib.get_close_matches(path.name, SETS, n=1)
+    close = difflib.get_close_matches(path.name, SETS + MASK_SETS, n=1)
     label = f"{LABELS[component]} " if component else ""
     raise FileNotFoundError(f"weights not found: no {label}checkpoint at {item}"
                             + (f"; did you mean the released set {close[0]!r}?" if close else "")
@@ -212,16 +218,27 @@ def _resolve_one(item: str | Path, component: str | None, revision: str | Mappin
 
 
 def _from_set(name: str, revision: str | Mapping[str, str] | None, cache_dir: str | Path | None) -> WeightSources:
-    # only the set's networks: the mask database and mask-generation files need not be there to load them
-    networks = [f.path for f in HUB_SETS[name].files
-                if (kind := _released_kind(PurePosixPath(f.path).name)) and name in kind[1]]
-    files = local_set(name, revision=revision, cache_dir=cache_dir, only=networks)  # verified against the manifest
+    """The set's image networks, which must be in the cache (the mask database need not be); and its mask model
+    with the conditions file, required for a mask set (mask-ct), else added only when every file is cached.
+    Whatever is returned is verified against the manifest (`local_set`)."""
+    held = {f.path for f in HUB_SETS[name].files}
+    networks = [p for p in sorted(held) if (kind := _released_kind(PurePosixPath(p).name)) and name in kind[1]]
+    mask = list(MASK_MODEL_FILES) if set(MASK_MODEL_FILES[:2]) <= held else []  # rflow-ct: the conditions alone
+    files = local_set(name, revision=revision, cache_dir=cache_dir, only=networks) if networks else {}
+    if mask:
+        try:
+            files |= local_set(name, revision=revision, cache_dir=cache_dir, only=mask)
+        except MissingFilesError:
+            if not networks:  # mask-ct: its files are what was asked for
+                raise
     found: dict[str, Source] = {}
     for rel, local in sorted(files.items()):
-        kind = _released_kind(PurePosixPath(rel).name)
-        _add(found, kind[0], Source(Path(local), "released", presets=kind[1]), f"in the released set {name}")
+        if kind := _released_kind(PurePosixPath(rel).name):  # the conditions file is found beside the mask UNet
+            _add(found, kind[0], Source(Path(local), "released", presets=kind[1]), f"in the released set {name}")
     if not found:
         raise ValueError(f"the released set {name} holds no network file: {sorted(files)}")
+    if not networks:  # a mask model alone names no image architecture
+        return WeightSources(found, spec=name)
     return WeightSources(found, set_name=name, preset=name, spec=name)
 
 
