@@ -143,6 +143,24 @@ def test_cli_generate_and_errors(model_dir, database, tmp_path, capsys):
     assert "--image-output-ext '.png' is not an output format" in err and ".nrrd" in err
 
 
+@pytest.mark.parametrize("change, flags, fields", [
+    ({"mask_source": "none", "anatomy": ("liver",)}, ["--mask, --anatomy and --tumor", "--no-mask"],
+     ["mask, anatomy and tumor", "mask_source='none'"]),
+    ({"anatomy_size": (("liver", 0.5),)}, ["--anatomy-size: needs a mask generation model", "give --weights with"],
+     ["anatomy_size: needs a mask generation model", "give weights with"]),
+])
+def test_library_errors_name_fields_and_the_cli_names_flags(pipe, model_dir, tmp_path, capsys, change, flags, fields):
+    with pytest.raises(ValueError) as e:
+        pipe.plan(req(**change))
+    assert all(f in str(e.value) for f in fields) and "--" not in str(e.value)  # Python users never typed a flag
+    argv = {"mask_source": ["--no-mask"], "anatomy": ["--anatomy", "liver"], "anatomy_size": ["--anatomy-size", "liver=0.5"]}
+    args = ["generate", "--weights", str(model_dir), "--size", "32", "--spacing", "8", "--steps", "1",
+            "--no-progress", "--out", str(tmp_path)] + [a for k in change for a in argv[k]]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert all(f in err for f in flags) and "mask_source" not in err, err
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(model_dir, database, tmp_path):
     """`torchrun --nproc_per_node=2` writes the same samples as one process."""

@@ -102,11 +102,31 @@ def request_from_args(args: argparse.Namespace):
     )
 
 
+# How the library's messages name GenerationRequest fields -> the flags that set them (phrases, longest first)
+PHRASES = {
+    "mask, mask_database, anatomy, tumor or mask_source='none'": "--mask, --mask-database, --anatomy, --tumor or "
+                                                                 "--no-mask",
+    "mask, anatomy and tumor": "--mask, --anatomy and --tumor", "(mask, anatomy, tumor)": "(--mask, --anatomy, --tumor)",
+    "mask_source='none'": "--no-mask", "mask_database": "--mask-database", "anatomy_size": "--anatomy-size",
+    "mask_mapping": "--mask-mapping", "give weights with": "give --weights with",
+}
+LEADING = ("mask", "timesteps", "anatomy", "tumor")  # a message that starts with the field's name
+
+
+def in_flags(message: str) -> str:
+    """A library message put in the user's words: the request fields it names become their flags."""
+    head = message.split(" ", 1)[0]
+    if head in LEADING:
+        message = "--" + message
+    for phrase in sorted(PHRASES, key=len, reverse=True):
+        message = message.replace(phrase, PHRASES[phrase])
+    return message
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from maisi.io.formats import OutputFormatError
-    from maisi.maskgen.context import AnatomySizeError
     from maisi.pipeline.pipeline import Pipeline, world_from_env
     from maisi.pipeline.validation import check_files
 
@@ -124,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
                                     precision=args.precision)
     try:
         plan = pipe.plan(request)  # every check before any compute
-    except AnatomySizeError as e:  # the field, in the words the user typed
-        raise ValueError(str(e).replace("anatomy_size", "--anatomy-size", 1)) from e
+    except ValueError as e:  # AnatomySizeError too: the fields, in the words the user typed
+        raise ValueError(in_flags(str(e))) from e
     if rank == 0:
         for w in plan.warnings:
             print(f"maisi generate: warning: {w}", file=sys.stderr)

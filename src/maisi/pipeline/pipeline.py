@@ -129,10 +129,10 @@ class Pipeline:
         modality = modality_code(request.modality if request.modality is not None else cfg.default_modality)
         use_mask = request.mask_source != "none" and (request.mask is not None or self.nets.controlnet is not None)
         if request.mask_source == "none" and (request.mask or anatomy or tumors):
-            raise ValueError("--mask, --anatomy and --tumor need a mask; they cannot be used with mask source 'none'")
+            raise ValueError("mask, anatomy and tumor need a mask; they cannot be used with mask_source='none'")
         if use_mask and self.nets.controlnet is None:
-            raise ValueError("this model has no ControlNet, so it cannot follow a mask (--mask, --anatomy, "
-                             "--tumor); give weights with a controlnet or generate without a mask")
+            raise ValueError("this model has no ControlNet, so it cannot follow a mask (mask, anatomy, tumor); "
+                             "give weights with a controlnet or generate without a mask (mask_source='none')")
         if request.mask is not None and not Path(request.mask).exists():
             raise FileNotFoundError(f"mask not found: {request.mask}")
         user = None
@@ -151,7 +151,7 @@ class Pipeline:
             raise ValueError("classifier-free guidance needs a modality-conditioned UNet; this one has no "
                              "modality input: use guidance 0")
         if request.timesteps is not None and sampler != "rflow":
-            raise ValueError(f"--timesteps chooses rectified-flow timesteps; the {sampler} sampler has its own")
+            raise ValueError(f"timesteps chooses rectified-flow timesteps; the {sampler} sampler has its own")
         timesteps = (request.timesteps or self.default_timesteps()) if sampler == "rflow" else None
         database = request.mask_database
         from_database = use_mask and request.mask is None and size_control is None
@@ -173,13 +173,13 @@ class Pipeline:
         model = self.nets.mask
         if model is None:
             raise AnatomySizeError("anatomy_size", "needs a mask generation model, and these weights hold none: give "
-                                   "--weights with a model folder holding mask_autoencoder/ and mask_unet/ (`maisi "
-                                   "train mask` writes them) or NVIDIA's mask_generation_autoencoder.pt and "
-                                   "mask_generation_diffusion_unet.pt")
+                                   "weights with a model folder holding mask_autoencoder/ and mask_unet/ (`maisi "
+                                   "train mask` writes them), NVIDIA's mask_generation_autoencoder.pt and "
+                                   "mask_generation_diffusion_unet.pt, or the released set mask-ct")
         if request.mask_source == "none" or request.mask or request.mask_database or request.anatomy or request.tumor:
-            raise AnatomySizeError("anatomy_size", "the mask is generated, so it cannot be combined with --mask, "
-                                   "--mask-database, --anatomy, --tumor or --no-mask; name the structures (and at "
-                                   "most one tumour) in --anatomy-size")
+            raise AnatomySizeError("anatomy_size", "the mask is generated, so it cannot be combined with mask, "
+                                   "mask_database, anatomy, tumor or mask_source='none'; name the structures (and "
+                                   "at most one tumour) in anatomy_size")
         if self.nets.controlnet is None:
             raise AnatomySizeError("anatomy_size", "this model has no ControlNet, so it cannot follow a generated "
                                    "mask; give weights with a controlnet")
