@@ -4,7 +4,8 @@ For each model (e.g. the previous and the new shipped one, in one run): seeds 0.
 setting of the built-in mask database, with the quality check's retries off, so that each sample is a first
 attempt; then held-out phantom masks (seeds the demo recipe never uses) given as user masks. The generated
 images are scored with a phantom segmenter (`maisi evaluate train-segmenter`) against their masks, and by 2.5D
-FID (EfficientNet-Lite0) against held-out phantom images. Run by hand, e.g.
+FID (EfficientNet-Lite0) against held-out phantom images. The same segmenter also scores the held-out phantoms
+themselves and their round trips through each model's VAE: the two ceilings of the consistency Dice. Run by hand, e.g.
 
     PYTHONPATH=src python3 benchmarks/demo_model.py --model before=/work/demo2/prev_model --model after=default \
         --segmenter seg64.safetensors --out benchmarks/results/demo_model.json
@@ -25,7 +26,10 @@ from maisi.evaluation.fid import FIDSettings, collect_features, fid_25d
 from maisi.evaluation.runs import evaluate_consistency
 from maisi.evaluation.segmenter import load_segmenter
 from maisi.io.atomic import atomic_write_text
+from maisi.io.volume import read_volume, write_volume
+from maisi.labels import HU_RANGE, HU_SPAN
 from maisi.networks.backbones import load_extractor
+from maisi.networks.weights import demo_model_dir, load_component
 from maisi.pipeline.pipeline import Pipeline
 from maisi.pipeline.validation import GenerationRequest
 
@@ -42,6 +46,23 @@ def heldout_phantoms(folder: Path, n: int, size: int, spacing: float) -> list[tu
         p = make_phantom(region, size=size, spacing=spacing, seed=HELDOUT_SEED + i)
         entry = write_phantom(p, folder, f"heldout_{region}_{i}")
         pairs.append((folder / Path(entry["image"]).name, folder / Path(entry["label"]).name))
+    return pairs
+
+
+@torch.no_grad()
+def vae_roundtrips(weights: str | None, held: list[tuple[Path, Path]], folder: Path) -> list[tuple[Path, Path]]:
+    """Each held-out phantom through the model's VAE alone (encode → mean → decode), written beside its mask.
+    The segmenter's Dice on these is the ceiling of any generator decoding through this VAE."""
+    vae = load_component(weights if weights is not None else demo_model_dir(), "autoencoder").model
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for image, label in held:
+        vol = read_volume(image)
+        x = torch.from_numpy((np.clip(vol.array.astype(np.float32), *HU_RANGE) - HU_RANGE[0]) / HU_SPAN)[None, None]
+        recon = vae.decode_within(vae.encode_within(x)[0]).clamp(0, 1)[0, 0].numpy() * HU_SPAN + HU_RANGE[0]
+        target = folder / image.name
+        write_volume(target, recon, vol.affine, np.int16)
+        pairs.append((target, label))
     return pairs
 
 
@@ -121,6 +142,11 @@ def main() -> None:
             cons = evaluate_consistency(pairs, seg)
             r["consistency_dice"] = {"mean": cons["mean_dice"],
                                      "per_label": {v["name"]: v["dice"] for v in cons["labels"].values()}}
+            ceiling = evaluate_consistency(vae_roundtrips(None if weights in ("", "default") else weights, held,
+                                                          work / name / "vae_roundtrip"), seg)
+            r["vae_roundtrip_dice"] = {"mean": ceiling["mean_dice"],
+                                       "per_label": {v["name"]: v["dice"] for v in ceiling["labels"].values()}}
+            print(f"{name}: Dice on the VAE round trips of the held-out phantoms {ceiling['mean_dice']:.3f}", flush=True)
             fake = collect_features([img for img, _ in pairs], extractor, fid_settings, None)
             r["fid_vs_heldout"] = fid_25d(real, fake)
             print(f"{name}: Dice {cons['mean_dice']:.3f}, FID mean {r['fid_vs_heldout']['mean']:.1f}", flush=True)
