@@ -84,7 +84,19 @@ def test_mask_training_resumes_bitwise_after_an_interruption(data, config, tmp_p
     assert [r["step"] for r in metrics(tmp_path / "b" / "mask_unet")] == [2, 4]
 
 
+def test_dice_weight_adds_a_soft_dice_term_to_the_autoencoder_loss(data, config, tmp_path):
+    run = tmp_path / "run"
+    assert train("mask", *args(data, config, run, 2, 1, "--dice-weight", "0.5", "--kl-weight", "1e-3",
+                               "--log-every", "1", "--ema-decay", "0")) == 0
+    for r in metrics(run / "mask_autoencoder"):
+        assert 0 < r["loss_dice"] <= 1
+        assert r["loss"] == pytest.approx(r["loss_ce"] + 0.5 * r["loss_dice"] + 1e-3 * r["loss_kl"], rel=1e-5)
+    assert train("mask", *args(data, config, tmp_path / "plain", 1, 1, "--ema-decay", "0")) == 0
+    assert "loss_dice" not in metrics(tmp_path / "plain" / "mask_autoencoder")[0]  # off by default
+
+
 @pytest.mark.parametrize("change, match", [
+    (dict(dice_weight=-1.0), "dice_weight must be >= 0"),
     (dict(unet_steps=0), "unet_steps must be >= 1"),
     (dict(unet_lr=0.0), "unet_lr must be > 0"),
     (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\)"),

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceLoss
 from torch import Tensor, nn
 
 from maisi.config import MASK_PRESETS, MaskGenConfig, from_dict, mask_preset, to_dict
@@ -49,6 +50,7 @@ PHASES = ("mask_autoencoder", "mask_unet")  # the run folder's two sub-runs, in 
 class MaskStageOptions:
     lr: float = 1e-4  # autoencoder
     kl_weight: float = 1e-6
+    dice_weight: float = 0.0  # autoencoder: + dice_weight · soft Dice over the classes (small structures count)
     unet_lr: float = 1e-4
     lr_power: float = 2.0  # polynomial decay of the UNet's learning rate to 0 at its last step
     ema_decay: float = 0.999  # EMA of the UNet's weights, exported; 0: none
@@ -58,7 +60,7 @@ class MaskStageOptions:
         for k in ("lr", "unet_lr"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"{k} must be > 0, got {getattr(self, k)}")
-        for k in ("kl_weight", "lr_power"):
+        for k in ("kl_weight", "dice_weight", "lr_power"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
         if not 0 <= self.ema_decay < 1:
@@ -77,6 +79,7 @@ class MaskTrainOptions(TrainOptions):
     unet_steps: int = 1000
     unet_lr: float = 1e-4
     kl_weight: float = 1e-6
+    dice_weight: float = 0.0
     lr_power: float = 2.0
     ema_decay: float = 0.999
     scale_factor: float | None = None  # latent scale; None: the init model's, else 1/std of the latents
@@ -94,8 +97,9 @@ class MaskTrainOptions(TrainOptions):
                        steps=self.steps if phase == PHASES[0] else self.unet_steps)
 
     def stage_options(self, precision: str) -> MaskStageOptions:
-        return MaskStageOptions(lr=self.lr, kl_weight=self.kl_weight, unet_lr=self.unet_lr, lr_power=self.lr_power,
-                                ema_decay=self.ema_decay, precision=precision)
+        return MaskStageOptions(lr=self.lr, kl_weight=self.kl_weight, dice_weight=self.dice_weight,
+                                unet_lr=self.unet_lr, lr_power=self.lr_power, ema_decay=self.ema_decay,
+                                precision=precision)
 
 
 def mask_config(source: str | Path | None) -> MaskGenConfig:
@@ -176,7 +180,9 @@ def encode_maps(autoencoder: nn.Module, maps: LabelMaps, device: torch.device) -
 
 
 class MaskAutoencoderStage:
-    """Bit planes in, 125 class logits out: cross-entropy against the class indices + kl_weight · KL."""
+    """Bit planes in, 125 class logits out: cross-entropy against the class indices + kl_weight · KL, and with
+    dice_weight > 0 + dice_weight · soft Dice (MONAI's DiceLoss over the classes, whole batch): cross-entropy alone
+    is ruled by the big classes and lets a tumour of a few voxels vanish from the reconstruction."""
 
     name = component = "mask_autoencoder"
 
@@ -186,6 +192,7 @@ class MaskAutoencoderStage:
         self.autoencoder = autoencoder.to(world.device)
         self.model = D.wrap(SampledVAE(self.autoencoder), world)
         self.opt = torch.optim.Adam(self.autoencoder.parameters(), lr=opts.lr)
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, batch=True)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"mask_autoencoder": self.autoencoder}
@@ -215,11 +222,15 @@ class MaskAutoencoderStage:
         ce = F.cross_entropy(logits.float(), target)
         kl = kl_loss(mu, sigma)
         loss = ce + self.opts.kl_weight * kl
+        dice = self.dice(logits.float(), target[:, None]) if self.opts.dice_weight else None
+        if dice is not None:
+            loss = loss + self.opts.dice_weight * dice
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         accuracy = (logits.argmax(1) == target).float().mean()
-        return {"loss": loss.item(), "loss_ce": ce.item(), "loss_kl": kl.item(), "accuracy": accuracy.item()}
+        out = {"loss": loss.item(), "loss_ce": ce.item(), "loss_kl": kl.item(), "accuracy": accuracy.item()}
+        return out | ({"loss_dice": dice.item()} if dice is not None else {})
 
 
 class MaskDiffusionStage(DiffusionStage):
