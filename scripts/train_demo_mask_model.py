@@ -1,0 +1,96 @@
+"""Train the mask generation model shipped beside the demo model (mask-tiny preset, phantoms) with the project's code.
+
+    PYTHONPATH=src python3 scripts/train_demo_mask_model.py --work /tmp/mask-train [--steps 1000 --unet-steps 5000]
+
+Writes chest-abdomen phantoms at the mask-tiny grid (64³ at 6 mm): `--tumor-phantoms` with a hepatic tumour of
+random size and `--plain-phantoms` without, so liver and tumour sizes both vary. Trains `maisi train mask` on their
+label maps (re-running resumes; a finished run is not trained again), then copies the two exports into the
+package's demo model as mask_autoencoder/ and mask_unet/ (with the training maps' conditions file, its label paths
+reduced to file names) and records the recipe under "mask_model" in generation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from maisi.data.phantom import make_phantom, write_phantom
+from maisi.io.atomic import atomic_write_text
+from maisi.maskgen.context import CONDITIONS_FILE
+from maisi.networks.weights import EXPORT_DIR, demo_model_dir
+from maisi.training.mask import MaskTrainOptions, run_mask_training
+
+REGION, SIZE, SPACING = "chest-abdomen", 64, 6.0
+TUMOR_SEED, PLAIN_SEED = 1000, 3000  # phantom k of each set uses seed + k
+
+
+def write_phantoms(folder: Path, tumors: int, plain: int) -> Path:
+    """The training label maps (and images) and one datalist of both sets; kept when already written."""
+    datalist = folder / "datalist.json"
+    if datalist.is_file():
+        return datalist
+    entries = []
+    for sub, n, seed, kinds in (("tum", tumors, TUMOR_SEED, ("hepatic_tumor",)), ("plain", plain, PLAIN_SEED, ())):
+        for k in range(n):
+            p = make_phantom(REGION, size=SIZE, spacing=SPACING, seed=seed + k, tumors=kinds, noise=False)
+            e = write_phantom(p, folder / sub, f"phantom_{REGION.replace('-', '_')}_s{seed + k}")
+            entries.append({**e, "image": f"{sub}/{Path(e['image']).name}", "label": f"{sub}/{Path(e['label']).name}"})
+    atomic_write_text(datalist, json.dumps({"training": entries}, indent=1) + "\n")
+    return datalist
+
+
+def install(run: Path, recipe: dict) -> Path:
+    """Both exports into the package's demo model; the conditions file without the training machine's paths."""
+    dst = demo_model_dir()
+    for phase in ("mask_autoencoder", "mask_unet"):
+        target = dst / phase
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(run / phase / EXPORT_DIR, target)
+    conditions = dst / "mask_unet" / CONDITIONS_FILE
+    entries = json.loads(conditions.read_text())
+    for e in entries:
+        if "label" in e:
+            e["label"] = Path(e["label"]).name
+    atomic_write_text(conditions, json.dumps(entries, indent=1) + "\n")
+    generation = dst / "generation.json"
+    gen = json.loads(generation.read_text())
+    gen["mask_model"] = recipe
+    atomic_write_text(generation, json.dumps(gen, indent=2) + "\n")
+    return dst
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, required=True, help="working folder (maskdata/, maskrun/)")
+    p.add_argument("--tumor-phantoms", type=int, default=120)
+    p.add_argument("--plain-phantoms", type=int, default=60)
+    p.add_argument("--steps", type=int, default=1000, help="mask autoencoder steps")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--unet-steps", type=int, default=5000)
+    p.add_argument("--unet-lr", type=float, default=5e-4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-install", action="store_true", help="leave the package's demo model untouched")
+    a = p.parse_args()
+    t0 = time.perf_counter()
+    datalist = write_phantoms(a.work / "maskdata", a.tumor_phantoms, a.plain_phantoms)
+    options = MaskTrainOptions(data=datalist, out=a.work / "maskrun", config="mask-tiny", steps=a.steps, lr=a.lr,
+                               unet_steps=a.unet_steps, unet_lr=a.unet_lr, ema_decay=0.999, threads=a.threads,
+                               device=a.device, log_every=50, checkpoint_every=200, progress=False)
+    run_mask_training(options, log=print)
+    print(f"trained {a.work / 'maskrun'} in {time.perf_counter() - t0:.0f} s")
+    recipe = {"script": "scripts/train_demo_mask_model.py", "config": "mask-tiny",
+              "data": f"{a.tumor_phantoms} {REGION} phantoms with a hepatic tumour (seeds {TUMOR_SEED}..) and "
+                      f"{a.plain_phantoms} without (seeds {PLAIN_SEED}..), {SIZE}^3 at {SPACING:g} mm, no noise",
+              "steps": a.steps, "lr": a.lr, "unet_steps": a.unet_steps, "unet_lr": a.unet_lr, "ema_decay": 0.999,
+              "device": a.device}
+    if not a.no_install:
+        print(f"installed into {install(a.work / 'maskrun', recipe)}")
+
+
+if __name__ == "__main__":
+    main()
