@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from maisi.config import to_dict
@@ -16,7 +17,7 @@ from maisi.maskgen import mask_preset
 from maisi.maskgen.context import CONDITIONS_FILE, load_conditions
 from maisi.maskgen.networks import load_mask_model
 from maisi.networks.weights import resolve
-from maisi.training.mask import MaskDiffusionStage, MaskTrainOptions
+from maisi.training.mask import MaskDiffusionStage, MaskTrainOptions, present_dice
 from train_support import assert_bitwise_equal, mean_loss, metrics, phantom_datalist, state_weights, train
 
 
@@ -117,3 +118,15 @@ def test_maps_outside_the_vocabulary_and_bad_flags_are_refused_before_a_run_fold
     assert "ids [2] are not in the mask model's vocabulary" in capsys.readouterr().err and not out.exists()
     assert train("mask", "--data", str(data), "--out", str(out), "--unet-lr", "0") == 2
     assert "--unet-lr must be > 0" in capsys.readouterr().err
+
+
+def test_the_dice_term_counts_the_classes_present_only():
+    target = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    target[0, :4] = 1  # half the volume
+    target[0, 6, 6, 6] = 7  # a one-voxel "tumour"
+    logits = torch.full((1, 125, 8, 8, 8), -30.0)
+    logits[:, 0][target == 0] = logits[:, 1][target == 1] = 30.0
+    logits[:, 0][target == 7] = 30.0  # the tumour drawn as background: one of three present classes missed
+    assert present_dice(logits, target).item() == pytest.approx(1 / 3, abs=0.01)
+    logits[:, 7][target == 7] = 60.0
+    assert present_dice(logits, target).item() == pytest.approx(0.0, abs=1e-3)

@@ -179,9 +179,19 @@ def encode_maps(autoencoder: nn.Module, maps: LabelMaps, device: torch.device) -
 # ---------------------------------------------------------------------------------------------
 
 
+def present_dice(logits: Tensor, target: Tensor) -> Tensor:
+    """MONAI's soft Dice loss (whole batch) of N×C×... logits against N×... class indices, over the classes the
+    batch holds: each of the other ~100 of the 125 would add a loss near 1 that only pushes its probability to 0,
+    and drown the small structures the term is for."""
+    present = torch.unique(target)
+    probs = logits.softmax(1)[:, present]
+    onehot = (target[:, None] == present.view(1, -1, *([1] * (target.ndim - 1)))).to(probs.dtype)
+    return DiceLoss(batch=True)(probs, onehot)
+
+
 class MaskAutoencoderStage:
     """Bit planes in, 125 class logits out: cross-entropy against the class indices + kl_weight · KL, and with
-    dice_weight > 0 + dice_weight · soft Dice (MONAI's DiceLoss over the classes, whole batch): cross-entropy alone
+    dice_weight > 0 + dice_weight · soft Dice (MONAI's DiceLoss over the classes the batch holds): cross-entropy alone
     is ruled by the big classes and lets a tumour of a few voxels vanish from the reconstruction."""
 
     name = component = "mask_autoencoder"
@@ -192,7 +202,7 @@ class MaskAutoencoderStage:
         self.autoencoder = autoencoder.to(world.device)
         self.model = D.wrap(SampledVAE(self.autoencoder), world)
         self.opt = torch.optim.Adam(self.autoencoder.parameters(), lr=opts.lr)
-        self.dice = DiceLoss(to_onehot_y=True, softmax=True, batch=True)
+
 
     def modules(self) -> dict[str, nn.Module]:
         return {"mask_autoencoder": self.autoencoder}
@@ -222,7 +232,7 @@ class MaskAutoencoderStage:
         ce = F.cross_entropy(logits.float(), target)
         kl = kl_loss(mu, sigma)
         loss = ce + self.opts.kl_weight * kl
-        dice = self.dice(logits.float(), target[:, None]) if self.opts.dice_weight else None
+        dice = present_dice(logits.float(), target) if self.opts.dice_weight else None
         if dice is not None:
             loss = loss + self.opts.dice_weight * dice
         self.opt.zero_grad(set_to_none=True)
