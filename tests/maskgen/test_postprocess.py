@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from maisi.labels import BODY
+from maisi.maskgen.checks import organ_components
 from maisi.maskgen.postprocess import largest_component, postprocess_mask
 
 
@@ -92,3 +93,14 @@ def test_largest_component_uses_26_connectivity():
 def test_bad_inputs_are_refused(labels, tumor, message):
     with pytest.raises(ValueError, match=message):
         postprocess_mask(labels, target_tumor=tumor)
+
+
+def test_every_organ_and_the_heart_end_in_one_piece():
+    v = body()
+    v[4:12, 4:12, 4:12] = 115  # heart: not in the reference's list ...
+    v[16:19, 16:19, 16:19] = 115  # ... but a second piece of it becomes body
+    v[2:6, 16:20, 2:6] = 1  # liver
+    v[18:20, 2:4, 18:20] = 25  # hepatic vessel far from the liver: liver after the clean-up, then dropped
+    out = postprocess_mask(v)
+    assert organ_components(out) == {"heart": 1, "liver": 1}
+    assert (out[16:19, 16:19, 16:19] == BODY).all() and (out[18:20, 2:4, 18:20] == BODY).all()

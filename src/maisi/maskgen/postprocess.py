@@ -10,7 +10,7 @@ from scipy import ndimage
 from maisi.labels import BODY, TUMOR_HOSTS
 
 STRUCTURE = ndimage.generate_binary_structure(3, 3)  # 26-connectivity and 3×3×3 filters, as the reference
-LIVER, HEPATIC_VESSEL, AIRWAY = 1, 25, 132
+LIVER, HEPATIC_VESSEL, AIRWAY, HEART = 1, 25, 132, 115
 # Where each tumour goes when it is not the one asked for, or its host is missing (the reference's
 # tumor_organ_dict: maisi.labels.TUMOR_HOSTS with the bone lesion folded into the body, not a vertebra).
 TUMOR_TO_HOST: dict[int, int] = {**TUMOR_HOSTS, 128: BODY}
@@ -74,7 +74,9 @@ def postprocess_mask(labels: np.ndarray, target_tumor: int | None = None) -> np.
     host is missing; the target tumour is closed and its holes filled, and kept to its largest component
     (hepatic tumours and bone lesions may have several); every other piece of each organ in ORGANS becomes
     body; small bowel and colon off the largest intestinal tract become body; organs are closed; hepatic
-    vessel becomes liver. Not reproduced: the reference's extra lung-, liver- and colon-tumour refinements.
+    vessel becomes liver. Then (not in the reference) every organ, the heart too, is kept to its largest piece once
+    more, so that the map has one component per organ. Not reproduced: the reference's extra lung-, liver- and
+    colon-tumour refinements.
     """
     if labels.ndim != 3:
         raise ValueError(f"labels must be a 3D label map, got shape {labels.shape}")
@@ -111,4 +113,6 @@ def postprocess_mask(labels: np.ndarray, target_tumor: int | None = None) -> np.
     v[airway] = AIRWAY
     if tumor_mask is not None:
         v[tumor_mask] = target_tumor
-    return v.astype(labels.dtype)
+    # Not in the reference: one component per organ at the end. Closing one organ paints over its neighbours and
+    # can cut them in two, and hepatic vessel outside the liver becomes liver; the heart is kept whole too.
+    return keep_largest(v, organs + (HEART,), BODY).astype(labels.dtype)
