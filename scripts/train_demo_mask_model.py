@@ -70,6 +70,9 @@ def main() -> None:
     p.add_argument("--plain-phantoms", type=int, default=60)
     p.add_argument("--steps", type=int, default=1000, help="mask autoencoder steps")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dice-weight", type=float, default=1.0,
+                   help="soft-Dice weight of the autoencoder (with 0, the first run drew no hepatic tumour)")
+    p.add_argument("--init", help="a mask model (run folder) both networks start from")
     p.add_argument("--unet-steps", type=int, default=5000)
     p.add_argument("--unet-lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=1)
@@ -79,15 +82,16 @@ def main() -> None:
     t0 = time.perf_counter()
     datalist = write_phantoms(a.work / "maskdata", a.tumor_phantoms, a.plain_phantoms)
     options = MaskTrainOptions(data=datalist, out=a.work / "maskrun", config="mask-tiny", steps=a.steps, lr=a.lr,
-                               unet_steps=a.unet_steps, unet_lr=a.unet_lr, ema_decay=0.999, threads=a.threads,
-                               device=a.device, log_every=50, checkpoint_every=200, progress=False)
+                               dice_weight=a.dice_weight, init=a.init, unet_steps=a.unet_steps, unet_lr=a.unet_lr,
+                               ema_decay=0.999, threads=a.threads, device=a.device, log_every=50,
+                               checkpoint_every=200, progress=False)
     run_mask_training(options, log=print)
     print(f"trained {a.work / 'maskrun'} in {time.perf_counter() - t0:.0f} s")
     recipe = {"script": "scripts/train_demo_mask_model.py", "config": "mask-tiny",
               "data": f"{a.tumor_phantoms} {REGION} phantoms with a hepatic tumour (seeds {TUMOR_SEED}..) and "
                       f"{a.plain_phantoms} without (seeds {PLAIN_SEED}..), {SIZE}^3 at {SPACING:g} mm, no noise",
-              "steps": a.steps, "lr": a.lr, "unet_steps": a.unet_steps, "unet_lr": a.unet_lr, "ema_decay": 0.999,
-              "device": a.device}
+              "steps": a.steps, "lr": a.lr, "dice_weight": a.dice_weight, "init": a.init, "unet_steps": a.unet_steps,
+              "unet_lr": a.unet_lr, "ema_decay": 0.999, "device": a.device}
     if not a.no_install:
         print(f"installed into {install(a.work / 'maskrun', recipe)}")
 
