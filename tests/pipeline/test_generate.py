@@ -306,3 +306,4 @@ def test_on_step_reports_each_sampling_step_and_can_stop_the_job(model_dir, data
     with pytest.raises(Stop):
         pipe.generate(req(mask_database=str(database), steps=3), out=tmp_path / "out")
     assert not list((tmp_path / "out").glob("*_image.nii.gz"))  # stopped between steps: nothing written
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from maisi.cli.generate import in_flags
 from maisi.config import preset
 from maisi.pipeline.validation import (
     GenerationRequest,
@@ -45,7 +46,8 @@ def test_geometry_errors(size, spacing, rules, match):
 def test_fov_warnings_suggest_spacing():
     assert check_geometry((512, 512, 256), (1.0, 1.0, 1.0), (1, 2), RELEASED) == []
     (w,) = check_geometry((256, 256, 256), (1.0, 1.0, 1.0), (1, 1), RELEASED)
-    assert "256 mm is below the advised 384 mm" in w and "--spacing 1.5" in w
+    assert "256 mm is below the advised 384 mm" in w and "try spacing 1.5 or a larger size" in w and "--" not in w
+    assert "try --spacing 1.5 or a larger --size" in in_flags(w)  # as `maisi generate` prints it
     assert check_geometry((256, 256, 128), (1.0, 1.0, 1.0), (0, 0), RELEASED) == []  # head: 256 mm is enough
     assert check_geometry((64, 64, 64), (1.0, 1.0, 1.0), (1, 1), TINY) == []  # no advice for other models
 

@@ -66,7 +66,7 @@ def load_user_mask(path: str | Path, mapping: str | Path | None = None) -> tuple
         unknown = sorted(set(np.unique(arr).tolist()) - set(id_to_name()) - {0, BODY})
         if unknown:
             raise ValueError(f"{path}: ids {unknown} are not in the MAISI vocabulary; give a mapping "
-                             "(--mask-mapping JSON {{source: MAISI name}}) to convert them")
+                             "(mask_mapping: a JSON {source: MAISI name}) to convert them")
     label, added = ensure_body(arr.astype(np.uint8))
     info["body_added"] = added
     return label, np.asarray(vol.affine), info

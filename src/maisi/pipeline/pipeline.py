@@ -105,7 +105,7 @@ class Pipeline:
         precision: fp32 (default), bf16 (CPUs with AVX-512 BF16 or AMX, GPUs) or fp16 (GPU only)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+            raise ValueError(f"device {device!r} asked for but CUDA is not available; use device='cpu'")
         compute_dtype(precision, torch.device(device))  # checked only: a bad precision fails before the weights load
         return cls(load_networks(weights, config, device), device, progress, precision, on_step)
 
@@ -186,7 +186,7 @@ class Pipeline:
         path = request.anatomy_conditions or model.conditions
         if path is None:
             raise AnatomySizeError("anatomy_size", "needs a conditions file to complete the request and none lies "
-                                   "beside the mask model: give --anatomy-conditions all_anatomy_size_conditions.json "
+                                   "beside the mask model: give anatomy_conditions, an all_anatomy_size_conditions.json "
                                    "(NVIDIA's, or one `maisi prepare --anatomy-conditions` wrote)")
         sizes, volumes = load_condition_table(path)
         sampler = request.mask_sampler or model.config.scheduler.kind

@@ -132,7 +132,7 @@ def check_geometry(size: Sequence[int], spacing: Sequence[float], regions: tuple
         suggest = math.ceil(advised / min(size[:2]) * 100) / 100
         warnings.append(f"in-plane field of view {fov:.0f} mm is below the advised {advised:.0f} mm for "
                         f"{'head' if head_only else 'body'} regions (anatomy may be unusable); "
-                        f"try --spacing {suggest} or a larger --size")
+                        f"try spacing {suggest} or a larger size")
     return warnings
 
 
@@ -175,7 +175,7 @@ def check_files(request: GenerationRequest, out: str | Path | None) -> None:
     valid geometry."""
     check_output_exts(request.image_output_ext, request.label_output_ext)
     if out is not None:
-        check_output_dir(out, "output folder (--out)")
+        check_output_dir(out, "output folder (out)")
     if request.mask is not None:
         check_volume_file(request.mask)
     if request.mask_mapping is not None and not Path(request.mask_mapping).is_file():
