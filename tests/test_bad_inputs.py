@@ -415,7 +415,7 @@ def test_prepare_warns_about_foreign_label_ids(tmp_path, capsys, ids, why):
     _scan_with_label(tmp_path / "in", label)
     with pytest.warns(LabelIdsWarning, match=why):
         report = prepare_all(tmp_path / "in", tmp_path / "a", PrepareConfig(multiple_of=16), log=lambda s: None)
-    assert "--label-mapping" in report["warnings"]["c"][0]
+    assert "label_mapping" in report["warnings"]["c"][0] and "--" not in report["warnings"]["c"][0]
     rc = main(["prepare", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "b"), "--multiple-of", "16"])
     err = capsys.readouterr().err
     assert rc == 0 and "maisi prepare: warning:" in err and "c_label.nii.gz" in err and "--label-mapping" in err

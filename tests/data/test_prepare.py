@@ -111,7 +111,7 @@ def test_unlabelled_scan_needs_a_region_and_gets_a_body_mask(tmp_path):
     ph = make_phantom("chest", (32, 32, 24), 8.0, seed=4)
     write_volume(tmp_path / "in" / "scan.nii.gz", np.round(ph.image), ph.affine, np.int16)
     report = prepare_all(tmp_path / "in", tmp_path / "a", PrepareConfig(multiple_of=16), log=lambda s: None)
-    assert "pass --region" in report["failed"]["scan"]
+    assert "give region" in report["failed"]["scan"]  # the field; `maisi prepare` prints --region
     report = prepare_all(tmp_path / "in", tmp_path / "b", PrepareConfig(multiple_of=16, region="chest"),
                          log=lambda s: None)
     assert report["done"] == ["scan"]

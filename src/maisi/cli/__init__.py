@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from maisi import __version__
+from maisi.cli.flags import in_flags
 
 # Subcommand modules under maisi.cli; each defines add_parser(subparsers) and run(args) -> int.
 COMMANDS: list[str] = [
@@ -45,7 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        print(f"maisi {args.command}: error: {e}", file=sys.stderr)
+        module = sys.modules.get(f"maisi.cli.{args.command.replace('-', '_')}")
+        message = in_flags(str(e), getattr(module, "PHRASES", {}), getattr(module, "LEADING", ()))
+        print(f"maisi {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"maisi {args.command}: interrupted", file=sys.stderr)

@@ -76,3 +76,6 @@ def run(args: argparse.Namespace) -> int:
         pins = " ".join(f"--revision {repo}={commit}" for repo, commit in commits.items())
         print(f"  to get exactly these files again: maisi download {name} {pins}")
     return 0
+
+
+PHRASES = {"give a token": "give --token"}  # the library's words -> the flag (maisi.cli.flags)

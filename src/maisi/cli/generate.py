@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from maisi.cli import flags
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate CT volumes with label maps, previews and JSON records",
@@ -110,19 +112,14 @@ PHRASES = {
     "mask_source='none'": "--no-mask", "mask_database": "--mask-database", "anatomy_size": "--anatomy-size",
     "mask_mapping": "--mask-mapping", "give weights with": "give --weights with",
     "anatomy_conditions": "--anatomy-conditions", "try spacing": "try --spacing", "a larger size": "a larger --size",
-    "output folder (out)": "output folder (--out)", "device='cpu'": "--device cpu",
+    "output folder (out)": "output folder (--out)", "device='cpu'": "--device cpu", "memory_gb": "--memory-gb",
 }
 LEADING = ("mask", "timesteps", "anatomy", "tumor")  # a message that starts with the field's name
 
 
 def in_flags(message: str) -> str:
     """A library message put in the user's words: the request fields it names become their flags."""
-    head = message.split(" ", 1)[0]
-    if head in LEADING:
-        message = "--" + message
-    for phrase in sorted(PHRASES, key=len, reverse=True):
-        message = message.replace(phrase, PHRASES[phrase])
-    return message
+    return flags.in_flags(message, PHRASES, LEADING)
 
 
 def run(args: argparse.Namespace) -> int:

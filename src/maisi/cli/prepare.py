@@ -43,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.anatomy_conditions:
         return run_conditions(args)
+    from maisi.cli.flags import in_flags
     from maisi.data.labelmap import load_mapping, load_names
     from maisi.data.prepare import LabelIdsWarning, PrepareConfig, plan_cases, prepare_all
 
@@ -67,12 +68,14 @@ def run(args: argparse.Namespace) -> int:
         encoder, encoder_id = vae.model, str(Path(vae.source["path"]).resolve())
     with warnings.catch_warnings():  # the library warns about foreign-looking label ids: one line each
         warnings.simplefilter("always", LabelIdsWarning)
-        warnings.showwarning = lambda message, *_, **__: print(f"maisi prepare: warning: {message}", file=sys.stderr)
-        report = prepare_all(cases, args.out, cfg, encoder, encoder_id, mapping, names, log=print)
+        warnings.showwarning = lambda message, *_, **__: print(f"maisi prepare: warning: {in_flags(str(message), PHRASES)}",
+                                                               file=sys.stderr)
+        report = prepare_all(cases, args.out, cfg, encoder, encoder_id, mapping, names,
+                             log=lambda line: print(in_flags(line, PHRASES)))
     print(f"prepared {len(report['done'])}, skipped {len(report['skipped'])} (already done), "
           f"failed {len(report['failed'])}; datalist: {Path(args.out) / 'datalist.json'}")
     for name, err in report["failed"].items():
-        print(f"  FAILED {name}: {err}")
+        print(f"  FAILED {name}: {in_flags(str(err), PHRASES)}")
     return 1 if report["failed"] else 0
 
 
@@ -84,3 +87,8 @@ def run_conditions(args: argparse.Namespace) -> int:
     path = write_conditions(Path(args.out) / CONDITIONS_FILE, compute_conditions(files))
     print(f"anatomy size conditions of {len(files)} label map(s): {path}")
     return 0
+
+
+# How the library names PrepareConfig fields -> the flags (maisi.cli.flags); errors and warnings pass through them
+PHRASES = {"label_mapping": "--label-mapping", "label_names": "--label-names", "give region": "give --region",
+           "memory_gb": "--memory-gb"}

@@ -273,8 +273,8 @@ def prepare_case(case: Case, out_dir: Path, cfg: PrepareConfig, encoder: Encoder
         elif (why := foreign_ids(label)) is not None:
             notes.append(f"{case.label}: the label ids look like another numbering than MAISI's ({why}); without a "
                          f"mapping they are read as MAISI ids, which also decide the body region. If the map has "
-                         f"its own ids, give a JSON {{source id: MAISI name}} with --label-mapping, or its class "
-                         f"names with --label-names")
+                         f"its own ids, give a JSON {{source id: MAISI name}} as label_mapping, or its class "
+                         f"names as label_names")
             warnings.warn(notes[-1], LabelIdsWarning, stacklevel=2)
         label = label.astype(np.uint8)
         if not (label == BODY).any():
@@ -287,7 +287,7 @@ def prepare_case(case: Case, out_dir: Path, cfg: PrepareConfig, encoder: Encoder
         found = region_from_label(label)
         if found is None:
             raise ValueError(f"{case.name}: the label map shows no body-region marker organ (brain/skull, lungs, "
-                             "abdominal organs, femurs); pass --region")
+                             "abdominal organs, femurs); give region")
         top, bottom = found
     image, lab, affine = resample(hu, label, vol.affine, cfg)
     spacing = [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)]

@@ -304,7 +304,7 @@ def download_set(name: str, *, revision: str | Mapping[str, str] | None = None, 
                            "maisi.io.hub may be out of date, or pick a revision that has it") from e
         except (GatedRepoError, RepositoryNotFoundError) as e:
             raise HubError(f"the hub refused access to {file.repo} ({e.__class__.__name__}); check the "
-                           "repository's terms on its model card, then pass --token or set HF_TOKEN") from e
+                           "repository's terms on its model card, then give a token or set HF_TOKEN") from e
         except HfHubHTTPError as e:
             raise HubError(f"downloading {file.repo}/{file.path} failed: {e}") from e
         except _TRANSPORT_ERRORS as e:

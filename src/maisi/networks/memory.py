@@ -213,7 +213,7 @@ def plan_memory(model: nn.Module, op: str, shape: tuple[int, ...], memory_gb: fl
         return MemoryPlan("streaming", gb(est), tile_mb=tile_mb, resident_mb=resident_mb, scratch=scratch)
     raise ValueError(
         f"{op} of shape {tuple(shape)} needs at least {gb(best):.2f} GB (streaming with the smallest tiles); "
-        f"the budget is {memory_gb:.2f} GB. Raise memory_gb (--memory-gb) to {math.ceil(gb(best) * 100) / 100:.2f} "
+        f"the budget is {memory_gb:.2f} GB. Raise memory_gb to {math.ceil(gb(best) * 100) / 100:.2f} "
         "or more, or use a lower-precision dtype"
     )
 
