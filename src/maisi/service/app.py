@@ -115,7 +115,7 @@ def lock_work_dir(work_dir: Path) -> IO:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise RuntimeError(f"{work_dir} is in use by another maisi serve; give each server its own --work-dir") from None
+        raise RuntimeError(f"{work_dir} is in use by another maisi serve; give each server its own work folder") from None
     return f
 
 
