@@ -1,4 +1,4 @@
-"""Helpers for the data tests: a DICOM series writer and a stand-in VAE encoder."""
+"""Helpers for the data tests: a DICOM series writer, a stand-in VAE encoder, a small label map."""
 
 import math
 
@@ -54,3 +54,12 @@ class PoolEncoder:
         mu = torch.nn.functional.avg_pool3d(x, 4)
         sd = (torch.nn.functional.avg_pool3d(x * x, 4) - mu * mu).clamp_min(0).sqrt() + 0.01
         return mu.repeat(1, 4, 1, 1, 1), sd.repeat(1, 4, 1, 1, 1)
+
+
+def organ_blocks(shape=(20, 20, 20)) -> np.ndarray:
+    """A uint8 label map of blocks: a liver holding a hepatic tumour, and a left kidney."""
+    lab = np.zeros(shape, np.uint8)
+    lab[4:16, 4:16, 4:16] = 1  # liver
+    lab[8:12, 8:12, 8:12] = 26  # hepatic tumour inside
+    lab[2:5, 14:18, 6:10] = 14  # left kidney
+    return lab

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from data_helpers import organ_blocks
 from maisi.cli import main
 from maisi.data.labelmap import convert_labels, load_mapping, match_name, resample_label
 from maisi.data.phantom import make_phantom
@@ -67,16 +68,9 @@ def test_prepare_converts_a_foreign_label_map(tmp_path):
     report = json.loads((tmp_path / "out2" / "prepare_report.json").read_text())
     assert "99" in report["failed"]["s"]
 
-def _blocks(shape=(20, 20, 20)) -> np.ndarray:
-    lab = np.zeros(shape, np.uint8)
-    lab[4:16, 4:16, 4:16] = 1  # liver
-    lab[8:12, 8:12, 8:12] = 26  # hepatic tumour inside
-    lab[2:5, 14:18, 6:10] = 14  # left kidney
-    return lab
-
 
 def test_resample_keeps_ids_and_physical_extent():
-    lab = _blocks()
+    lab = organ_blocks()
     aff = affine_from_spacing(2.0, lab.shape)
     out, out_aff = resample_label(lab, aff, (40, 40, 40), (1.0, 1.0, 1.0))
     assert set(np.unique(out)) == set(np.unique(lab)) and out.dtype == np.uint8
@@ -90,7 +84,7 @@ def test_resample_keeps_ids_and_physical_extent():
 
 
 def test_resample_centred_on_source():
-    lab = _blocks()
+    lab = organ_blocks()
     aff = affine_from_spacing(2.0, lab.shape)
     _, out_aff = resample_label(lab, aff, (10, 10, 10), (4.0, 4.0, 4.0))
     centre_in = aff @ np.array([9.5, 9.5, 9.5, 1.0])

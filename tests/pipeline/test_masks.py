@@ -8,18 +8,11 @@ import json
 import numpy as np
 import pytest
 
+from data_helpers import organ_blocks
 from maisi.data.labelmap import ensure_body
 from maisi.io.volume import affine_from_spacing, spacing_from_affine, write_volume
 from maisi.pipeline import masks as M
 from pipeline_support import RELEASED, block_label, make_released_db
-
-
-def _blocks(shape=(20, 20, 20)) -> np.ndarray:
-    lab = np.zeros(shape, np.uint8)
-    lab[4:16, 4:16, 4:16] = 1  # liver
-    lab[8:12, 8:12, 8:12] = 26  # hepatic tumour inside
-    lab[2:5, 14:18, 6:10] = 14  # left kidney
-    return lab
 
 
 def test_user_mask_without_body_gets_one(tmp_path):
@@ -80,7 +73,7 @@ def test_phantom_database_serves_requested_region(tmp_path):
 
 
 def test_insert_tumour_inside_host():
-    lab = _blocks((32, 32, 32))
+    lab = organ_blocks((32, 32, 32))
     lab[lab == 26] = 1
     out = M.insert_tumor(lab, 26, (2.0, 2.0, 2.0), np.random.default_rng(0))
     tumour = out == 26
