@@ -134,22 +134,14 @@ def run(args: argparse.Namespace) -> int:
         check_files(request, args.out)  # a bad --out, --mask or output format fails before any network loads
     except OutputFormatError as e:  # the field, in the words the user typed
         raise ValueError(str(e).replace(e.field, "--" + e.field.replace("_", "-"), 1)) from e
-    except ValueError as e:
-        raise ValueError(in_flags(str(e))) from e
     rank, world = world_from_env()
     if world > 1 and torch.cuda.is_available() and args.device != "cpu":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     elif world > 1:
         torch.set_num_threads(max(1, (torch.get_num_threads()) // world))
-    try:
-        pipe = Pipeline.from_pretrained(args.weights, args.config, args.device, progress=not args.no_progress,
-                                        precision=args.precision)
-    except ValueError as e:
-        raise ValueError(in_flags(str(e))) from e
-    try:
-        plan = pipe.plan(request)  # every check before any compute
-    except ValueError as e:  # AnatomySizeError too: the fields, in the words the user typed
-        raise ValueError(in_flags(str(e))) from e
+    pipe = Pipeline.from_pretrained(args.weights, args.config, args.device, progress=not args.no_progress,
+                                    precision=args.precision)
+    plan = pipe.plan(request)  # every check before any compute; maisi.cli.main shows errors in flags (PHRASES)
     if rank == 0:
         for w in plan.warnings:
             print(f"maisi generate: warning: {in_flags(w)}", file=sys.stderr)
