@@ -23,7 +23,7 @@ import torch
 
 from maisi.data.phantom import make_phantom, write_phantom
 from maisi.evaluation.fid import FIDSettings, collect_features, fid_25d
-from maisi.evaluation.runs import evaluate_consistency
+from maisi.evaluation.runs import evaluate_consistency, vae_roundtrip
 from maisi.evaluation.segmenter import load_segmenter
 from maisi.io.atomic import atomic_write_text
 from maisi.io.volume import read_volume, write_volume
@@ -49,7 +49,6 @@ def heldout_phantoms(folder: Path, n: int, size: int, spacing: float) -> list[tu
     return pairs
 
 
-@torch.no_grad()
 def vae_roundtrips(weights: str | None, held: list[tuple[Path, Path]], folder: Path) -> list[tuple[Path, Path]]:
     """Each held-out phantom through the model's VAE alone (encode → mean → decode), written beside its mask.
     The segmenter's Dice on these is the ceiling of any generator decoding through this VAE."""
@@ -58,8 +57,8 @@ def vae_roundtrips(weights: str | None, held: list[tuple[Path, Path]], folder: P
     pairs = []
     for image, label in held:
         vol = read_volume(image)
-        x = torch.from_numpy((np.clip(vol.array.astype(np.float32), *HU_RANGE) - HU_RANGE[0]) / HU_SPAN)[None, None]
-        recon = vae.decode_within(vae.encode_within(x)[0]).clamp(0, 1)[0, 0].numpy() * HU_SPAN + HU_RANGE[0]
+        x = torch.from_numpy((np.clip(vol.array.astype(np.float32), *HU_RANGE) - HU_RANGE[0]) / HU_SPAN)
+        recon = vae_roundtrip(vae, x).numpy() * HU_SPAN + HU_RANGE[0]
         target = folder / image.name
         write_volume(target, recon, vol.affine, np.int16)
         pairs.append((target, label))

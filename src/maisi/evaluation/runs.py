@@ -61,22 +61,30 @@ def _to01(hu: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
+def vae_roundtrip(model: torch.nn.Module, x: torch.Tensor, memory_gb: float | None = None,
+                  device: str | torch.device = "cpu") -> torch.Tensor:
+    """An X×Y×Z volume on the [0, 1] scale through the VAE (encode_within → μ → decode_within), clamped to [0, 1];
+    padded with air to a multiple of the downsample factor and cropped back."""
+    factor = int(getattr(getattr(model, "config", None), "downsample_factor", 4))
+    shape = tuple(x.shape)
+    padded = pad_or_crop(x, [n + (-n) % factor for n in shape])
+    mu, _ = model.encode_within(padded[None, None].to(device), memory_gb=memory_gb)
+    recon = model.decode_within(mu, memory_gb=memory_gb).clamp(0, 1).cpu()[0, 0]
+    starts = [(p - n) // 2 for p, n in zip(padded.shape, shape)]
+    return recon[tuple(slice(s, s + n) for s, n in zip(starts, shape))]
+
+
+@torch.no_grad()
 def evaluate_reconstruction(paths: Sequence[Path], model: torch.nn.Module, memory_gb: float | None = None,
                             device: str | torch.device = "cpu", log: Log = None) -> dict[str, Any]:
     """VAE round trip (encode_within → μ → decode_within) of each volume; PSNR, SSIM, MAE (HU) vs the input.
     Volumes are padded with air to a multiple of the downsample factor and cropped back."""
-    factor = int(getattr(getattr(model, "config", None), "downsample_factor", 4))
     model = model.eval().to(device)
     rows = []
     for path in paths:
         hu, _ = read_hu(path)
         x = _to01(hu)
-        shape = tuple(x.shape)
-        padded = pad_or_crop(x, [n + (-n) % factor for n in shape])
-        mu, _ = model.encode_within(padded[None, None].to(device), memory_gb=memory_gb)
-        recon = model.decode_within(mu, memory_gb=memory_gb).clamp(0, 1).cpu()[0, 0]
-        starts = [(p - n) // 2 for p, n in zip(padded.shape, shape)]
-        recon = recon[tuple(slice(s, s + n) for s, n in zip(starts, shape))]
+        recon = vae_roundtrip(model, x, memory_gb, device)
         m = reconstruction_metrics(recon, x)
         rows.append({"image": str(path), **{k: round(v, 4) for k, v in m.items()}})
         if log:
