@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from maisi.data.phantom import make_phantom, write_phantom
+from maisi.data.phantom import TUMORS, make_phantom, write_phantom
 from maisi.data.regions import parse_span, region_from_label
 from maisi.io.volume import read_volume
 from maisi.labels import hu_quality_ranges
@@ -75,7 +75,24 @@ def test_tumours_sit_inside_their_host(tumor, tid, host):
     assert np.isin(plain.label[m], host).all()  # painted only over host voxels
 
 
+def test_tumour_radius_range_sets_the_tumour_size():
+    def volumes(radius):
+        return [int((make_phantom("abdomen", (48, 48, 40), 5.0, seed=s, tumors=["hepatic_tumor"], noise=False,
+                                  tumor_radius_mm=radius).label == 26).sum()) for s in range(4)]
+
+    small, large = volumes((6.0, 8.0)), volumes((30.0, 36.0))
+    assert all(v > 0 for v in small)
+    assert min(large) > 4 * max(small)
+    # the default keeps the type's own range, drawn from the same random numbers as before
+    default = make_phantom("abdomen", (48, 48, 40), 5.0, seed=1, tumors=["hepatic_tumor"], noise=False)
+    same = make_phantom("abdomen", (48, 48, 40), 5.0, seed=1, tumors=["hepatic_tumor"], noise=False,
+                        tumor_radius_mm=TUMORS[26][2])
+    np.testing.assert_array_equal(default.label, same.label)
+
+
 @pytest.mark.parametrize("kwargs,match", [
+    ({"tumors": ["hepatic_tumor"], "region": "abdomen", "tumor_radius_mm": (10.0, 5.0)}, "tumor_radius_mm"),
+    ({"tumors": ["hepatic_tumor"], "region": "abdomen", "tumor_radius_mm": (0.0, 5.0)}, "tumor_radius_mm"),
     ({"region": "thorax-legs"}, "unknown body region"), ({"region": "pelvis-chest"}, "top region first"),
     ({"size": (4, 32, 32)}, "size"), ({"spacing": (0.0, 1, 1)}, "spacing"),
     ({"tumors": ["liver"]}, "not supported"), ({"region": "head_neck", "tumors": ["hepatic_tumor"]}, "host organ"),

@@ -18,6 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tumor", nargs="*", default=[], metavar="NAME",
                    help="tumours to add: lung_tumor, hepatic_tumor, pancreatic_tumor, bone_lesion, "
                         "colon_cancer_primaries")
+    p.add_argument("--tumor-radius", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="draw each tumour's radius from MIN..MAX mm instead of its type's own range "
+                        "(still capped by the host organ's depth)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preview", action="store_true", help="also write <name>_preview.png (mid-planes, labels)")
     p.add_argument("--window", type=float, nargs=2, default=[-400.0, 600.0], metavar=("LO", "HI"),
@@ -42,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{datalist} exists but is not a datalist ({e}); remove it or pick another --out") from e
     for k in range(args.num):
         seed = args.seed + k
-        ph = make_phantom(args.region, args.size, args.spacing, seed=seed, tumors=args.tumor, noise=not args.no_noise)
+        ph = make_phantom(args.region, args.size, args.spacing, seed=seed, tumors=args.tumor, noise=not args.no_noise,
+                          tumor_radius_mm=tuple(args.tumor_radius) if args.tumor_radius else None)
         name = f"phantom_{ph.region.replace('-', '_')}_s{seed:04d}"
         entry = write_phantom(ph, out, name)
         entries[entry["image"]] = entry

@@ -66,13 +66,16 @@ def make_phantom(
     tumors: Sequence[str | int] = (),
     noise: bool = True,
     exclusive: bool = True,
+    tumor_radius_mm: tuple[float, float] | None = None,
 ) -> Phantom:
     """A random CT phantom of a body region (or span "top-bottom") in RAS with voxel size `spacing` mm.
 
     The field of view is size·spacing mm, centred on the region. With `exclusive` (default) the labels'
     body region (REFERENCE §3 markers) equals the requested one: marker organs of other regions that
     reach into a large field of view keep their look but are labelled body (200). Without it they keep
-    their labels and `region` is the span the labels show. Deterministic per seed.
+    their labels and `region` is the span the labels show. Each tumour's radius is drawn from
+    `tumor_radius_mm` (min, max), or from its type's own range in TUMORS, and is capped by the depth of
+    the host organ at the tumour's centre. Deterministic per seed.
     """
     size = _triple(size, "size", int)
     spacing = _triple(spacing, "spacing")
@@ -86,6 +89,9 @@ def make_phantom(
         if t not in TUMORS:
             raise ValueError(f"tumour {label_name(t)!r} is not supported; choose from "
                              f"{[label_name(i).replace(' ', '_') for i in TUMORS]}")
+    if tumor_radius_mm is not None and not (len(tumor_radius_mm) == 2
+                                            and 0 < tumor_radius_mm[0] <= tumor_radius_mm[1] <= 100):
+        raise ValueError(f"tumor_radius_mm must be (min, max) with 0 < min <= max <= 100 mm, got {tumor_radius_mm}")
     rng = np.random.default_rng(seed)
     anatomy = Anatomy(rng)
 
@@ -109,7 +115,7 @@ def make_phantom(
     else:
         top, bottom = region_from_label(canvas.label) or (top, bottom)
     for t in tumor_ids:
-        _add_tumor(canvas, t, rng)
+        _add_tumor(canvas, t, rng, tumor_radius_mm)
     if region_from_label(canvas.label) != (top, bottom):
         got = region_from_label(canvas.label)
         raise ValueError(
@@ -121,8 +127,10 @@ def make_phantom(
                    span_name(top, bottom), top, bottom, int(seed))
 
 
-def _add_tumor(c: Canvas, tumor: int, rng: np.random.Generator) -> None:
-    hosts, tissue, (rmin, rmax) = TUMORS[tumor]
+def _add_tumor(c: Canvas, tumor: int, rng: np.random.Generator,
+               radius_mm: tuple[float, float] | None = None) -> None:
+    hosts, tissue, own = TUMORS[tumor]
+    rmin, rmax = radius_mm or own
     inside = np.isin(c.label, hosts)
     # Candidate centres: host voxels at least a few mm from the host's edge.
     depth = ndimage.distance_transform_edt(inside, sampling=c.spacing)
