@@ -92,6 +92,10 @@ class UNetConfig:
     # MONAI SpatialTransformers; None: self-attention only (the image UNets)
     cross_attention_dim: int | None = None
     upcast_attention: bool = False  # attention in fp32 whatever the compute dtype
+    # maisi's own option, in no released network: the context (mean over its tokens) also passes through an MLP
+    # added to the time embedding, so every res block sees it. A single cross-attention token is only a
+    # per-channel constant at the attention levels, which a small UNet learned to ignore (mask-tiny).
+    context_embedding: bool = False
 
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
@@ -116,6 +120,10 @@ class UNetConfig:
         _check(
             self.cross_attention_dim is None or self.cross_attention_dim >= 1,
             f"cross_attention_dim must be None or >= 1, got {self.cross_attention_dim}",
+        )
+        _check(
+            not self.context_embedding or self.cross_attention_dim is not None,
+            "context_embedding needs a context: set cross_attention_dim",
         )
 
     @property
@@ -395,7 +403,7 @@ MASK_PRESETS: dict[str, MaskGenConfig] = {
             channels=(16, 16, 32, 32), attention_levels=(False, False, True, True), num_head_channels=(0, 0, 16, 16),
             num_res_blocks=1, norm_num_groups=8, resblock_updown=False, include_fc=True,
             include_spacing_input=False, num_class_embeds=None, cross_attention_dim=CONTEXT_SIZE,
-            upcast_attention=True,
+            upcast_attention=True, context_embedding=True,
         ),
         scheduler=SchedulerConfig(kind="ddim", num_inference_steps=50, use_timestep_transform=False),
         latent_shape=(4, 16, 16, 16),

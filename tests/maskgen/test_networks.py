@@ -187,7 +187,7 @@ def test_new_config_fields_keep_the_image_networks_unchanged():
     (dict(latent_shape=(3, 16, 16, 16)), "must be equal"),
     (dict(scale_factor=0.0), "scale_factor"),
     (dict(autoencoder=AutoencoderConfig()), "in_channels must be 8"),
-    (dict(unet=dataclasses.replace(TINY.unet, cross_attention_dim=None)), "cross_attention_dim must be 10"),
+    (dict(unet=dataclasses.replace(TINY.unet, cross_attention_dim=None, context_embedding=False)), "cross_attention_dim must be 10"),
 ])
 def test_impossible_configs_are_refused(change, message):
     with pytest.raises(ValueError, match=message):

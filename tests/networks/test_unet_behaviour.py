@@ -1,5 +1,7 @@
 """UNet and ControlNet behaviour: identity of a fresh ControlNet, joint backprop, conditions, key upgrades."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -91,6 +93,29 @@ def test_spacing_and_modality_change_the_output():
         base = unet(x, t, **c)
         assert not torch.allclose(base, unet(x, t, spacing=c["spacing"] * 2, modality=c["modality"]))
         assert not torch.allclose(base, unet(x, t, spacing=c["spacing"], modality=torch.tensor([0])))
+
+
+def test_context_embedding_adds_the_context_to_the_time_embedding():
+    cfg = UNetConfig(spatial_dims=2, channels=(8, 8), attention_levels=(False, False), num_head_channels=(0, 8),
+                     num_res_blocks=1, norm_num_groups=4, include_spacing_input=False, num_class_embeds=None,
+                     cross_attention_dim=10, context_embedding=True)
+    torch.manual_seed(0)
+    unet = DiffusionUNet(cfg).eval()
+    _perturb(unet)
+    assert {k for k in unet.state_dict() if k.startswith("context_embed.")} == {
+        "context_embed.0.weight", "context_embed.0.bias", "context_embed.2.weight", "context_embed.2.bias"}
+    plain = DiffusionUNet(replace(cfg, context_embedding=False)).eval()
+    assert not any(k.startswith("context_embed") for k in plain.state_dict())  # released layouts are untouched
+    plain.load_state_dict({k: v for k, v in unet.state_dict().items() if not k.startswith("context_embed")})
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.full((1, 1, 10), 0.3)
+    with torch.no_grad():
+        with_path = unet(x, t, context=ctx)
+        assert (with_path - plain(x, t, context=ctx)).abs().max() > 1e-3
+        unet.context_embed[2].weight.zero_()
+        unet.context_embed[2].bias.zero_()  # an embedding of 0 is the plain network
+        torch.testing.assert_close(unet(x, t, context=ctx), plain(x, t, context=ctx))
+    with pytest.raises(ValueError, match="context_embedding needs a context"):
+        replace(cfg, cross_attention_dim=None)
 
 
 def test_mask_encoding_and_controlnet_input_checks():

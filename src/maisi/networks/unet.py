@@ -105,6 +105,8 @@ class DiffusionUNet(nn.Module):
             self.bottom_region_index_layer = mlp(cfg.num_region_classes, emb)
         if cfg.include_spacing_input:
             self.spacing_layer = mlp(3, emb)
+        if cfg.context_embedding:  # maisi's own option (UNetConfig.context_embedding)
+            self.context_embed = mlp(cfg.cross_attention_dim, emb)
         rev = list(reversed(ch))
         self.up_blocks = nn.ModuleList(
             UpBlock(cfg.spatial_dims, rev[min(i + 1, len(ch) - 1)], rev[max(i - 1, 0)], rev[i], temb_width,
@@ -165,6 +167,8 @@ class DiffusionUNet(nn.Module):
         in_dtype, x = x.dtype, match_input(self.conv_in.conv, x)  # see maisi.networks.precision
         context = check_context(self.config, x, context)
         emb = embed_time(self, self.config, x, torch.as_tensor(t, device=x.device), modality)
+        if self.config.context_embedding:
+            emb = emb + self.context_embed(context.mean(dim=1))
         emb = self._conditions(x, emb, spacing, top_region, bottom_region)
         h = self.conv_in(x)
         skips = [h]
