@@ -130,3 +130,30 @@ def test_the_dice_term_counts_the_classes_present_only():
     assert present_dice(logits, target).item() == pytest.approx(1 / 3, abs=0.01)
     logits[:, 7][target == 7] = 60.0
     assert present_dice(logits, target).item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_init_reuses_the_autoencoder_and_starts_a_unet_of_another_architecture_fresh(data, config, tmp_path,
+                                                                                        capsys):
+    first = tmp_path / "first"
+    assert train("mask", *args(data, config, first, 1, 1, "--ema-decay", "0")) == 0
+    cfg = json.loads(config.read_text())
+    unet = to_dict(mask_preset("mask-tiny").unet) | {"context_embedding": False}
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(cfg | {"unet": unet}))
+    capsys.readouterr()
+    second = tmp_path / "second"
+    assert train("mask", *args(data, other, second, 1, 1, "--ema-decay", "0", "--lr", "1e-12", "--init",
+                               str(first))) == 0
+    assert "the autoencoder starts from it, the UNet starts fresh" in capsys.readouterr().out
+    a, b = (load_file(str(r / "mask_autoencoder" / "export" / "model.safetensors")) for r in (first, second))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # one step at lr 1e-12 from the init's autoencoder
+    assert "context_embed.0.weight" in load_file(str(first / "mask_unet" / "export" / "model.safetensors"))
+    assert "context_embed.0.weight" not in load_file(str(second / "mask_unet" / "export" / "model.safetensors"))
+
+    ae = cfg["autoencoder"] | {"channels": [8, 16]}
+    wider = tmp_path / "wider.json"
+    wider.write_text(json.dumps(cfg | {"autoencoder": ae}))
+    assert train("mask", *args(data, wider, tmp_path / "third", 1, 1, "--init", str(first))) == 2
+    err = capsys.readouterr().err
+    assert str(first) in err and "autoencoder does not have the architecture" in err
+    assert not (tmp_path / "third").exists()

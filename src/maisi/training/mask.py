@@ -71,7 +71,9 @@ class MaskStageOptions:
 class MaskTrainOptions(TrainOptions):
     """Both mask networks on label maps (a datalist with "label" entries: `maisi phantom` writes one). `steps` are
     the autoencoder's, `unet_steps` the UNet's; `config` is a mask preset (mask-tiny, mask-ct) or a JSON file
-    ({"preset": name, ...overrides} or a whole MaskGenConfig); `init` a mask model to start both from."""
+    ({"preset": name, ...overrides} or a whole MaskGenConfig); `init` a mask model to start from: its autoencoder,
+    which must have the config's architecture, and its UNet when that has the config's architecture too (a UNet of
+    another architecture starts fresh, and the log says so)."""
 
     stage: ClassVar[str] = "mask"
     component: ClassVar[str] = "mask_autoencoder"
@@ -279,7 +281,7 @@ def run_mask_training(options: MaskTrainOptions, log: Callable[[str], None] | No
     check_volumes(entries, ("label",))
     config = mask_config(options.config)
     maps = LabelMaps([e["label"] for e in entries], config)  # unknown ids fail here, before any weights
-    init = _init(options, config)
+    init = _init(options, config, log)
     world = D.init(options.device)
     try:
         precision = options.precision if options.precision != "auto" else (
@@ -293,9 +295,10 @@ def run_mask_training(options: MaskTrainOptions, log: Callable[[str], None] | No
         conditions = maps.conditions()
         latents = encode_maps(ae_stage.autoencoder, maps, world.device)
         contexts = torch.tensor([e[CONDITIONS_KEY] for e in conditions], dtype=torch.float32)
-        scale = options.scale_factor or (init.scale_factor if init else 1.0 / float(latents.double().std()))
+        init_unet = init.unet if init and to_dict(init.config.unet) == to_dict(config.unet) else None
+        scale = options.scale_factor or (init.scale_factor if init_unet else 1.0 / float(latents.double().std()))
         torch.manual_seed(options.seed)
-        unet = init.unet if init else build_mask_unet(config)
+        unet = init_unet or build_mask_unet(config)
         unet_stage = MaskDiffusionStage(unet, config, opts, world, options.unet_steps, scale, options.seed)
         metrics = _loop(unet_stage, MaskLatents(latents, contexts), options, world, log)
         if world.is_main:
@@ -306,16 +309,19 @@ def run_mask_training(options: MaskTrainOptions, log: Callable[[str], None] | No
         D.shutdown()
 
 
-def _init(options: MaskTrainOptions, config: MaskGenConfig) -> MaskModel | None:
-    """The mask model `init` names, which must have `config`'s architecture."""
+def _init(options: MaskTrainOptions, config: MaskGenConfig, log: Callable[[str], None] | None) -> MaskModel | None:
+    """The mask model `init` names, whose autoencoder must have `config`'s architecture (and so its grid)."""
     if not options.init:
         return None
     model = load_mask_model(resolve(options.init), preset=config.name if config.name in MASK_PRESETS else None)
     if model is None:
         raise ValueError(f"{options.init}: no mask model there (mask_autoencoder/ + mask_unet/, or NVIDIA's files)")
-    if to_dict(model.config.autoencoder) != to_dict(config.autoencoder) or to_dict(model.config.unet) != to_dict(
-            config.unet):
-        raise ValueError(f"{options.init}: its mask networks do not have the architecture of config {config.name!r}")
+    if to_dict(model.config.autoencoder) != to_dict(config.autoencoder) or model.config.latent_shape != config.latent_shape:
+        raise ValueError(f"{options.init}: its mask autoencoder does not have the architecture and grid of config "
+                         f"{config.name!r}")
+    if to_dict(model.config.unet) != to_dict(config.unet) and log:
+        log(f"{options.init}: its mask UNet has another architecture than config {config.name!r}; "
+            "the autoencoder starts from it, the UNet starts fresh")
     return model
 
 
