@@ -155,6 +155,12 @@ def test_vae_refuses_a_run_folder_of_another_config(data, tmp_path, capsys):
     other.write_text(json.dumps({"preset": "tiny", "autoencoder": {"channels": [4, 8, 8]}}))
     assert train("vae", "--data", str(data), "--out", str(run), "--steps", "2", *FAST, "--config", str(other)) == 2
     assert "another model config" in capsys.readouterr().err
+    # a config written before maisi added a field (here with its default) is the same config: the run resumes
+    saved = json.loads((run / "run.json").read_text())
+    del saved["config"]["autoencoder"]["upsample_mode"]
+    (run / "run.json").write_text(json.dumps(saved))
+    assert train("vae", "--data", str(data), "--out", str(run), "--steps", "2", *FAST) == 0
+    assert [r["step"] for r in metrics(run)][-1] == 2
 
 
 def test_freeze_encoder_trains_the_decoder_only(data, tmp_path):

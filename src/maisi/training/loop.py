@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
-from maisi.config import ModelConfig, to_dict
+from maisi.config import ModelConfig, from_dict, to_dict
 from maisi.io.atomic import atomic_write_text
 from maisi.io.checkpoint import save_pretrained
 from maisi.training import distributed as D
@@ -143,7 +143,7 @@ def prepare_run_dir(run_dir: Path, stage: str, config: ModelConfig, options: dic
         old = json.loads(run_file.read_text())
         if old.get("stage") != stage:
             raise ValueError(f"{run_dir} holds a {old.get('stage')!r} run, not {stage!r}; use another run folder")
-        if old.get("config") != cfg:
+        if not _same_config(old.get("config"), config):
             raise ValueError(
                 f"{run_dir} holds a run with another model config; resume with the same config "
                 "or use another run folder"
@@ -151,6 +151,15 @@ def prepare_run_dir(run_dir: Path, stage: str, config: ModelConfig, options: dic
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", json.dumps(cfg, indent=2) + "\n")
     atomic_write_text(run_file, json.dumps({"stage": stage, "config": cfg, "options": options}, indent=2) + "\n")
+
+
+def _same_config(saved: Any, config: Any) -> bool:
+    """Whether a run.json's config is `config`; fields a later maisi added are compared at their defaults, so
+    a run folder still resumes after an upgrade."""
+    try:
+        return to_dict(from_dict(type(config), saved)) == to_dict(config)
+    except (TypeError, ValueError):
+        return False
 
 
 def _state(stage: Stage, step: int) -> dict[str, Any]:
