@@ -78,6 +78,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dice-weight", type=float, default=1.0,
                    help="soft-Dice weight of the autoencoder (with 0, the first run drew no hepatic tumour)")
+    p.add_argument("--class-balance", type=float, default=0.5,
+                   help="autoencoder cross-entropy weight per class ∝ voxel share^-P (Dice alone did not bring the "
+                        "tumours back)")
     p.add_argument("--init", help="a mask model (run folder) both networks start from")
     p.add_argument("--unet-steps", type=int, default=5000)
     p.add_argument("--unet-lr", type=float, default=5e-4)
@@ -89,7 +92,8 @@ def main() -> None:
     datalist = write_phantoms(a.work / "maskdata", a.tumor_phantoms, a.plain_phantoms,
                               tuple(a.tumor_radius))
     options = MaskTrainOptions(data=datalist, out=a.work / "maskrun", config="mask-tiny", steps=a.steps, lr=a.lr,
-                               dice_weight=a.dice_weight, init=a.init, unet_steps=a.unet_steps, unet_lr=a.unet_lr,
+                               dice_weight=a.dice_weight,
+                               class_balance=a.class_balance, init=a.init, unet_steps=a.unet_steps, unet_lr=a.unet_lr,
                                ema_decay=0.999, threads=a.threads, device=a.device, log_every=50,
                                checkpoint_every=200, progress=False)
     run_mask_training(options, log=print)
@@ -98,7 +102,8 @@ def main() -> None:
               "data": f"{a.tumor_phantoms} {REGION} phantoms with a hepatic tumour of "
                       f"{a.tumor_radius[0]:g}-{a.tumor_radius[1]:g} mm radius (seeds {TUMOR_SEED}..) and "
                       f"{a.plain_phantoms} without (seeds {PLAIN_SEED}..), {SIZE}^3 at {SPACING:g} mm, no noise",
-              "steps": a.steps, "lr": a.lr, "dice_weight": a.dice_weight, "init": a.init, "unet_steps": a.unet_steps,
+              "steps": a.steps, "lr": a.lr, "dice_weight": a.dice_weight,
+              "class_balance": a.class_balance, "init": a.init, "unet_steps": a.unet_steps,
               "unet_lr": a.unet_lr, "ema_decay": 0.999, "device": a.device}
     if not a.no_install:
         print(f"installed into {install(a.work / 'maskrun', recipe)}")

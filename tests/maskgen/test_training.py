@@ -10,14 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from maisi.config import to_dict
+from maisi.config import NUM_CLASSES, to_dict
+from maisi.data.datalist import read_datalist
 from maisi.data.phantom import write_datalist
 from maisi.io.volume import affine_from_spacing, write_volume
 from maisi.maskgen import mask_preset
 from maisi.maskgen.context import CONDITIONS_FILE, load_conditions
+from maisi.maskgen.encoding import to_class_index
 from maisi.maskgen.networks import load_mask_model
 from maisi.networks.weights import resolve
-from maisi.training.mask import MaskDiffusionStage, MaskTrainOptions, present_dice
+from maisi.training.mask import LabelMaps, MaskDiffusionStage, MaskTrainOptions, mask_config, present_dice
 from train_support import assert_bitwise_equal, mean_loss, metrics, phantom_datalist, state_weights, train
 
 
@@ -98,6 +100,7 @@ def test_dice_weight_adds_a_soft_dice_term_to_the_autoencoder_loss(data, config,
 
 @pytest.mark.parametrize("change, match", [
     (dict(dice_weight=-1.0), "dice_weight must be >= 0"),
+    (dict(class_balance=-0.5), "class_balance must be >= 0"),
     (dict(unet_steps=0), "unet_steps must be >= 1"),
     (dict(unet_lr=0.0), "unet_lr must be > 0"),
     (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\)"),
@@ -157,3 +160,23 @@ def test_init_reuses_the_autoencoder_and_starts_a_unet_of_another_architecture_f
     err = capsys.readouterr().err
     assert str(first) in err and "autoencoder does not have the architecture" in err
     assert not (tmp_path / "third").exists()
+
+
+def test_class_balance_weights_rare_classes_up_in_the_cross_entropy(data, config, tmp_path):
+    maps = LabelMaps([e["label"] for e in read_datalist(data)], mask_config(config))
+    counts = torch.zeros(NUM_CLASSES)
+    for label in maps.labels:
+        counts += torch.bincount(to_class_index(torch.from_numpy(label)).ravel(), minlength=NUM_CLASSES)
+    present = torch.nonzero(counts).ravel()
+    rare, common = present[counts[present].argmin()], present[counts[present].argmax()]
+    w = maps.class_weights(0.5)
+    assert w[rare] / w[common] == pytest.approx(float((counts[common] / counts[rare]) ** 0.5), rel=1e-4)
+    assert (w[counts == 0] == 1).all() and (maps.class_weights(0.0) == 1).all()
+
+    run = tmp_path / "run"
+    assert train("mask", *args(data, config, run, 1, 1, "--class-balance", "0.5", "--log-every", "1")) == 0
+    plain = tmp_path / "plain"
+    assert train("mask", *args(data, config, plain, 1, 1, "--log-every", "1")) == 0
+    # same weights, same batch: only the class weighting differs
+    assert metrics(run / "mask_autoencoder")[0]["loss_ce"] != pytest.approx(
+        metrics(plain / "mask_autoencoder")[0]["loss_ce"], rel=1e-3)

@@ -97,6 +97,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--kl-weight", type=float, default=1e-6, help="autoencoder KL weight (default 1e-6)")
     m.add_argument("--dice-weight", type=float, default=0.0,
                    help="autoencoder soft-Dice weight beside the cross-entropy (default 0; small tumours need it)")
+    m.add_argument("--class-balance", type=float, default=0.0,
+                   help="weight each class's cross-entropy by (its voxel share)^-P (default 0: plain; 0.5: inverse "
+                        "square root, so rare classes such as tumours count)")
     m.add_argument("--lr-power", type=float, default=2.0, help="polynomial decay power of the UNet learning rate")
     m.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the UNet weights, exported (0: none)")
     m.add_argument("--scale-factor", type=float, help="latent scale (default: --init's, else 1/std of the latents)")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import Tensor, nn
 
-from maisi.config import MASK_PRESETS, MaskGenConfig, from_dict, mask_preset, to_dict
+from maisi.config import MASK_PRESETS, NUM_CLASSES, MaskGenConfig, from_dict, mask_preset, to_dict
 from maisi.data.datalist import read_datalist
 from maisi.data.datasets import check_volumes
 from maisi.data.labelmap import resample_label
@@ -51,6 +51,7 @@ class MaskStageOptions:
     lr: float = 1e-4  # autoencoder
     kl_weight: float = 1e-6
     dice_weight: float = 0.0  # autoencoder: + dice_weight · soft Dice over the classes (small structures count)
+    class_balance: float = 0.0  # autoencoder: cross-entropy weight of a class ∝ (its voxel share)^-class_balance
     unet_lr: float = 1e-4
     lr_power: float = 2.0  # polynomial decay of the UNet's learning rate to 0 at its last step
     ema_decay: float = 0.999  # EMA of the UNet's weights, exported; 0: none
@@ -60,7 +61,7 @@ class MaskStageOptions:
         for k in ("lr", "unet_lr"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"{k} must be > 0, got {getattr(self, k)}")
-        for k in ("kl_weight", "dice_weight", "lr_power"):
+        for k in ("kl_weight", "dice_weight", "class_balance", "lr_power"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
         if not 0 <= self.ema_decay < 1:
@@ -82,6 +83,7 @@ class MaskTrainOptions(TrainOptions):
     unet_lr: float = 1e-4
     kl_weight: float = 1e-6
     dice_weight: float = 0.0
+    class_balance: float = 0.0
     lr_power: float = 2.0
     ema_decay: float = 0.999
     scale_factor: float | None = None  # latent scale; None: the init model's, else 1/std of the latents
@@ -100,6 +102,7 @@ class MaskTrainOptions(TrainOptions):
 
     def stage_options(self, precision: str) -> MaskStageOptions:
         return MaskStageOptions(lr=self.lr, kl_weight=self.kl_weight, dice_weight=self.dice_weight,
+                                class_balance=self.class_balance,
                                 unet_lr=self.unet_lr, lr_power=self.lr_power, ema_decay=self.ema_decay,
                                 precision=precision)
 
@@ -145,6 +148,15 @@ class LabelMaps:
 
     def load(self, i: int, g: torch.Generator, sample: int = 0) -> dict[str, Tensor]:
         return {"label": torch.from_numpy(self.labels[i].astype(np.int64))[None]}
+
+    def class_weights(self, power: float) -> Tensor:
+        """Cross-entropy weight of each of the classes: (its share of the maps' voxels)^-power; 1 for a class
+        the maps lack (it is never a target) and for every class when power is 0."""
+        counts = torch.zeros(NUM_CLASSES, dtype=torch.float64)
+        for label in self.labels:
+            counts += torch.bincount(to_class_index(torch.from_numpy(label)).ravel(), minlength=NUM_CLASSES).double()
+        share = counts / counts.sum()
+        return torch.where(counts > 0, share.clamp_min(1e-12) ** -power, 1.0).float()
 
     def conditions(self) -> list[dict[str, Any]]:
         """The conditions entries of the maps (sizes: percentiles of their volumes on this grid)."""
@@ -194,13 +206,15 @@ def present_dice(logits: Tensor, target: Tensor) -> Tensor:
 class MaskAutoencoderStage:
     """Bit planes in, 125 class logits out: cross-entropy against the class indices + kl_weight · KL, and with
     dice_weight > 0 + dice_weight · soft Dice (MONAI's DiceLoss over the classes the batch holds): cross-entropy alone
-    is ruled by the big classes and lets a tumour of a few voxels vanish from the reconstruction."""
+    is ruled by the big classes and lets a tumour of a few voxels vanish from the reconstruction. `class_weights`
+    (LabelMaps.class_weights) weight the cross-entropy per target class (a weighted mean over the voxels)."""
 
     name = component = "mask_autoencoder"
 
     def __init__(self, autoencoder: nn.Module, config: MaskGenConfig, opts: MaskStageOptions, world: D.World,
-                 seed: int = 0):
+                 seed: int = 0, class_weights: Tensor | None = None):
         self.config, self.opts, self.world, self.seed = config, opts, world, seed
+        self.class_weights = None if class_weights is None else class_weights.to(world.device)
         self.autoencoder = autoencoder.to(world.device)
         self.model = D.wrap(SampledVAE(self.autoencoder), world)
         self.opt = torch.optim.Adam(self.autoencoder.parameters(), lr=opts.lr)
@@ -231,7 +245,7 @@ class MaskAutoencoderStage:
         self.model.train()
         with autocast(self.world.device, self.opts.precision):
             logits, mu, sigma = self.model(x, eps)
-        ce = F.cross_entropy(logits.float(), target)
+        ce = F.cross_entropy(logits.float(), target.to(logits.device), weight=self.class_weights)
         kl = kl_loss(mu, sigma)
         loss = ce + self.opts.kl_weight * kl
         dice = present_dice(logits.float(), target) if self.opts.dice_weight else None
@@ -289,7 +303,8 @@ def run_mask_training(options: MaskTrainOptions, log: Callable[[str], None] | No
         opts = options.stage_options(precision)
         torch.manual_seed(options.seed)  # the same fresh weights on every rank and every run
         ae = init.autoencoder if init else build_mask_autoencoder(config)
-        ae_stage = MaskAutoencoderStage(ae, config, opts, world, options.seed)
+        weights = maps.class_weights(options.class_balance) if options.class_balance else None
+        ae_stage = MaskAutoencoderStage(ae, config, opts, world, options.seed, weights)
         _loop(ae_stage, maps, options, world, log)
 
         conditions = maps.conditions()
