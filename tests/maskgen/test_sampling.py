@@ -73,6 +73,7 @@ def test_decoding_divides_the_latent_by_the_scale_factor(networks):
     with torch.no_grad():
         expected = decode_logits(ae.decode(z / 2.5))
     assert torch.equal(decode_mask(ae, z, 2.5), expected)
+    assert torch.equal(decode_mask(ae, z, 2.5, memory_gb=4.0), expected)  # the plan the budget picks
     assert not torch.equal(decode_mask(ae, z, 1.0), expected)
 
 

@@ -58,5 +58,11 @@ def decode_logits(logits: torch.Tensor) -> torch.Tensor:
     """N×125×spatial class logits → N×1×spatial MAISI ids (uint8: 0..200) by argmax, then the remap."""
     if logits.ndim < 3 or logits.shape[1] != NUM_CLASSES:
         raise ValueError(f"logits must be N×{NUM_CLASSES}×spatial, got {tuple(logits.shape)}")
-    index = logits.argmax(dim=1, keepdim=True)  # softmax first, as the reference does, changes nothing
-    return index_to_label().to(index.device)[index].to(torch.uint8)
+    return index_to_labels(logits.argmax(dim=1, keepdim=True))  # softmax first, as the reference does, changes nothing
+
+
+def index_to_labels(index: torch.Tensor) -> torch.Tensor:
+    """Class indices (0..124, any shape) → MAISI ids (uint8: 0..200), label_dict_124_to_132.json's remap."""
+    if index.numel() and (index.min() < 0 or index.max() >= NUM_CLASSES):
+        raise ValueError(f"class indices must be in 0..{NUM_CLASSES - 1}, got {int(index.min())}..{int(index.max())}")
+    return index_to_label().to(index.device)[index.long()].to(torch.uint8)

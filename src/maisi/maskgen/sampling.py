@@ -11,7 +11,7 @@ import torch
 from maisi.config import CONTEXT_SIZE, MaskGenConfig
 from maisi.diffusion.sampling import make_generators, make_noise, sample
 from maisi.diffusion.schedulers import make_scheduler
-from maisi.maskgen.encoding import decode_logits
+from maisi.maskgen.encoding import index_to_labels
 from maisi.networks.autoencoder import Autoencoder
 from maisi.networks.unet import DiffusionUNet
 
@@ -49,15 +49,25 @@ def sample_mask_latent(unet: DiffusionUNet, context: Sequence[float], config: Ma
 
 @torch.no_grad()
 def decode_mask(autoencoder: Autoencoder, latent: torch.Tensor, scale_factor: float, *,
-                num_splits: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """1×1×X×Y×Z uint8 map of MAISI ids: decode latent / scale_factor, argmax over the classes, remap."""
-    logits = autoencoder.decode(latent / scale_factor, num_splits=num_splits, dtype=dtype)
-    return decode_logits(logits)
+                memory_gb: float | None = None, num_splits: int | None = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """1×1×X×Y×Z uint8 map of MAISI ids: decode latent / scale_factor, argmax over the classes, remap.
+
+    The argmax is taken segment by segment (tile by tile when streaming), so the 125 class logits are never held
+    whole: 8.4 GB in fp32 for the released model's 256³. `memory_gb` picks the fastest exact plan within that
+    budget (networks.memory); without it, `num_splits` segments (the config's by default).
+    """
+    z = latent / scale_factor
+    if memory_gb is not None:
+        index = autoencoder.decode_within(z, memory_gb, argmax=True, dtype=dtype)
+    else:
+        index = autoencoder.decode(z, num_splits=num_splits, dtype=dtype, argmax=True)
+    return index_to_labels(index)
 
 
 def generate_mask(autoencoder: Autoencoder, unet: DiffusionUNet, context: Sequence[float], config: MaskGenConfig,
                   seed: int, *, sampler: str | None = None, steps: int | None = None,
-                  scale_factor: float | None = None, num_splits: int | None = None,
+                  scale_factor: float | None = None, memory_gb: float | None = None, num_splits: int | None = None,
                   dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                   progress: bool = False) -> torch.Tensor:
     """A raw generated label map (1×1×X×Y×Z, MAISI ids) for a completed size vector; post-process it with
@@ -65,4 +75,4 @@ def generate_mask(autoencoder: Autoencoder, unet: DiffusionUNet, context: Sequen
     latent = sample_mask_latent(unet, context, config, seed, sampler=sampler, steps=steps, device=device,
                                 progress=progress)
     return decode_mask(autoencoder, latent, config.scale_factor if scale_factor is None else scale_factor,
-                       num_splits=num_splits, dtype=dtype)
+                       memory_gb=memory_gb, num_splits=num_splits, dtype=dtype)

@@ -102,24 +102,28 @@ class Autoencoder(nn.Module):
     def decode(
         self, z: torch.Tensor, *, num_splits: int | None = None, split_axis: int | None = None,
         devices: Devices = None, dtype: torch.dtype | None = None, channels_last: bool | None = None,
-        stream: StreamPlan | None = None,
+        stream: StreamPlan | None = None, argmax: bool = False,
     ) -> torch.Tensor:
         """Latent N×latent×x×y×z → image N×out×(f·x)×(f·y)×(f·z), f the downsample factor.
 
-        With `stream`, the decoder runs tile by tile with big maps out of core (see `encode`).
+        With `stream`, the decoder runs tile by tile with big maps out of core (see `encode`). With `argmax`,
+        the result is the argmax over the output channels (N×1×..., int64 class indices), taken segment by
+        segment or tile by tile so that the out-channel map is never held whole (the mask autoencoder's logits).
         """
         self._check(z, self.config.latent_channels, "latent")
         if self._grad_path(z):
-            return self.decoder(self.post_quant_conv(z))
+            out = self.decoder(self.post_quant_conv(z))
+            return out.argmax(1, keepdim=True) if argmax else out
         if stream is not None:
             with torch.no_grad():
                 h = self.post_quant_conv(z.float())
-                return torch.cat([self.decoder.stream(h[i:i + 1], stream).float().contiguous()
-                                  for i in range(z.shape[0])])
+                parts = [self.decoder.stream(h[i:i + 1], stream, argmax) for i in range(z.shape[0])]
+                return torch.cat(parts if argmax else [p.float().contiguous() for p in parts])
         with torch.no_grad():
             plan = self._plan(num_splits, split_axis, devices, dtype, channels_last, z.device)
             h = self.post_quant_conv(z.float()).to(plan.dtype)
-            return self.decoder.run(h, plan).float()
+            out = self.decoder.run(h, plan, argmax)
+            return out if argmax else out.float()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(reconstruction, mu, sigma); the decoded z is mu + sigma·eps in training mode, mu in eval."""
@@ -128,12 +132,13 @@ class Autoencoder(nn.Module):
         return self.decode(z), mu, sigma
 
     def plan_within(self, op: str, shape: tuple[int, ...], memory_gb: float | None, *,
-                    dtype: torch.dtype | None = None, scratch: str | None = None, device: str | torch.device | None = None):
+                    dtype: torch.dtype | None = None, scratch: str | None = None, device: str | torch.device | None = None,
+                    argmax: bool = False):
         """The fastest exact plan for `op` ("encode"/"decode") on `shape` within `memory_gb` (networks.memory);
         `device` defaults to where the weights are."""
         device = device or next(self.parameters()).device
         return plan_memory(self, op, tuple(shape), memory_gb, axis=self.config.split_axis,
-                           dtype=dtype or torch.float32, scratch=scratch, device=device)
+                           dtype=dtype or torch.float32, scratch=scratch, device=device, argmax=argmax)
 
     def encode_within(self, x: torch.Tensor, memory_gb: float | None = None, **kw) -> tuple[torch.Tensor, torch.Tensor]:
         """`encode` with the fastest exact plan whose estimated peak fits `memory_gb` (or `plan=`; networks.memory)."""

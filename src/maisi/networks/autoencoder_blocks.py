@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from maisi.config import AutoencoderConfig
-from maisi.networks.split import _CONV, _MODE, Plan, SplitConv, conv_split, norm_affine, norm_pre
-from maisi.networks.stream import Store, StreamPlan, conv_tiled, tiles
+from maisi.networks.split import _CONV, _MODE, Plan, SplitConv, _narrow, conv_split, norm_affine, norm_pre
+from maisi.networks.stream import IndexStore, Store, StreamPlan, conv_tiled, tiles
 
 
 class ResBlock(nn.Module):
@@ -173,6 +173,18 @@ class Upsample(nn.Module):
         return out
 
 
+def argmax_split(x: torch.Tensor, layer, plan: Plan, pre: Callable | None) -> torch.Tensor:
+    """argmax over the channels of conv_split(x, layer), one segment at a time (N×1×... int64)."""
+    dim = plan.axis + 2
+    out = torch.empty(x.shape[0], 1, *(layer.out_length(d) for d in x.shape[2:]), dtype=torch.long, device=x.device)
+
+    def keep(a: int, b: int, rows: torch.Tensor) -> None:
+        _narrow(out, dim, a, b).copy_(rows.argmax(1, keepdim=True))
+
+    conv_split(x, layer, plan, pre=pre, sink=keep)
+    return out
+
+
 class Coder(nn.Module):
     """A cascade of blocks (`blocks.{i}`, MONAI's MaisiEncoder/MaisiDecoder numbering)."""
 
@@ -185,12 +197,15 @@ class Coder(nn.Module):
             x = block(x)
         return x
 
-    def run(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """Split inference: a GroupNorm is folded into the conv that follows it (no SiLU there)."""
-        pre, spare = None, None
-        for block in self.blocks:
+    def run(self, x: torch.Tensor, plan: Plan, argmax: bool = False) -> torch.Tensor:
+        """Split inference: a GroupNorm is folded into the conv that follows it (no SiLU there). With `argmax`,
+        the last conv's segments are reduced to their argmax over the channels as they come (N×1×... int64)."""
+        pre, spare, last = None, None, len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
             if isinstance(block, nn.GroupNorm):
                 pre = norm_pre(*norm_affine(block, x, plan), False, plan)
+            elif isinstance(block, SplitConv) and argmax and i == last:
+                return argmax_split(x, block.conv, plan, pre)
             elif isinstance(block, SplitConv):
                 x, pre = conv_split(x, block.conv, plan, pre=pre), None
             elif isinstance(block, ResBlock):
@@ -199,8 +214,9 @@ class Coder(nn.Module):
                 x, spare = block.run(x, plan), None
         return x
 
-    def stream(self, x: torch.Tensor, plan: StreamPlan) -> torch.Tensor:
-        """Streaming inference of one sample (1×C×...): every map in a Store, every conv tile by tile."""
+    def stream(self, x: torch.Tensor, plan: StreamPlan, argmax: bool = False) -> torch.Tensor:
+        """Streaming inference of one sample (1×C×...): every map in a Store, every conv tile by tile; with
+        `argmax`, the last conv's tiles are kept as their argmax over the channels (1×1×... int64)."""
         device, last = x.device, len(self.blocks) - 1
         store, pre = Store.of(x.to(plan.dtype)), None
         for i, block in enumerate(self.blocks):
@@ -211,7 +227,7 @@ class Coder(nn.Module):
                 out = None
                 if i == last:  # the result stays in memory
                     sizes = [layer.out_length(d) for d in store.sizes]
-                    out = Store(layer.conv.out_channels, sizes, plan.dtype, None)
+                    out = IndexStore(sizes) if argmax else Store(layer.conv.out_channels, sizes, plan.dtype, None)
                 y = conv_tiled(store, layer, plan, pre=pre, out=out, device=device)
                 store.close()
                 store, pre = y, None

@@ -27,8 +27,9 @@ def _bytes(dtype: torch.dtype) -> int:
 
 
 def estimate_peak(model: nn.Module, op: str, shape: tuple[int, ...], num_splits: int, axis: int = 0,
-                  dtype: torch.dtype = torch.float32) -> int:
-    """Estimated peak bytes (activations + weights) of split `encode`/`decode` on an input of `shape`.
+                  dtype: torch.dtype = torch.float32, argmax: bool = False) -> int:
+    """Estimated peak bytes (activations + weights) of split `encode`/`decode` on an input of `shape`; with
+    `argmax`, of a decode whose last conv is reduced to int64 class indices segment by segment.
 
     Walks the blocks the way `Coder.run` executes them: the live full-size tensors of each step (input,
     output, a ResBlock's hidden tensor) plus the per-segment temporaries of the conv running at that step
@@ -58,13 +59,15 @@ def estimate_peak(model: nn.Module, op: str, shape: tuple[int, ...], num_splits:
     io = vox(spatial) * c * 4  # the caller's input
     peak = 0
     pre = False
+    last = coder.blocks[-1]
     for block in coder.blocks:
         if isinstance(block, nn.GroupNorm):
             pre = True
             peak = max(peak, io + vox(spatial) * c * b + norm_temp(c, spatial))
         elif isinstance(block, SplitConv):
             cout = block.conv.conv.out_channels
-            peak = max(peak, io + vox(spatial) * (c + cout) * b + seg_temp(c, cout, spatial, pre))
+            held = vox(spatial) * (8 if argmax and block is last else cout * b)  # class indices, or the output
+            peak = max(peak, io + vox(spatial) * c * b + held + seg_temp(c, cout, spatial, pre))
             c, pre = cout, False
         elif isinstance(block, ResBlock):
             cout = block.conv1.conv.conv.out_channels
@@ -80,7 +83,7 @@ def estimate_peak(model: nn.Module, op: str, shape: tuple[int, ...], num_splits:
             spatial = [(d + 1) // 2 for d in spatial] if isinstance(block, Downsample) else [2 * d for d in spatial]
             big = spatial if isinstance(block, Upsample) else small
             peak = max(peak, io + (vox(small) + vox(spatial)) * c * b + seg_temp(c, c, big, pre=False, up=True))
-    return int(SAFETY * (peak + weights + vox(spatial) * c * 4))
+    return int(SAFETY * (peak + weights + vox(spatial) * (8 if argmax else c * 4)))
 
 
 def _candidates(max_len: int) -> list[int]:
@@ -88,13 +91,14 @@ def _candidates(max_len: int) -> list[int]:
 
 
 def estimate_streaming(model: nn.Module, op: str, shape: tuple[int, ...], plan: StreamPlan,
-                       accelerator: bool = False) -> int:
+                       accelerator: bool = False, argmax: bool = False) -> int:
     """Estimated peak bytes of streaming `encode`/`decode` (`Coder.stream`) on an input of `shape`.
 
     At each conv: the host-resident maps alive then (input, hidden and output of a ResBlock; maps larger
     than `plan.resident_bytes` live on disk and cost only their tile), the tile working set of the edge
     that conv will use, plus what is held throughout: weights, the caller's input and the result. On an
-    `accelerator` the maps live in host memory and only the device's share is counted.
+    `accelerator` the maps live in host memory and only the device's share is counted. With `argmax` the
+    result is int64 class indices (the last conv's tiles reduced as they come).
     """
     b, nd = _bytes(plan.dtype), len(shape) - 2
     n, spatial = shape[0], list(shape[2:])
@@ -114,10 +118,12 @@ def estimate_streaming(model: nn.Module, op: str, shape: tuple[int, ...], plan: 
     c, first = shape[1], True
     io = math.prod(spatial) * c * 4 * n + (0 if b == 4 else math.prod(spatial) * c * b)  # input (+ its cast)
     peak = 0
+    last = coder.blocks[-1]
     for block in coder.blocks:
         if isinstance(block, SplitConv):
             cout = block.conv.conv.out_channels
-            peak = max(peak, held(c, spatial, first) + held(cout, spatial) + tile(c, cout, 1, False))
+            out = math.prod(spatial) * 8 if argmax and block is last else held(cout, spatial)
+            peak = max(peak, held(c, spatial, first) + out + tile(c, cout, 1, False))
             c, first = cout, False
         elif isinstance(block, ResBlock):
             cout = block.conv1.conv.conv.out_channels
@@ -129,7 +135,8 @@ def estimate_streaming(model: nn.Module, op: str, shape: tuple[int, ...], plan: 
             spatial = [2 * d for d in spatial] if up else [(d + 1) // 2 for d in spatial]
             peak = max(peak, held(c, small, first) + held(c, spatial) + tile(c, c, 1 if up else 2, up))
             first = False
-    result = math.prod(spatial) * c * (b + 4 + 4) * n  # the final store, its fp32 copy, the batch cat
+    # the final store, its fp32 copy, the batch cat (class indices: the store and the cat)
+    result = math.prod(spatial) * n * (8 * 2 if argmax else c * (b + 4 + 4))
     return int(SAFETY * (peak + weights + io + result))
 
 
@@ -170,8 +177,9 @@ STREAM_TILE_MB = (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 
 def plan_memory(model: nn.Module, op: str, shape: tuple[int, ...], memory_gb: float | None, *, axis: int = 0,
                 dtype: torch.dtype = torch.float32, scratch: str | Path | None = None,
-                device: str | torch.device = "cpu") -> MemoryPlan:
-    """The fastest exact plan whose estimated peak fits `memory_gb` (None: the config's split count).
+                device: str | torch.device = "cpu", argmax: bool = False) -> MemoryPlan:
+    """The fastest exact plan whose estimated peak fits `memory_gb` (None: the config's split count); `argmax`:
+    of a decode to class indices (`Autoencoder.decode(argmax=True)`).
 
     The budget is the compute device's memory: on a CPU the process's, on a GPU the GPU's (streaming then
     keeps its maps in host memory unless `scratch` names a folder). Raises ValueError naming the smallest
@@ -183,12 +191,12 @@ def plan_memory(model: nn.Module, op: str, shape: tuple[int, ...], memory_gb: fl
     gb = lambda x: x / GB  # noqa: E731
     if memory_gb is None:
         k = model.config.num_splits
-        est = estimate_peak(model, op, shape, k, axis, dtype)
+        est = estimate_peak(model, op, shape, k, axis, dtype, argmax)
         return MemoryPlan("unsplit" if k == 1 else "split", gb(est), k, axis)
     if not memory_gb > 0:
         raise ValueError(f"memory_gb must be positive, got {memory_gb}")
     budget = memory_gb * GB
-    k, est = _fewest_splits(model, op, shape, budget, axis, dtype)
+    k, est = _fewest_splits(model, op, shape, budget, axis, dtype, argmax)
     if est <= budget:
         return MemoryPlan("unsplit" if k == 1 else "split", gb(est), k, axis)
     scratch = None if scratch is None else str(scratch)
@@ -196,7 +204,7 @@ def plan_memory(model: nn.Module, op: str, shape: tuple[int, ...], memory_gb: fl
     def streaming(tile_mb: int, resident_mb: int) -> int:
         return estimate_streaming(model, op, shape, StreamPlan(tile_bytes=tile_mb * 1024**2, scratch=scratch,
                                                                resident_bytes=resident_mb * 1024**2, dtype=dtype),
-                                  accelerator)
+                                  accelerator, argmax)
 
     best = None
     for tile_mb in STREAM_TILE_MB:
@@ -219,14 +227,14 @@ def plan_memory(model: nn.Module, op: str, shape: tuple[int, ...], memory_gb: fl
 
 
 def _fewest_splits(model: nn.Module, op: str, shape: tuple[int, ...], budget: float, axis: int,
-                   dtype: torch.dtype) -> tuple[int, int]:
+                   dtype: torch.dtype, argmax: bool = False) -> tuple[int, int]:
     """(the fewest num_splits whose estimate fits `budget` bytes, its estimate), else (the most splits, the
     smallest estimate seen)."""
     factor = model.config.downsample_factor
     max_len = shape[2 + axis] * (factor if op == "decode" else 1)
     best = None
     for k in _candidates(max_len):
-        est = estimate_peak(model, op, shape, k, axis, dtype)
+        est = estimate_peak(model, op, shape, k, axis, dtype, argmax)
         if est <= budget:
             return k, est
         best = est if best is None else min(best, est)
@@ -249,28 +257,32 @@ def choose_splits(model: nn.Module, op: str, shape: tuple[int, ...], memory_gb: 
 
 def within(model: nn.Module, op: str, x: torch.Tensor, memory_gb: float | None, *, sliding_window: bool = False,
            roi_size: tuple[int, ...] | None = None, overlap: float = 0.25, split_axis: int | None = None,
-           scratch: str | Path | None = None, plan: MemoryPlan | None = None, **kw):
+           scratch: str | Path | None = None, plan: MemoryPlan | None = None, argmax: bool = False, **kw):
     """Run `model.encode`/`model.decode` with the fastest exact plan that fits `memory_gb` (see `plan_memory`),
-    or with `plan` when given.
+    or with `plan` when given; `argmax` (decode only): class indices, see `Autoencoder.decode`.
 
     With `sliding_window=True` and a budget no exact plan can meet, fall back to MONAI's
     sliding_window_inference with Gaussian blending (approximate: seams are blended, not exact).
     """
     fn = model.encode if op == "encode" else model.decode
+    if argmax:
+        if op != "decode" or sliding_window:
+            raise ValueError("argmax is for exact decodes: op='decode' without sliding_window")
+        kw = {**kw, "argmax": True}
     axis = model.config.split_axis if split_axis is None else split_axis
     dtype = kw.get("dtype") or torch.float32
     with torch.no_grad():
         if plan is None:
             try:
                 plan = plan_memory(model, op, tuple(x.shape), memory_gb, axis=axis, dtype=dtype, scratch=scratch,
-                                   device=x.device)
+                                   device=x.device, argmax=argmax)
             except ValueError:
                 if not sliding_window:
                     raise
                 return _sliding(model, op, x, memory_gb, roi_size, overlap, axis, kw)
         if plan.kind == "streaming":
             devices = tuple(torch.device(d) for d in kw.get("devices") or ())
-            return fn(x, stream=plan.stream(dtype, devices))
+            return fn(x, stream=plan.stream(dtype, devices), **({"argmax": True} if argmax else {}))
         return fn(x, num_splits=plan.num_splits, split_axis=plan.split_axis, **kw)
 
 

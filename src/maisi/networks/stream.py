@@ -202,6 +202,24 @@ class Store:
                 self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
+class IndexStore:
+    """Where a conv's output tiles end as their argmax over the channels (int64 class indices, X×Y×Z): the
+    C-channel map is never held whole (a mask autoencoder's 125 class logits at 256³ are 8.4 GB in fp32)."""
+
+    def __init__(self, sizes: Sequence[int]):
+        self.sizes = tuple(int(s) for s in sizes)
+        self.data = torch.empty(*self.sizes, dtype=torch.long)
+
+    def write(self, region: Region, tile: torch.Tensor) -> None:
+        self.data[tuple(slice(a, b) for a, b in region)].copy_(tile[0].argmax(0))
+
+    def tensor(self) -> torch.Tensor:
+        return self.data[None, None]
+
+    def close(self) -> None:
+        self.data = None
+
+
 def _chunks(length: int, step: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, length)) for a in range(0, length, step)]
 
@@ -213,7 +231,7 @@ def tiles(sizes: Sequence[int], edge: int) -> Iterator[Region]:
 
 def conv_tiled(src: Store, layer: Conv, plan: StreamPlan, *, pre: Callable | None = None, upsample: bool = False,
                residual: Callable[[Region, torch.device], torch.Tensor] | None = None, residual_channels: int = 0,
-               out: Store | None = None, device: torch.device | None = None) -> Store:
+               out: Store | IndexStore | None = None, device: torch.device | None = None) -> Store | IndexStore:
     """conv(pad(pre(up(src)))) tile by tile into a new store (or `out`), equal to the unsplit result.
 
     `residual(region, device)` returns a tensor added to each output tile before it is stored.

@@ -245,7 +245,8 @@ class Pipeline:
         sc, model = plan.size_control, self.nets.mask
         mask_seed = attempt_seed(seed, attempt)
         raw = generate_mask(model.autoencoder, model.unet, sc.context, model.config, mask_seed, sampler=sc.sampler,
-                            steps=sc.steps, scale_factor=model.scale_factor, dtype=self.dtype, device=self.device)
+                            steps=sc.steps, scale_factor=model.scale_factor, memory_gb=plan.request.memory_gb,
+                            dtype=self.dtype, device=self.device)
         label = postprocess_mask(raw[0, 0].cpu().numpy(), target_tumor(sc.context, sc.requested))
         grid = (model.config.spacing_mm,) * 3
         measured = measure_sizes(label, grid, sc.reference_volumes)
