@@ -81,7 +81,8 @@ def main() -> None:
     p.add_argument("--class-balance", type=float, default=0.5,
                    help="autoencoder cross-entropy weight per class ∝ voxel share^-P (Dice alone did not bring the "
                         "tumours back)")
-    p.add_argument("--init", help="a mask model (run folder) both networks start from")
+    p.add_argument("--init", help="a mask model (run folder) to start from: its autoencoder, and its UNet when it has "
+                                  "mask-tiny's architecture")
     p.add_argument("--unet-steps", type=int, default=5000)
     p.add_argument("--unet-lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=1)
@@ -92,8 +93,8 @@ def main() -> None:
     datalist = write_phantoms(a.work / "maskdata", a.tumor_phantoms, a.plain_phantoms,
                               tuple(a.tumor_radius))
     options = MaskTrainOptions(data=datalist, out=a.work / "maskrun", config="mask-tiny", steps=a.steps, lr=a.lr,
-                               dice_weight=a.dice_weight,
-                               class_balance=a.class_balance, init=a.init, unet_steps=a.unet_steps, unet_lr=a.unet_lr,
+                               dice_weight=a.dice_weight, class_balance=a.class_balance, init=a.init,
+                               unet_steps=a.unet_steps, unet_lr=a.unet_lr,
                                ema_decay=0.999, threads=a.threads, device=a.device, log_every=50,
                                checkpoint_every=200, progress=False)
     run_mask_training(options, log=print)
