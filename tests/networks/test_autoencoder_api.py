@@ -154,28 +154,34 @@ def test_argmax_decode_reduces_each_segment_and_tile_to_class_indices():
 
 
 PEAK_SCRIPT = """
-import resource, sys, torch
+import sys, torch
 from maisi.config import AutoencoderConfig
 from maisi.networks.autoencoder import Autoencoder
+
+def status(key):  # kB, from the kernel's accounting of this process
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])
+
 torch.manual_seed(0)
 ae = Autoencoder(AutoencoderConfig(out_channels=125, channels=(4, 8), num_res_blocks=(1, 1), norm_num_groups=2,
                                    upsample_mode="transposed_conv")).eval()
-z = torch.randn(1, 4, 40, 40, 20)
+z = torch.randn(1, 4, 128, 40, 20)
 with torch.no_grad():
     ae.decode(z[..., :8, :8, :4], num_splits=8, argmax=True)  # the libraries' one-time buffers
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-with torch.no_grad():
-    out = ae.decode(z, num_splits=8, argmax=sys.argv[1] == "argmax")
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set (VmHWM) to the current one
+    base = status("VmRSS")
+    out = ae.decode(z, num_splits=32, argmax=sys.argv[1] == "argmax")
+print((status("VmHWM") - base) / 1024)
 """
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
 def test_an_argmax_decode_never_holds_the_class_logits(tmp_path):
     script = tmp_path / "peak.py"
     script.write_text(PEAK_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     grown = {mode: float(subprocess.run([sys.executable, str(script), mode], env=env, check=True, text=True,
                                         capture_output=True).stdout) for mode in ("logits", "argmax")}
-    logits_mb = 125 * 80 * 80 * 40 * 4 / 1024**2  # 122 MB
-    # the same segment temporaries either way; the logits path also holds the logits (measured 220 vs 92 MB)
-    assert grown["logits"] - grown["argmax"] > 0.8 * logits_mb, grown
+    logits_mb = 125 * 256 * 80 * 40 * 4 / 1024**2  # 391 MB (the decoder upsamples once), against segments of ~50 MB
+    # the same segment temporaries either way; the logits path also holds the logits
+    assert grown["logits"] - grown["argmax"] > 0.6 * logits_mb, grown  # measured 350-370 MB
