@@ -154,6 +154,9 @@ def test_cli_writes_phantoms_previews_and_a_growing_datalist(tmp_path, capsys):
     assert 26 in set(read_volume(tmp_path / entries[0]["label"]).array.ravel().tolist())
     assert main(args + ["--region", "legs"]) == 2
     assert "unknown body region" in capsys.readouterr().err
+    assert main(args + ["--tumor", "hepatic_tumor", "--tumor-radius", "10", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--tumor-radius must be (min, max)" in err and "tumor_radius_mm" not in err
 
 
 def test_anatomy_sides_follow_ras():

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+PHRASES = {"tumor_radius_mm": "--tumor-radius"}  # the library's words -> the flag (maisi.cli.flags)
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("phantom", help="write synthetic CT phantoms with MAISI label maps and a datalist")
