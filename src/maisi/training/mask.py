@@ -127,20 +127,22 @@ def mask_config(source: str | Path | None) -> MaskGenConfig:
 
 class LabelMaps:
     """The label maps, resampled (nearest, centred pad/crop) once onto the mask model's output grid and checked
-    against its vocabulary."""
+    against its vocabulary; `class_counts` are the voxels of each class over all maps."""
 
     def __init__(self, files: Sequence[str | Path], config: MaskGenConfig):
         self.files = [Path(f) for f in files]
         self.spacing = (config.spacing_mm,) * 3
         self.labels = []
+        self.class_counts = torch.zeros(NUM_CLASSES, dtype=torch.float64)
         for f in self.files:
             vol = read_volume(f)
             label, _ = resample_label(np.rint(vol.array).astype(np.uint8), vol.affine, config.output_shape,
                                       self.spacing)
             try:
-                to_class_index(label)
+                index = to_class_index(label)
             except ValueError as e:
                 raise ValueError(f"{f}: {e}") from None
+            self.class_counts += torch.bincount(index.ravel(), minlength=NUM_CLASSES).double()
             self.labels.append(label)
 
     def __len__(self) -> int:
@@ -152,9 +154,7 @@ class LabelMaps:
     def class_weights(self, power: float) -> Tensor:
         """Cross-entropy weight of each of the classes: (its share of the maps' voxels)^-power; 1 for a class
         the maps lack (it is never a target) and for every class when power is 0."""
-        counts = torch.zeros(NUM_CLASSES, dtype=torch.float64)
-        for label in self.labels:
-            counts += torch.bincount(to_class_index(torch.from_numpy(label)).ravel(), minlength=NUM_CLASSES).double()
+        counts = self.class_counts
         share = counts / counts.sum()
         return torch.where(counts > 0, share.clamp_min(1e-12) ** -power, 1.0).float()
 
