@@ -28,9 +28,13 @@ TUMOR_SEED, PLAIN_SEED = 1000, 3000  # phantom k of each set uses seed + k
 # Hepatic tumours of 20-45 mm radius (the phantom default is 8-20 mm): at 6 mm a 4x-compressing autoencoder
 # (24 mm per latent voxel) dropped every tumour of the default range, 1.3-3.3 voxels in radius.
 TUMOR_RADIUS_MM = (20.0, 45.0)
+# Liver radii times 0.75-1.3 (about 950-2900 mL): the default phantom liver varies by 13 % (1788-3117 mL), too
+# little for the UNet to learn that the liver slot of the context sets it.
+LIVER_SCALE = (0.75, 1.3)
 
 
-def write_phantoms(folder: Path, tumors: int, plain: int, radius: tuple[float, float]) -> Path:
+def write_phantoms(folder: Path, tumors: int, plain: int, radius: tuple[float, float],
+                   liver_scale: tuple[float, float] | None) -> Path:
     """The training label maps (and images) and one datalist of both sets; kept when already written."""
     datalist = folder / "datalist.json"
     if datalist.is_file():
@@ -39,7 +43,7 @@ def write_phantoms(folder: Path, tumors: int, plain: int, radius: tuple[float, f
     for sub, n, seed, kinds in (("tum", tumors, TUMOR_SEED, ("hepatic_tumor",)), ("plain", plain, PLAIN_SEED, ())):
         for k in range(n):
             p = make_phantom(REGION, size=SIZE, spacing=SPACING, seed=seed + k, tumors=kinds, noise=False,
-                             tumor_radius_mm=radius)
+                             tumor_radius_mm=radius, organ_scale={"liver": liver_scale} if liver_scale else None)
             e = write_phantom(p, folder / sub, f"phantom_{REGION.replace('-', '_')}_s{seed + k}")
             entries.append({**e, "image": f"{sub}/{Path(e['image']).name}", "label": f"{sub}/{Path(e['label']).name}"})
     atomic_write_text(datalist, json.dumps({"training": entries}, indent=1) + "\n")
@@ -74,6 +78,8 @@ def main() -> None:
     p.add_argument("--plain-phantoms", type=int, default=60)
     p.add_argument("--tumor-radius", type=float, nargs=2, default=TUMOR_RADIUS_MM, metavar=("MIN", "MAX"),
                    help="hepatic tumour radius range in mm (default %(default)s)")
+    p.add_argument("--liver-scale", type=float, nargs=2, default=LIVER_SCALE, metavar=("MIN", "MAX"),
+                   help="factor range on the phantom liver's radii (default %(default)s; 1 1 for the default liver)")
     p.add_argument("--steps", type=int, default=1000, help="mask autoencoder steps")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dice-weight", type=float, default=1.0,
@@ -91,7 +97,7 @@ def main() -> None:
     a = p.parse_args()
     t0 = time.perf_counter()
     datalist = write_phantoms(a.work / "maskdata", a.tumor_phantoms, a.plain_phantoms,
-                              tuple(a.tumor_radius))
+                              tuple(a.tumor_radius), tuple(a.liver_scale))
     options = MaskTrainOptions(data=datalist, out=a.work / "maskrun", config="mask-tiny", steps=a.steps, lr=a.lr,
                                dice_weight=a.dice_weight, class_balance=a.class_balance, init=a.init,
                                unet_steps=a.unet_steps, unet_lr=a.unet_lr,
@@ -102,7 +108,8 @@ def main() -> None:
     recipe = {"script": "scripts/train_demo_mask_model.py", "config": "mask-tiny",
               "data": f"{a.tumor_phantoms} {REGION} phantoms with a hepatic tumour of "
                       f"{a.tumor_radius[0]:g}-{a.tumor_radius[1]:g} mm radius (seeds {TUMOR_SEED}..) and "
-                      f"{a.plain_phantoms} without (seeds {PLAIN_SEED}..), {SIZE}^3 at {SPACING:g} mm, no noise",
+                      f"{a.plain_phantoms} without (seeds {PLAIN_SEED}..), all with the liver's radii times "
+                      f"{a.liver_scale[0]:g}-{a.liver_scale[1]:g}, {SIZE}^3 at {SPACING:g} mm, no noise",
               "steps": a.steps, "lr": a.lr, "dice_weight": a.dice_weight,
               "class_balance": a.class_balance, "init": a.init, "unet_steps": a.unet_steps,
               "unet_lr": a.unet_lr, "ema_decay": 0.999, "device": a.device}

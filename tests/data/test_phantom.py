@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from maisi.data.phantom import TUMORS, make_phantom, write_phantom
 from maisi.data.regions import parse_span, region_from_label
@@ -90,7 +91,32 @@ def test_tumour_radius_range_sets_the_tumour_size():
     np.testing.assert_array_equal(default.label, same.label)
 
 
+def test_organ_scale_sets_the_organ_size_and_leaves_the_rest_of_the_phantom():
+    def label(seed, scale=None):
+        return make_phantom("abdomen", (48, 48, 40), 5.0, seed=seed, noise=False,
+                            organ_scale=None if scale is None else {"liver": scale}).label
+
+    for seed in range(2):
+        small, large, default = label(seed, (0.75, 0.75)), label(seed, (1.3, 1.3)), label(seed)
+        assert (large == 1).sum() > 3 * (small == 1).sum() > 0
+        # the factors have their own random stream: away from the liver and its vessels nothing moved
+        elsewhere = ~np.isin(small, (1, 25)) & ~np.isin(large, (1, 25))
+        np.testing.assert_array_equal(small[elsewhere], large[elsewhere])
+        # a scaled liver stays inside the muscle wall, which the default liver reaches into
+        wall = ndimage.binary_dilation(default == 0, iterations=3)
+        assert ((large == 1) & wall).sum() == 0 < ((default == 1) & wall).sum()
+    # a range draws a factor per seed, the same with other organs scaled too
+    drawn = [(label(s, (0.75, 1.3)) == 1).sum() for s in range(4)]
+    assert len(set(drawn)) == 4
+    both = make_phantom("abdomen", (48, 48, 40), 5.0, seed=3, noise=False,
+                        organ_scale={"liver": (0.75, 1.3), "stomach": (1.2, 1.2)}).label
+    assert (both == 1).sum() == drawn[3]
+
+
 @pytest.mark.parametrize("kwargs,match", [
+    ({"organ_scale": {"brain": (1.0, 1.2)}}, "'brain' cannot be scaled"),
+    ({"organ_scale": {"liver": (1.2, 1.0)}}, r"organ_scale\['liver'\]"),
+    ({"organ_scale": {"liver": (0.2, 1.0)}}, "0.5 <= min <= max <= 2.0"),
     ({"tumors": ["hepatic_tumor"], "region": "abdomen", "tumor_radius_mm": (10.0, 5.0)}, "tumor_radius_mm"),
     ({"tumors": ["hepatic_tumor"], "region": "abdomen", "tumor_radius_mm": (0.0, 5.0)}, "tumor_radius_mm"),
     ({"region": "thorax-legs"}, "unknown body region"), ({"region": "pelvis-chest"}, "top region first"),
@@ -157,6 +183,13 @@ def test_cli_writes_phantoms_previews_and_a_growing_datalist(tmp_path, capsys):
     assert main(args + ["--tumor", "hepatic_tumor", "--tumor-radius", "10", "5"]) == 2
     err = capsys.readouterr().err
     assert "--tumor-radius must be (min, max)" in err and "tumor_radius_mm" not in err
+    assert main(args + ["--seed", "9", "--organ-scale", "liver=1.3:1.3", "stomach=0.8"]) == 0
+    big = read_volume(tmp_path / "phantom_abdomen_s0009_label.nii.gz").array
+    assert (big == 1).sum() > (make_phantom("abdomen", (24, 24, 16), 10.0, seed=9).label == 1).sum()
+    for bad, says in (("livr=1:1.2", "--organ-scale: 'livr' cannot be scaled"), ("liver=big", "write ORGAN=MIN:MAX"),
+                      ("liver=0.2:1", "--organ-scale['liver'] must be")):
+        assert main(args + ["--organ-scale", bad]) == 2
+        assert says in capsys.readouterr().err
 
 
 def test_anatomy_sides_follow_ras():

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-PHRASES = {"tumor_radius_mm": "--tumor-radius"}  # the library's words -> the flag (maisi.cli.flags)
+PHRASES = {"tumor_radius_mm": "--tumor-radius", "organ_scale": "--organ-scale"}  # the library's words -> the flag (maisi.cli.flags)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tumor-radius", type=float, nargs=2, metavar=("MIN", "MAX"),
                    help="draw each tumour's radius from MIN..MAX mm instead of its type's own range "
                         "(still capped by the host organ's depth)")
+    p.add_argument("--organ-scale", nargs="+", default=[], metavar="ORGAN=MIN:MAX",
+                   help="scale each named organ's radii by a factor drawn from MIN..MAX (0.5..2), e.g. liver=0.75:1.3; "
+                        "organs: liver, spleen, pancreas, right_kidney, left_kidney, gallbladder, stomach, bladder, colon")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preview", action="store_true", help="also write <name>_preview.png (mid-planes, labels)")
     p.add_argument("--window", type=float, nargs=2, default=[-400.0, 600.0], metavar=("LO", "HI"),
@@ -37,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num < 1:
         raise ValueError(f"--num must be at least 1, got {args.num}")
+    organ_scale = parse_organ_scale(args.organ_scale)
     out = Path(args.out)
     datalist = out / "datalist.json"
     entries: dict[str, dict] = {}
@@ -48,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     for k in range(args.num):
         seed = args.seed + k
         ph = make_phantom(args.region, args.size, args.spacing, seed=seed, tumors=args.tumor, noise=not args.no_noise,
-                          tumor_radius_mm=tuple(args.tumor_radius) if args.tumor_radius else None)
+                          tumor_radius_mm=tuple(args.tumor_radius) if args.tumor_radius else None,
+                          organ_scale=organ_scale)
         name = f"phantom_{ph.region.replace('-', '_')}_s{seed:04d}"
         entry = write_phantom(ph, out, name)
         entries[entry["image"]] = entry
@@ -60,3 +65,16 @@ def run(args: argparse.Namespace) -> int:
     write_datalist(datalist, list(entries.values()))
     print(f"datalist: {datalist} ({len(entries)} cases)")
     return 0
+
+
+def parse_organ_scale(items: list[str]) -> dict[str, tuple[float, float]]:
+    """["liver=0.75:1.3", ...] -> {"liver": (0.75, 1.3)}; the library checks names and ranges."""
+    out = {}
+    for item in items:
+        name, _, span = item.partition("=")
+        lo, _, hi = span.partition(":")
+        try:
+            out[name.strip()] = (float(lo), float(hi or lo))
+        except ValueError:
+            raise ValueError(f"--organ-scale {item!r}: write ORGAN=MIN:MAX, e.g. liver=0.75:1.3") from None
+    return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,9 @@ TUMORS: dict[int, tuple[tuple[int, ...], str, tuple[float, float]]] = {
     128: (tuple(range(33, 57)) + (127,), "lesion", (5.0, 10.0)),
 }
 NOISE_HU = 14.0  # scanner noise standard deviation
+# Organs whose size `organ_scale` can set: liver, spleen, pancreas, kidneys, gallbladder, stomach, bladder, colon.
+SCALABLE_ORGANS = (1, 3, 4, 5, 10, 12, 14, 15, 62)
+ORGAN_SCALE_RANGE = (0.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ def make_phantom(
     noise: bool = True,
     exclusive: bool = True,
     tumor_radius_mm: tuple[float, float] | None = None,
+    organ_scale: Mapping[str | int, tuple[float, float]] | None = None,
 ) -> Phantom:
     """A random CT phantom of a body region (or span "top-bottom") in RAS with voxel size `spacing` mm.
 
@@ -75,7 +79,11 @@ def make_phantom(
     reach into a large field of view keep their look but are labelled body (200). Without it they keep
     their labels and `region` is the span the labels show. Each tumour's radius is drawn from
     `tumor_radius_mm` (min, max), or from its type's own range in TUMORS, and is capped by the depth of
-    the host organ at the tumour's centre. Deterministic per seed.
+    the host organ at the tumour's centre. `organ_scale` {organ name or id: (min, max)} multiplies each named
+    organ's radii by a factor drawn from (min, max), and keeps the organ inside the trunk's muscle wall: its
+    volume grows about as the cube until the diaphragm and the wall stop it. The factors come from their own
+    stream (seed, organ id), so the rest of the phantom is that of the same seed without them. Deterministic per
+    seed.
     """
     size = _triple(size, "size", int)
     spacing = _triple(spacing, "spacing")
@@ -92,8 +100,10 @@ def make_phantom(
     if tumor_radius_mm is not None and not (len(tumor_radius_mm) == 2
                                             and 0 < tumor_radius_mm[0] <= tumor_radius_mm[1] <= 100):
         raise ValueError(f"tumor_radius_mm must be (min, max) with 0 < min <= max <= 100 mm, got {tumor_radius_mm}")
+    scale = {i: float(np.random.default_rng([seed, i]).uniform(lo, hi))
+             for i, (lo, hi) in _organ_scale(organ_scale).items()}
     rng = np.random.default_rng(seed)
-    anatomy = Anatomy(rng)
+    anatomy = Anatomy(rng, scale)
 
     # Field of view: centred on the span, shifted to stay inside its exclusive window when it fits.
     fov = np.asarray(size) * np.asarray(spacing)
@@ -125,6 +135,25 @@ def make_phantom(
     image = _render(canvas, rng, noise)
     return Phantom(image, canvas.label, affine_from_spacing(spacing, origin=origin), spacing,
                    span_name(top, bottom), top, bottom, int(seed))
+
+
+def _organ_scale(organ_scale: Mapping[str | int, tuple[float, float]] | None) -> dict[int, tuple[float, float]]:
+    """{label id: (min, max)} of a make_phantom organ_scale, checked."""
+    out = {}
+    lo_ok, hi_ok = ORGAN_SCALE_RANGE
+    names = [label_name(i) for i in SCALABLE_ORGANS]
+    for organ, span in (organ_scale or {}).items():
+        try:
+            i = label_id(organ)
+        except ValueError:
+            i = None
+        if i not in SCALABLE_ORGANS:
+            raise ValueError(f"organ_scale: {organ!r} cannot be scaled; choose from {names}")
+        if not (len(span) == 2 and lo_ok <= span[0] <= span[1] <= hi_ok):
+            raise ValueError(f"organ_scale[{organ!r}] must be (min, max) with {lo_ok} <= min <= max <= {hi_ok}, "
+                             f"got {tuple(span)}")
+        out[i] = (float(span[0]), float(span[1]))
+    return out
 
 
 def _add_tumor(c: Canvas, tumor: int, rng: np.random.Generator,

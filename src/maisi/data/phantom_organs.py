@@ -27,8 +27,9 @@ class Anatomy:
     """One randomised patient. World coordinates are atlas mm: x → patient left is −x (RAS: +x = right),
     y → anterior, z → superior with 0 at the top of L5. Organs are drawn in the order of `draw`."""
 
-    def __init__(self, rng: np.random.Generator):
+    def __init__(self, rng: np.random.Generator, scale: dict[int, float] | None = None):
         self.rng = rng
+        self.scale = dict(scale or {})  # label id -> factor on the organ's radii (make_phantom's organ_scale)
         u = rng.uniform
         self.wx, self.wy = u(0.9, 1.08), u(0.9, 1.1)  # body width / depth scale
         self.fat = u(10.0, 26.0)  # subcutaneous fat thickness, mm
@@ -43,6 +44,15 @@ class Anatomy:
 
     def sc(self, r, lo: float = 0.9, hi: float = 1.1) -> np.ndarray:
         return np.asarray(r, dtype=np.float64) * self.rng.uniform(lo, hi)
+
+    def grow(self, label: int, r, clip=None):
+        """Radii `r` times the organ's scale factor, and the clip that keeps a scaled organ inside the trunk's
+        muscle wall (x, y, z -> bool, or None). Organs without a factor keep their radii and clip exactly."""
+        if label not in self.scale:
+            return r, clip
+        inner = lambda x, y, z: self.inside_trunk(x, y, z, shrink=2.0 + self.fat + self.wall)  # noqa: E731
+        both = inner if clip is None else (lambda x, y, z: clip(x, y, z) & inner(x, y, z))
+        return np.asarray(r, dtype=np.float64) * self.scale[label], both
 
     def axes(self, z):
         """Trunk/neck cross-section semi-axes (ax, ay) and centre y at height z."""
@@ -143,32 +153,45 @@ class Anatomy:
                 within=(200,))
         colon = self.j([(85, 0, 40), (88, 10, 140), (72, 35, 168), (0, 72, 150), (-78, 15, 205), (-92, -10, 130),
                         (-88, 0, 20), (-50, 45, -40), (0, 30, -65), (0, -62, -100), (0, -68, -160)], 5)
-        r = np.interp(np.arange(len(colon)), [0, 4, 8, 10], [24, 20, 15, 17])
-        c.paint(c.tube(chaikin(colon), r), 62, T["bowel"], within=(200, 19))
-        c.paint(c.tube(chaikin(colon), r - 6), 62, T["feces"], within=(62,))
-        liver = [c.ellipsoid(self.j((62, 2, 200)), self.sc((88, 92, 78)), clip=below),
-                 c.ellipsoid(self.j((-12, 48, 228)), self.sc((58, 38, 34)), clip=below)]
+        r, clip = self.grow(62, np.interp(np.arange(len(colon)), [0, 4, 8, 10], [24, 20, 15, 17]))
+        c.paint(c.tube(chaikin(colon), r, clip=clip), 62, T["bowel"], within=(200, 19))
+        c.paint(c.tube(chaikin(colon), r - 6, clip=clip), 62, T["feces"], within=(62,))
+        liver = []
+        for centre, radii in (((62, 2, 200), (88, 92, 78)), ((-12, 48, 228), (58, 38, 34))):
+            at = self.j(centre)
+            r, clip = self.grow(1, self.sc(radii), below)
+            liver.append(c.ellipsoid(at, r, clip=clip))
         for sel in liver:
             c.paint(sel, 1, T["liver"], within=(200, 19, 62))
         porta = self.j((38, 8, 190), 3)
         roots = [(porta, np.array(d)) for d in ((1.0, 0.2, 0.5), (0.8, -0.6, 0.2), (0.5, 0.2, -0.8), (-1.0, 0.8, 0.6))]
         self.vessel_tree(c, roots, 5.0, 35.0, 2, (1,), 25, "vein")
-        c.paint(c.ellipsoid(self.j((52, 60, 168)), self.sc((15, 15, 32)), rot=rotation("x", 30)), 10, T["fluid"])
-        stomach = c.ellipsoid(self.j((-55, 35, 210)), self.sc((46, 34, 56)), rot=rotation("y", -20), clip=below)
+        at = self.j((52, 60, 168))  # each centre is drawn before its radii: the default phantoms stay as they were
+        r, clip = self.grow(10, self.sc((15, 15, 32)))
+        c.paint(c.ellipsoid(at, r, rot=rotation("x", 30), clip=clip), 10, T["fluid"])
+        at = self.j((-55, 35, 210))
+        r, clip = self.grow(12, self.sc((46, 34, 56)), below)
+        stomach = c.ellipsoid(at, r, rot=rotation("y", -20), clip=clip)
         c.paint(stomach, 12, T["fluid"], within=(200, 19, 62))
         if stomach is not None:
             zc = c.axes[2][stomach.slices[2]].reshape(1, 1, -1)
             gas = Selection(stomach.slices, stomach.mask & (zc > 228 + self.rng.uniform(-8, 8)))
             c.paint(gas, 12, T["air"], within=(12,))
-        c.paint(c.ellipsoid(self.j((-92, -45, 212)), self.sc((30, 52, 56)), rot=rotation("z", 35), clip=below),
-                3, T["spleen"])
+        at = self.j((-92, -45, 212))
+        r, clip = self.grow(3, self.sc((30, 52, 56)), below)
+        c.paint(c.ellipsoid(at, r, rot=rotation("z", 35), clip=clip), 3, T["spleen"])
         pan = self.j([(32, 2, 158), (8, 12, 166), (-40, 0, 178), (-82, -28, 190)], 3)
-        c.paint(c.tube(chaikin(pan), self.sc([17, 12, 11, 9])), 4, T["pancreas"], within=(200, 19, 62))
+        r, clip = self.grow(4, self.sc([17, 12, 11, 9]))
+        c.paint(c.tube(chaikin(pan), r, clip=clip), 4, T["pancreas"], within=(200, 19, 62))
         for lab, side, zc in ((5, 1, 128), (14, -1, 146)):
-            k = c.ellipsoid(self.j((side * 70, -52, zc)), self.sc((28, 25, 56)), rot=rotation("z", side * 25))
+            at = self.j((side * 70, -52, zc))
+            r, clip = self.grow(lab, self.sc((28, 25, 56)))
+            k = c.ellipsoid(at, r, rot=rotation("z", side * 25), clip=clip)
             c.paint(k, lab, T["kidney"])
             c.paint(c.ellipsoid(self.j((side * 58, -44, zc), 2), (9, 9, 22)), lab, T["fat"], within=(lab,))
-        c.paint(c.ellipsoid(self.j((0, 48, -92)), self.sc((46, 36, 38)), deform=0.08), 15, T["fluid"])
+        at = self.j((0, 48, -92))
+        r, clip = self.grow(15, self.sc((46, 36, 38)))
+        c.paint(c.ellipsoid(at, r, deform=0.08, clip=clip), 15, T["fluid"])
         c.paint(c.ellipsoid(self.j((0, 38, -140), 2), self.sc((20, 17, 18))), 118, T["soft"])
 
     def chest(self, c: Canvas) -> None:
