@@ -347,6 +347,9 @@ class MaskGenConfig:
     latent_shape: tuple[int, ...] = (4, 64, 64, 64)  # C×x×y×z of the sampled latent
     scale_factor: float = RELEASED_SCALE_FACTOR  # latents are divided by it before decoding
     spacing_mm: float = 1.5  # isotropic voxel size of the decoded label map
+    # classifier-free guidance on the size context, u + s·(c − u) with u the all-"don't care" context; 0 = none,
+    # as released. maisi's own: only a UNet trained with context dropout (`maisi train mask --context-dropout`).
+    guidance_scale: float = 0.0
 
     def __post_init__(self) -> None:
         ae, unet = self.autoencoder, self.unet
@@ -371,6 +374,8 @@ class MaskGenConfig:
             _fail(f"MaskGenConfig.scale_factor must be > 0, got {self.scale_factor}")
         if not self.spacing_mm > 0:
             _fail(f"MaskGenConfig.spacing_mm must be > 0, got {self.spacing_mm}")
+        if not self.guidance_scale >= 0:
+            _fail(f"MaskGenConfig.guidance_scale must be >= 0 (0: no guidance), got {self.guidance_scale}")
 
     @property
     def output_shape(self) -> tuple[int, ...]:

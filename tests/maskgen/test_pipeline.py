@@ -94,6 +94,7 @@ def test_generated_mask_is_the_controlnets_condition(pipe, monkeypatch):
     (dict(anatomy_size=tuple((n, 0.5) for n in ["liver"] * 11)), "anatomy_size", "at most 10 entries"),
     (dict(anatomy_size=SIZES, tumor=("hepatic tumor",)), "anatomy_size", "cannot be combined with"),
     (dict(anatomy_size=SIZES, mask_steps=0), None, "mask_steps must be in"),
+    (dict(anatomy_size=SIZES, mask_guidance=-1.0), None, r"mask_guidance must be in 0..20 \(0: no guidance\)"),
 ])
 def test_bad_requests_are_refused_before_compute(pipe, monkeypatch, change, field, match):
     monkeypatch.setattr(P, "generate_mask", lambda *a, **k: pytest.fail("a mask was generated"))
@@ -126,6 +127,19 @@ def test_cli_generate_with_anatomy_size(folders, tmp_path):
     rec = json.loads(next(tmp_path.glob("*_record.json")).read_text())
     assert rec["mask"]["anatomy_size"]["requested"] == {"liver": 0.7, "pancreatic tumor": 0.3}
     assert rec["mask"]["steps"] == 2 and (tmp_path / "sample_seed0_label.nii.gz").is_file()
+    assert rec["mask"]["guidance"] == 0.0  # the model's: none
+
+
+def test_mask_guidance_reaches_the_mask_sampler_and_the_record(folders, pipe, monkeypatch, tmp_path, capsys):
+    seen = []
+    real = P.generate_mask
+    monkeypatch.setattr(P, "generate_mask", lambda *a, **k: seen.append(k["guidance"]) or real(*a, **k))
+    sample = pipe.generate(req(anatomy_size=SIZES, mask_guidance=2.5, **FAST_MASK))[0]
+    assert seen == [2.5] and sample.record["mask"]["guidance"] == 2.5
+    args = ["generate", "--weights", str(folders["with"]), "--size", "32", "--spacing", "8", "--steps", "1",
+            "--no-progress", "--out", str(tmp_path), "--anatomy-size", "liver=0.7", "--mask-steps", "2"]
+    assert main([*args, "--mask-guidance", "25"]) == 2
+    assert "--mask-guidance must be in 0..20" in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from maisi.diffusion.sampling import make_generators, make_noise, sample
+from maisi.diffusion.schedulers import make_scheduler
 from maisi.maskgen import (
     build_mask_autoencoder,
     build_mask_unet,
@@ -90,6 +92,30 @@ def test_the_sampler_is_seeded_and_conditioned(networks, sampler, steps):
     labels = generate_mask(ae, unet, context, SMALL, seed=1, sampler=sampler, steps=steps)
     assert labels.shape == (1, 1, 32, 32, 32) and labels.dtype == torch.uint8
     assert set(labels.unique().tolist()) <= set(index_to_label().tolist())
+
+
+def test_guidance_pushes_the_conditional_prediction_away_from_the_dont_care_one(networks):
+    _, unet = networks
+    context = [0.2, 0.7, 0.3, 0.5, 0.6, -1, -1, 0.4, -1, -1]
+    ctx, null = torch.tensor(context).view(1, 1, 10), torch.full((1, 1, 10), -1.0)
+    plain = sample_mask_latent(unet, context, SMALL, seed=1, sampler="ddim", steps=4)
+    assert torch.equal(sample_mask_latent(unet, context, SMALL, seed=1, sampler="ddim", steps=4, guidance=0.0), plain)
+    guided = sample_mask_latent(unet, context, SMALL, seed=1, sampler="ddim", steps=4, guidance=3.0)
+
+    def by_hand(x, t):
+        u = unet(x, t, context=null)
+        return u + 3.0 * (unet(x, t, context=ctx) - u)
+
+    scheduler = make_scheduler(dataclasses.replace(SMALL.scheduler, kind="ddim", num_inference_steps=4), 3)
+    gens = make_generators([1])
+    expected = sample(by_hand, scheduler, make_noise(SMALL.latent_shape, [1], generators=gens), generator=gens)
+    torch.testing.assert_close(guided, expected, rtol=0, atol=1e-5)
+    assert (guided - plain).abs().max() > 1e-3
+    # the scale a model ships with is its default
+    shipped = dataclasses.replace(SMALL, guidance_scale=3.0)
+    assert torch.equal(sample_mask_latent(unet, context, shipped, seed=1, sampler="ddim", steps=4), guided)
+    with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
+        dataclasses.replace(SMALL, guidance_scale=-1.0)
 
 
 def test_the_released_sampler_is_ddpm_with_1000_steps():

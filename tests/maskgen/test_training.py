@@ -19,7 +19,14 @@ from maisi.maskgen.context import CONDITIONS_FILE, load_conditions
 from maisi.maskgen.encoding import to_class_index
 from maisi.maskgen.networks import load_mask_model
 from maisi.networks.weights import resolve
-from maisi.training.mask import LabelMaps, MaskDiffusionStage, MaskTrainOptions, mask_config, present_dice
+from maisi.training.mask import (
+    LabelMaps,
+    MaskDiffusionStage,
+    MaskTrainOptions,
+    drop_context,
+    mask_config,
+    present_dice,
+)
 from train_support import assert_bitwise_equal, mean_loss, metrics, phantom_datalist, state_weights, train
 
 
@@ -105,6 +112,7 @@ def test_dice_weight_adds_a_soft_dice_term_to_the_autoencoder_loss(data, config,
     (dict(unet_lr=0.0), "unet_lr must be > 0"),
     (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\)"),
     (dict(scale_factor=-1.0), "scale_factor must be > 0"),
+    (dict(context_dropout=1.0), r"context_dropout must be in \[0, 1\)"),
 ])
 def test_bad_options_are_refused_when_made(change, match, tmp_path):
     with pytest.raises(ValueError, match=match):
@@ -180,3 +188,20 @@ def test_class_balance_weights_rare_classes_up_in_the_cross_entropy(data, config
     # same weights, same batch: only the class weighting differs
     assert metrics(run / "mask_autoencoder")[0]["loss_ce"] != pytest.approx(
         metrics(plain / "mask_autoencoder")[0]["loss_ce"], rel=1e-3)
+
+
+def test_context_dropout_replaces_whole_size_vectors_by_dont_care_per_sample():
+    context = torch.rand(400, 10)
+    samples = torch.arange(400)
+    assert torch.equal(drop_context(context, samples, 0.0, seed=0), context)
+    out = drop_context(context, samples, 0.25, seed=0)
+    dropped = (out == -1).all(1)
+    assert torch.equal(out[~dropped], context[~dropped])  # a vector is dropped whole, or kept whole
+    assert 60 < int(dropped.sum()) < 140  # about a quarter
+    assert torch.equal(drop_context(context, samples, 0.25, seed=0), out)  # the same samples every run
+    assert not torch.equal(drop_context(context, samples, 0.25, seed=1), out)
+    # the UNet stage hands the dropped vectors to the network
+    stage = MaskDiffusionStage.__new__(MaskDiffusionStage)
+    stage.opts, stage.seed = type("O", (), {"context_dropout": 0.25})(), 0
+    seen = stage.conditions({"context": context, "sample": samples})["context"]
+    assert seen.shape == (400, 1, 10) and torch.equal(seen[:, 0], out)

@@ -55,6 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the one beside the mask model's weights)")
     p.add_argument("--mask-sampler", choices=["ddpm", "ddim"], help="mask model sampler (default: the model's)")
     p.add_argument("--mask-steps", type=int, help="mask model sampling steps (default: the model's, 1000 for NVIDIA's)")
+    p.add_argument("--mask-guidance", type=float, metavar="S",
+                   help="classifier-free guidance on the sizes, 0..20 (default: the model's; 0, none, for NVIDIA's)")
     p.add_argument("--weights", nargs="+", metavar="PATH",
                    help="a maisi model folder, or NVIDIA's files (autoencoder, diffusion unet, controlnet .pt; "
                         "mask_generation_autoencoder.pt and mask_generation_diffusion_unet.pt for --anatomy-size)")
@@ -100,7 +102,7 @@ def request_from_args(args: argparse.Namespace):
         quality_check=not args.no_quality_check, timesteps=args.timesteps,
         image_output_ext=args.image_output_ext, label_output_ext=args.label_output_ext,
         anatomy_size=parse_anatomy_size(args.anatomy_size), anatomy_conditions=args.anatomy_conditions,
-        mask_sampler=args.mask_sampler, mask_steps=args.mask_steps,
+        mask_sampler=args.mask_sampler, mask_steps=args.mask_steps, mask_guidance=args.mask_guidance,
     )
 
 
@@ -113,6 +115,7 @@ PHRASES = {
     "mask_mapping": "--mask-mapping", "give weights with": "give --weights with",
     "anatomy_conditions": "--anatomy-conditions", "try spacing": "try --spacing", "a larger size": "a larger --size",
     "output folder (out)": "output folder (--out)", "device='cpu'": "--device cpu", "memory_gb": "--memory-gb",
+    "mask_sampler": "--mask-sampler", "mask_steps": "--mask-steps", "mask_guidance": "--mask-guidance",
 }
 LEADING = ("mask", "timesteps", "anatomy", "tumor")  # a message that starts with the field's name
 

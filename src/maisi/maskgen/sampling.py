@@ -9,8 +9,10 @@ from dataclasses import replace
 import torch
 
 from maisi.config import CONTEXT_SIZE, MaskGenConfig
+from maisi.diffusion.guidance import ClassifierFreeGuidance
 from maisi.diffusion.sampling import make_generators, make_noise, sample
 from maisi.diffusion.schedulers import make_scheduler
+from maisi.maskgen.context import DONT_CARE
 from maisi.maskgen.encoding import index_to_labels
 from maisi.networks.autoencoder import Autoencoder
 from maisi.networks.unet import DiffusionUNet
@@ -27,24 +29,28 @@ def context_tensor(context: Sequence[float], device: str | torch.device = "cpu")
 
 @torch.no_grad()
 def sample_mask_latent(unet: DiffusionUNet, context: Sequence[float], config: MaskGenConfig, seed: int, *,
-                       sampler: str | None = None, steps: int | None = None, device: str | torch.device = "cpu",
-                       progress: bool = False,
+                       sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+                       device: str | torch.device = "cpu", progress: bool = False,
                        callback: Callable[[int, float, torch.Tensor], None] | None = None) -> torch.Tensor:
     """1×C×x×y×z latent (still multiplied by the scale factor) from noise drawn from `seed`.
 
     `sampler` ("ddpm" or "ddim") and `steps` override the config's scheduler; the released model was
-    trained for DDPM with all 1000 steps, and DDIM with fewer steps is the faster approximation.
+    trained for DDPM with all 1000 steps, and DDIM with fewer steps is the faster approximation. `guidance`
+    (default: config.guidance_scale) > 0 runs classifier-free guidance against the all-"don't care" context,
+    two UNet passes a step; it only helps a UNet trained with context dropout.
     """
     cfg = replace(config.scheduler, kind=sampler or config.scheduler.kind,
                   num_inference_steps=steps or config.scheduler.num_inference_steps)
     if cfg.kind not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim' (the mask UNet predicts noise), got {cfg.kind!r}")
     scheduler = make_scheduler(cfg, spatial_dims=len(config.latent_shape) - 1)
+    scale = config.guidance_scale if guidance is None else float(guidance)
     ctx = context_tensor(context, device)
+    null = torch.full_like(ctx, DONT_CARE)
+    denoise = ClassifierFreeGuidance(lambda x, t: unet(x, t, context=ctx), lambda x, t: unet(x, t, context=null), scale)
     gens = make_generators([seed])
     noise = make_noise(config.latent_shape, [seed], device=device, generators=gens)
-    return sample(lambda x, t: unet(x, t, context=ctx), scheduler, noise, generator=gens,
-                  callback=callback, progress=progress)
+    return sample(denoise, scheduler, noise, generator=gens, callback=callback, progress=progress)
 
 
 @torch.no_grad()
@@ -66,13 +72,13 @@ def decode_mask(autoencoder: Autoencoder, latent: torch.Tensor, scale_factor: fl
 
 
 def generate_mask(autoencoder: Autoencoder, unet: DiffusionUNet, context: Sequence[float], config: MaskGenConfig,
-                  seed: int, *, sampler: str | None = None, steps: int | None = None,
+                  seed: int, *, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
                   scale_factor: float | None = None, memory_gb: float | None = None, num_splits: int | None = None,
                   dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                   progress: bool = False) -> torch.Tensor:
     """A raw generated label map (1×1×X×Y×Z, MAISI ids) for a completed size vector; post-process it with
     maskgen.postprocess.postprocess_mask(labels, target_tumor(context))."""
-    latent = sample_mask_latent(unet, context, config, seed, sampler=sampler, steps=steps, device=device,
-                                progress=progress)
+    latent = sample_mask_latent(unet, context, config, seed, sampler=sampler, steps=steps, guidance=guidance,
+                                device=device, progress=progress)
     return decode_mask(autoencoder, latent, config.scale_factor if scale_factor is None else scale_factor,
                        memory_gb=memory_gb, num_splits=num_splits, dtype=dtype)

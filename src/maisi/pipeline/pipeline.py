@@ -195,7 +195,10 @@ class Pipeline:
             raise ValueError(f"mask_sampler must be 'ddpm' or 'ddim' (the mask UNet predicts noise), got {sampler!r}")
         if not 1 <= steps <= model.config.scheduler.num_train_timesteps:
             raise ValueError(f"mask_steps must be in 1..{model.config.scheduler.num_train_timesteps}, got {steps}")
-        return SizeControl(requested, complete_context(requested, sizes), str(path), volumes, sampler, steps)
+        guidance = model.config.guidance_scale if request.mask_guidance is None else request.mask_guidance
+        if not 0 <= guidance <= 20:
+            raise ValueError(f"mask_guidance must be in 0..20 (0: no guidance), got {guidance}")
+        return SizeControl(requested, complete_context(requested, sizes), str(path), volumes, sampler, steps, guidance)
 
     @property
     def released(self) -> bool:
@@ -245,7 +248,7 @@ class Pipeline:
         sc, model = plan.size_control, self.nets.mask
         mask_seed = attempt_seed(seed, attempt)
         raw = generate_mask(model.autoencoder, model.unet, sc.context, model.config, mask_seed, sampler=sc.sampler,
-                            steps=sc.steps, scale_factor=model.scale_factor, memory_gb=plan.request.memory_gb,
+                            steps=sc.steps, guidance=sc.guidance, scale_factor=model.scale_factor, memory_gb=plan.request.memory_gb,
                             dtype=self.dtype, device=self.device)
         label = postprocess_mask(raw[0, 0].cpu().numpy(), target_tumor(sc.context, sc.requested))
         grid = (model.config.spacing_mm,) * 3
@@ -254,7 +257,7 @@ class Pipeline:
         sizes = {"requested": sc.requested, "completed": list(sc.context), "measured": measured,
                  "conditions": sc.conditions}
         return M.Mask(label, affine, {"kind": "generated", "seed": mask_seed, "sampler": sc.sampler, "steps": sc.steps,
-                                      "spacing": grid, "anatomy_size": sizes})
+                                      "guidance": sc.guidance, "spacing": grid, "anatomy_size": sizes})
 
     # -----------------------------------------------------------------------------------------
     # Sampling and decoding

@@ -57,6 +57,7 @@ class GenerationRequest:
     anatomy_conditions: str | None = None  # conditions file; None: the one beside the mask model's weights
     mask_sampler: str | None = None  # "ddpm" or "ddim"; None: the mask model's (released: DDPM)
     mask_steps: int | None = None  # None: the mask model's (released: 1000)
+    mask_guidance: float | None = None  # guidance on the size context; None: the mask model's (released: 0, none)
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,7 @@ class SizeControl:
     reference_volumes: Any = field(default=None, repr=False)  # K×10 mL of that file, when it records them
     sampler: str = "ddpm"
     steps: int = 1000
+    guidance: float = 0.0
 
 
 @dataclass(frozen=True)

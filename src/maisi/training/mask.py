@@ -22,7 +22,7 @@ from maisi.data.datasets import check_volumes
 from maisi.data.labelmap import resample_label
 from maisi.io.atomic import check_output_dir
 from maisi.io.volume import read_volume
-from maisi.maskgen.context import CONDITIONS_FILE, CONDITIONS_KEY
+from maisi.maskgen.context import CONDITIONS_FILE, CONDITIONS_KEY, DONT_CARE
 from maisi.maskgen.encoding import encode_label_map, to_class_index
 from maisi.maskgen.networks import MaskModel, build_mask_autoencoder, build_mask_unet, load_mask_model
 from maisi.maskgen.sizes import conditions_entries, structure_volumes, write_conditions
@@ -53,6 +53,7 @@ class MaskStageOptions:
     dice_weight: float = 0.0  # autoencoder: + dice_weight · soft Dice over the classes (small structures count)
     class_balance: float = 0.0  # autoencoder: cross-entropy weight of a class ∝ (its voxel share)^-class_balance
     unet_lr: float = 1e-4
+    context_dropout: float = 0.0  # UNet: P(a sample's context becomes all "don't care"), for guidance
     lr_power: float = 2.0  # polynomial decay of the UNet's learning rate to 0 at its last step
     ema_decay: float = 0.999  # EMA of the UNet's weights, exported; 0: none
     precision: str = "fp32"
@@ -64,6 +65,8 @@ class MaskStageOptions:
         for k in ("kl_weight", "dice_weight", "class_balance", "lr_power"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if not 0 <= self.context_dropout < 1:
+            raise ValueError(f"context_dropout must be in [0, 1), got {self.context_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -84,6 +87,7 @@ class MaskTrainOptions(TrainOptions):
     kl_weight: float = 1e-6
     dice_weight: float = 0.0
     class_balance: float = 0.0
+    context_dropout: float = 0.0  # P(the UNet sees the all-"don't care" context), so that guidance can use it
     lr_power: float = 2.0
     ema_decay: float = 0.999
     scale_factor: float | None = None  # latent scale; None: the init model's, else 1/std of the latents
@@ -102,7 +106,7 @@ class MaskTrainOptions(TrainOptions):
 
     def stage_options(self, precision: str) -> MaskStageOptions:
         return MaskStageOptions(lr=self.lr, kl_weight=self.kl_weight, dice_weight=self.dice_weight,
-                                class_balance=self.class_balance,
+                                class_balance=self.class_balance, context_dropout=self.context_dropout,
                                 unet_lr=self.unet_lr, lr_power=self.lr_power, ema_decay=self.ema_decay,
                                 precision=precision)
 
@@ -259,6 +263,16 @@ class MaskAutoencoderStage:
         return out | ({"loss_dice": dice.item()} if dice is not None else {})
 
 
+def drop_context(context: Tensor, samples: Tensor, p: float, seed: int) -> Tensor:
+    """Each sample's size vector replaced by all "don't care" (−1) with probability p, drawn per sample: the
+    unconditional branch that classifier-free guidance (MaskGenConfig.guidance_scale) subtracts."""
+    if p <= 0:
+        return context
+    drop = torch.tensor([bool(torch.rand(1, generator=sample_generator(seed, s, 8)) < p) for s in samples.tolist()])
+    return torch.where(drop.to(context.device).view(-1, *([1] * (context.ndim - 1))),
+                       torch.full_like(context, DONT_CARE), context)
+
+
 class MaskDiffusionStage(DiffusionStage):
     """The mask UNet on scaled latents (training.diffusion's stage): DDPM ε target, MSE, the size context."""
 
@@ -269,7 +283,7 @@ class MaskDiffusionStage(DiffusionStage):
         return self.opts.unet_lr
 
     def conditions(self, batch: dict[str, Any]) -> dict[str, Any]:
-        context = batch["context"].float()
+        context = drop_context(batch["context"].float(), batch["sample"], self.opts.context_dropout, self.seed)
         return {"context": context.view(len(context), 1, -1)}
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
