@@ -50,14 +50,19 @@ def write_phantoms(folder: Path, tumors: int, plain: int, radius: tuple[float, f
     return datalist
 
 
-def install(run: Path, recipe: dict) -> Path:
-    """Both exports into the package's demo model; the conditions file without the training machine's paths."""
+def install(run: Path, recipe: dict, guidance: float) -> Path:
+    """Both exports into the package's demo model, the UNet's config with its guidance scale; the conditions file
+    without the training machine's paths."""
     dst = demo_model_dir()
     for phase in ("mask_autoencoder", "mask_unet"):
         target = dst / phase
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(run / phase / EXPORT_DIR, target)
+    unet_config = dst / "mask_unet" / "config.json"
+    meta = json.loads(unet_config.read_text())
+    meta["config"]["guidance_scale"] = guidance
+    atomic_write_text(unet_config, json.dumps(meta, indent=2) + "\n")
     conditions = dst / "mask_unet" / CONDITIONS_FILE
     entries = json.loads(conditions.read_text())
     for e in entries:
@@ -89,6 +94,9 @@ def main() -> None:
                         "tumours back)")
     p.add_argument("--init", help="a mask model (run folder) to start from: its autoencoder, and its UNet when it has "
                                   "mask-tiny's architecture")
+    p.add_argument("--context-dropout", type=float, default=0.15,
+                   help="P(the UNet trains on the all-don't-care context), for guidance on the sizes")
+    p.add_argument("--guidance", type=float, default=0.0, help="the guidance scale the installed model samples with")
     p.add_argument("--unet-steps", type=int, default=5000)
     p.add_argument("--unet-lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=1)
@@ -100,6 +108,7 @@ def main() -> None:
                               tuple(a.tumor_radius), tuple(a.liver_scale))
     options = MaskTrainOptions(data=datalist, out=a.work / "maskrun", config="mask-tiny", steps=a.steps, lr=a.lr,
                                dice_weight=a.dice_weight, class_balance=a.class_balance, init=a.init,
+                               context_dropout=a.context_dropout,
                                unet_steps=a.unet_steps, unet_lr=a.unet_lr,
                                ema_decay=0.999, threads=a.threads, device=a.device, log_every=50,
                                checkpoint_every=200, progress=False)
@@ -111,10 +120,10 @@ def main() -> None:
                       f"{a.plain_phantoms} without (seeds {PLAIN_SEED}..), all with the liver's radii times "
                       f"{a.liver_scale[0]:g}-{a.liver_scale[1]:g}, {SIZE}^3 at {SPACING:g} mm, no noise",
               "steps": a.steps, "lr": a.lr, "dice_weight": a.dice_weight,
-              "class_balance": a.class_balance, "init": a.init, "unet_steps": a.unet_steps,
+              "class_balance": a.class_balance, "init": a.init, "unet_steps": a.unet_steps, "context_dropout": a.context_dropout, "guidance_scale": a.guidance,
               "unet_lr": a.unet_lr, "ema_decay": 0.999, "device": a.device}
     if not a.no_install:
-        print(f"installed into {install(a.work / 'maskrun', recipe)}")
+        print(f"installed into {install(a.work / 'maskrun', recipe, a.guidance)}")
 
 
 if __name__ == "__main__":
