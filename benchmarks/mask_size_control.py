@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--tumor", default="hepatic tumor")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
-    ap.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="sampler (default: the model's)")
+    ap.add_argument("--sampler", choices=("ddpm", "ddim", "rflow"), default=None, help="sampler (default: the model's)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mask_size_control.json"))
     ap.add_argument("--montage", type=Path, default=None, help="PNG of the maps for liver sizes 0.1, 0.5, 0.9")
     a = ap.parse_args()

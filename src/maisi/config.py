@@ -410,7 +410,10 @@ MASK_PRESETS: dict[str, MaskGenConfig] = {
             include_spacing_input=False, num_class_embeds=None, cross_attention_dim=CONTEXT_SIZE,
             upcast_attention=True, context_embedding=True,
         ),
-        scheduler=SchedulerConfig(kind="ddim", num_inference_steps=50, use_timestep_transform=False),
+        # rectified flow: its velocity target holds the clean latent at every noise level, where the released
+        # ε-prediction makes the coarse layout (the organ sizes) a sliver of the loss; phantom UNets trained with
+        # ε ignored the size context (docs/mask-generation.md)
+        scheduler=SchedulerConfig(kind="rflow", num_inference_steps=30, use_timestep_transform=False),
         latent_shape=(4, 16, 16, 16),
         scale_factor=1.0,
         spacing_mm=6.0,

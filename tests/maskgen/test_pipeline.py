@@ -122,7 +122,7 @@ def test_no_mask_model_or_no_conditions_is_refused_with_what_is_needed(folders, 
 def test_cli_generate_with_anatomy_size(folders, tmp_path):
     args = ["generate", "--weights", str(folders["with"]), "--size", "32", "--spacing", "8", "--steps", "1",
             "--no-progress", "--no-quality-check", "--out", str(tmp_path), "--anatomy-size", "liver=0.7",
-            "pancreatic tumour=0.3", "--mask-sampler", "ddim", "--mask-steps", "2"]
+            "pancreatic tumour=0.3", "--mask-sampler", "rflow", "--mask-steps", "2"]
     assert main(args) == 0
     rec = json.loads(next(tmp_path.glob("*_record.json")).read_text())
     assert rec["mask"]["anatomy_size"]["requested"] == {"liver": 0.7, "pancreatic tumor": 0.3}
@@ -140,6 +140,9 @@ def test_mask_guidance_reaches_the_mask_sampler_and_the_record(folders, pipe, mo
             "--no-progress", "--out", str(tmp_path), "--anatomy-size", "liver=0.7", "--mask-steps", "2"]
     assert main([*args, "--mask-guidance", "25"]) == 2
     assert "--mask-guidance must be in 0..20" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    assert main([*args, "--mask-sampler", "ddpm"]) == 2
+    assert ("--mask-sampler must be 'rflow' for this mask model (trained with rflow), got 'ddpm'"
+            in capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from maisi.maskgen import (
 from maisi.maskgen.encoding import index_to_label, to_class_index
 
 TINY = mask_preset("mask-tiny")
-SMALL = dataclasses.replace(TINY, latent_shape=(4, 8, 8, 8))
+SMALL = dataclasses.replace(TINY, latent_shape=(4, 8, 8, 8))  # rectified flow, as mask-tiny
+EPSILON = dataclasses.replace(SMALL, scheduler=mask_preset("mask-ct").scheduler)  # noise prediction, as released
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +80,17 @@ def test_decoding_divides_the_latent_by_the_scale_factor(networks):
     assert not torch.equal(decode_mask(ae, z, 1.0), expected)
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddpm", 20), ("ddim", 5)])
-def test_the_sampler_is_seeded_and_conditioned(networks, sampler, steps):
+@pytest.mark.parametrize("config,sampler,steps", [(EPSILON, "ddpm", 20), (EPSILON, "ddim", 5), (SMALL, "rflow", 4)])
+def test_the_sampler_is_seeded_and_conditioned(networks, config, sampler, steps):
     ae, unet = networks
     context = [0.2, 0.7, 0.3, 0.5, 0.6, -1, -1, 0.4, -1, -1]
-    a = sample_mask_latent(unet, context, SMALL, seed=1, sampler=sampler, steps=steps)
-    b = sample_mask_latent(unet, context, SMALL, seed=1, sampler=sampler, steps=steps)
-    other_seed = sample_mask_latent(unet, context, SMALL, seed=2, sampler=sampler, steps=steps)
-    other_context = sample_mask_latent(unet, [0.9] * 5 + [-1] * 5, SMALL, seed=1, sampler=sampler, steps=steps)
+    a = sample_mask_latent(unet, context, config, seed=1, sampler=sampler, steps=steps)
+    b = sample_mask_latent(unet, context, config, seed=1, sampler=sampler, steps=steps)
+    other_seed = sample_mask_latent(unet, context, config, seed=2, sampler=sampler, steps=steps)
+    other_context = sample_mask_latent(unet, [0.9] * 5 + [-1] * 5, config, seed=1, sampler=sampler, steps=steps)
     assert a.shape == (1, 4, 8, 8, 8) and torch.equal(a, b)
     assert (a - other_seed).abs().max() > 1e-2 and (a - other_context).abs().max() > 1e-4
-    labels = generate_mask(ae, unet, context, SMALL, seed=1, sampler=sampler, steps=steps)
+    labels = generate_mask(ae, unet, context, config, seed=1, sampler=sampler, steps=steps)
     assert labels.shape == (1, 1, 32, 32, 32) and labels.dtype == torch.uint8
     assert set(labels.unique().tolist()) <= set(index_to_label().tolist())
 
@@ -98,22 +99,22 @@ def test_guidance_pushes_the_conditional_prediction_away_from_the_dont_care_one(
     _, unet = networks
     context = [0.2, 0.7, 0.3, 0.5, 0.6, -1, -1, 0.4, -1, -1]
     ctx, null = torch.tensor(context).view(1, 1, 10), torch.full((1, 1, 10), -1.0)
-    plain = sample_mask_latent(unet, context, SMALL, seed=1, sampler="ddim", steps=4)
-    assert torch.equal(sample_mask_latent(unet, context, SMALL, seed=1, sampler="ddim", steps=4, guidance=0.0), plain)
-    guided = sample_mask_latent(unet, context, SMALL, seed=1, sampler="ddim", steps=4, guidance=3.0)
+    plain = sample_mask_latent(unet, context, SMALL, seed=1, steps=4)
+    assert torch.equal(sample_mask_latent(unet, context, SMALL, seed=1, steps=4, guidance=0.0), plain)
+    guided = sample_mask_latent(unet, context, SMALL, seed=1, steps=4, guidance=3.0)
 
     def by_hand(x, t):
         u = unet(x, t, context=null)
         return u + 3.0 * (unet(x, t, context=ctx) - u)
 
-    scheduler = make_scheduler(dataclasses.replace(SMALL.scheduler, kind="ddim", num_inference_steps=4), 3)
+    scheduler = make_scheduler(dataclasses.replace(SMALL.scheduler, num_inference_steps=4), 3)
     gens = make_generators([1])
     expected = sample(by_hand, scheduler, make_noise(SMALL.latent_shape, [1], generators=gens), generator=gens)
     torch.testing.assert_close(guided, expected, rtol=0, atol=1e-5)
     assert (guided - plain).abs().max() > 1e-3
     # the scale a model ships with is its default
     shipped = dataclasses.replace(SMALL, guidance_scale=3.0)
-    assert torch.equal(sample_mask_latent(unet, context, shipped, seed=1, sampler="ddim", steps=4), guided)
+    assert torch.equal(sample_mask_latent(unet, context, shipped, seed=1, steps=4), guided)
     with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
         dataclasses.replace(SMALL, guidance_scale=-1.0)
 
@@ -125,11 +126,12 @@ def test_the_released_sampler_is_ddpm_with_1000_steps():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(sampler="rflow"), "sampler must be 'ddpm' or 'ddim'"),
+    (dict(config=EPSILON, sampler="rflow"), "sampler must be 'ddpm' or 'ddim' for a mask UNet trained with ddpm"),
+    (dict(sampler="ddim"), "sampler must be 'rflow' for a mask UNet trained with rflow, got 'ddim'"),
     (dict(context=[0.5] * 9), "context must hold 10 sizes"),
 ])
 def test_bad_sampler_arguments_are_refused(networks, kwargs, message):
     _, unet = networks
-    args = dict(context=[0.5] * 10, sampler=None) | kwargs
+    args = dict(context=[0.5] * 10, sampler=None, config=SMALL) | kwargs
     with pytest.raises(ValueError, match=message):
-        sample_mask_latent(unet, args["context"], SMALL, seed=0, sampler=args["sampler"], steps=2)
+        sample_mask_latent(unet, args["context"], args["config"], seed=0, sampler=args["sampler"], steps=2)

@@ -53,7 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--anatomy-conditions", metavar="JSON",
                    help="conditions file completing --anatomy-size (all_anatomy_size_conditions.json layout; default: "
                         "the one beside the mask model's weights)")
-    p.add_argument("--mask-sampler", choices=["ddpm", "ddim"], help="mask model sampler (default: the model's)")
+    p.add_argument("--mask-sampler", choices=["ddpm", "ddim", "rflow"],
+                   help="mask model sampler (default: the model's; ddpm/ddim for NVIDIA's, rflow for maisi's mask-tiny)")
     p.add_argument("--mask-steps", type=int, help="mask model sampling steps (default: the model's, 1000 for NVIDIA's)")
     p.add_argument("--mask-guidance", type=float, metavar="S",
                    help="classifier-free guidance on the sizes, 0..20 (default: the model's; 0, none, for NVIDIA's)")

@@ -201,6 +201,10 @@ class RectifiedFlowScheduler:
         return t
 
 
+# A model trained with one schedule can be sampled with these (DDPM-trained UNets also run DDIM).
+COMPATIBLE_SAMPLERS = {"rflow": ("rflow",), "ddpm": ("ddpm", "ddim"), "ddim": ("ddpm", "ddim")}
+
+
 def make_scheduler(config: SchedulerConfig, spatial_dims: int = 3) -> Scheduler:
     """The scheduler a config names."""
     if config.kind == "ddpm":

@@ -11,7 +11,7 @@ import torch
 from maisi.config import CONTEXT_SIZE, MaskGenConfig
 from maisi.diffusion.guidance import ClassifierFreeGuidance
 from maisi.diffusion.sampling import make_generators, make_noise, sample
-from maisi.diffusion.schedulers import make_scheduler
+from maisi.diffusion.schedulers import COMPATIBLE_SAMPLERS, make_scheduler
 from maisi.maskgen.context import DONT_CARE
 from maisi.maskgen.encoding import index_to_labels
 from maisi.networks.autoencoder import Autoencoder
@@ -34,15 +34,18 @@ def sample_mask_latent(unet: DiffusionUNet, context: Sequence[float], config: Ma
                        callback: Callable[[int, float, torch.Tensor], None] | None = None) -> torch.Tensor:
     """1×C×x×y×z latent (still multiplied by the scale factor) from noise drawn from `seed`.
 
-    `sampler` ("ddpm" or "ddim") and `steps` override the config's scheduler; the released model was
-    trained for DDPM with all 1000 steps, and DDIM with fewer steps is the faster approximation. `guidance`
+    `sampler` and `steps` override the config's scheduler: "ddpm" or "ddim" for a UNet trained to predict noise
+    (the released model: DDPM with all 1000 steps; DDIM with fewer is the faster approximation), "rflow" for one
+    trained with rectified flow (maisi's mask-tiny). `guidance`
     (default: config.guidance_scale) > 0 runs classifier-free guidance against the all-"don't care" context,
     two UNet passes a step; it only helps a UNet trained with context dropout.
     """
     cfg = replace(config.scheduler, kind=sampler or config.scheduler.kind,
                   num_inference_steps=steps or config.scheduler.num_inference_steps)
-    if cfg.kind not in ("ddpm", "ddim"):
-        raise ValueError(f"sampler must be 'ddpm' or 'ddim' (the mask UNet predicts noise), got {cfg.kind!r}")
+    allowed = COMPATIBLE_SAMPLERS[config.scheduler.kind]
+    if cfg.kind not in allowed:
+        raise ValueError(f"sampler must be {' or '.join(repr(k) for k in allowed)} for a mask UNet trained with "
+                         f"{config.scheduler.kind}, got {cfg.kind!r}")
     scheduler = make_scheduler(cfg, spatial_dims=len(config.latent_shape) - 1)
     scale = config.guidance_scale if guidance is None else float(guidance)
     ctx = context_tensor(context, device)

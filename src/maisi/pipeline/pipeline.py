@@ -17,7 +17,7 @@ from maisi.data.labelmap import resample_label
 from maisi.data.preview import save_preview
 from maisi.diffusion.guidance import ClassifierFreeGuidance, ConditionedDenoiser
 from maisi.diffusion.sampling import make_generators, make_noise, sample
-from maisi.diffusion.schedulers import make_scheduler
+from maisi.diffusion.schedulers import COMPATIBLE_SAMPLERS, make_scheduler
 from maisi.io.formats import DicomIds, write_image, write_label
 from maisi.io.volume import affine_from_spacing, spacing_from_affine
 from maisi.labels import REGIONS, TUMOR_HOSTS, modality_code, region_one_hot, regions_in_mask
@@ -191,8 +191,10 @@ class Pipeline:
         sizes, volumes = load_condition_table(path)
         sampler = request.mask_sampler or model.config.scheduler.kind
         steps = model.config.scheduler.num_inference_steps if request.mask_steps is None else request.mask_steps
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"mask_sampler must be 'ddpm' or 'ddim' (the mask UNet predicts noise), got {sampler!r}")
+        allowed = COMPATIBLE_SAMPLERS[model.config.scheduler.kind]
+        if sampler not in allowed:
+            raise ValueError(f"mask_sampler must be {' or '.join(repr(k) for k in allowed)} for this mask model "
+                             f"(trained with {model.config.scheduler.kind}), got {sampler!r}")
         if not 1 <= steps <= model.config.scheduler.num_train_timesteps:
             raise ValueError(f"mask_steps must be in 1..{model.config.scheduler.num_train_timesteps}, got {steps}")
         guidance = model.config.guidance_scale if request.mask_guidance is None else request.mask_guidance

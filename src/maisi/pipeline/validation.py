@@ -10,14 +10,13 @@ from typing import Any
 
 from maisi.config import PRESETS, ModelConfig, to_dict
 from maisi.data.regions import parse_span
+from maisi.diffusion.schedulers import COMPATIBLE_SAMPLERS
 from maisi.io.atomic import check_output_dir
 from maisi.io.formats import DEFAULT_EXT, check_output_exts
 from maisi.io.volume import check_volume_file
 from maisi.labels import TUMOR_HOSTS, label_id, label_name
 
 SAMPLERS = ("rflow", "ddpm", "ddim")
-# A model trained with one schedule can be sampled with these (DDPM-trained UNets also run DDIM).
-COMPATIBLE_SAMPLERS = {"rflow": ("rflow",), "ddpm": ("ddpm", "ddim"), "ddim": ("ddpm", "ddim")}
 MASK_SOURCES = ("auto", "database", "none")
 TIMESTEPS = ("reference", "clean")  # rectified flow: NVIDIA's float16/int() timesteps, or maisi's exact ones
 # Attempt a of the sample with seed s uses seed s + a·2^SEED_BITS: sample seeds stay below 2^SEED_BITS and at most
