@@ -129,6 +129,8 @@ def test_maps_outside_the_vocabulary_and_bad_flags_are_refused_before_a_run_fold
     assert "ids [2] are not in the mask model's vocabulary" in capsys.readouterr().err and not out.exists()
     assert train("mask", "--data", str(data), "--out", str(out), "--unet-lr", "0") == 2
     assert "--unet-lr must be > 0" in capsys.readouterr().err
+    assert train("mask", "--data", str(data), "--out", str(out), "--context-dropout", "1") == 2
+    assert "--context-dropout must be in [0, 1)" in capsys.readouterr().err and not out.exists()
 
 
 def test_the_dice_term_counts_the_classes_present_only():
