@@ -96,6 +96,8 @@ def main() -> None:
                                   "mask-tiny's architecture")
     p.add_argument("--context-dropout", type=float, default=0.15,
                    help="P(the UNet trains on the all-don't-care context), for guidance on the sizes")
+    p.add_argument("--tumor-weight", type=float, default=100.0,
+                   help="UNet loss weight over the tumours' latent voxels (MAISI's ControlNet weights tumours 100x)")
     p.add_argument("--guidance", type=float, default=0.0, help="the guidance scale the installed model samples with")
     p.add_argument("--unet-steps", type=int, default=5000)
     p.add_argument("--unet-lr", type=float, default=5e-4)
@@ -111,6 +113,7 @@ def main() -> None:
     options = MaskTrainOptions(data=datalist, out=a.work / "maskrun", config="mask-tiny", steps=a.steps, lr=a.lr,
                                dice_weight=a.dice_weight, class_balance=a.class_balance, init=a.init,
                                context_dropout=a.context_dropout, batch_size=a.batch_size,
+                               tumor_weight=a.tumor_weight,
                                unet_steps=a.unet_steps, unet_lr=a.unet_lr,
                                ema_decay=0.999, threads=a.threads, device=a.device, log_every=50,
                                checkpoint_every=200, progress=False)
@@ -122,7 +125,7 @@ def main() -> None:
                       f"{a.plain_phantoms} without (seeds {PLAIN_SEED}..), all with the liver's radii times "
                       f"{a.liver_scale[0]:g}-{a.liver_scale[1]:g}, {SIZE}^3 at {SPACING:g} mm, no noise",
               "steps": a.steps, "lr": a.lr, "dice_weight": a.dice_weight,
-              "class_balance": a.class_balance, "init": a.init, "unet_steps": a.unet_steps, "context_dropout": a.context_dropout, "guidance_scale": a.guidance,
+              "class_balance": a.class_balance, "init": a.init, "unet_steps": a.unet_steps, "context_dropout": a.context_dropout, "tumor_weight": a.tumor_weight, "guidance_scale": a.guidance,
               "unet_lr": a.unet_lr, "batch_size": a.batch_size, "ema_decay": 0.999, "device": a.device}
     if not a.no_install:
         print(f"installed into {install(a.work / 'maskrun', recipe, a.guidance)}")

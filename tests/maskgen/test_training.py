@@ -26,6 +26,7 @@ from maisi.training.mask import (
     drop_context,
     mask_config,
     present_dice,
+    tumour_latent_voxels,
 )
 from train_support import assert_bitwise_equal, mean_loss, metrics, phantom_datalist, state_weights, train
 
@@ -113,6 +114,7 @@ def test_dice_weight_adds_a_soft_dice_term_to_the_autoencoder_loss(data, config,
     (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\)"),
     (dict(scale_factor=-1.0), "scale_factor must be > 0"),
     (dict(context_dropout=1.0), r"context_dropout must be in \[0, 1\)"),
+    (dict(tumor_weight=0.5), "tumor_weight must be >= 1"),
 ])
 def test_bad_options_are_refused_when_made(change, match, tmp_path):
     with pytest.raises(ValueError, match=match):
@@ -207,3 +209,22 @@ def test_context_dropout_replaces_whole_size_vectors_by_dont_care_per_sample():
     stage.opts, stage.seed = type("O", (), {"context_dropout": 0.25})(), 0
     seen = stage.conditions({"context": context, "sample": samples})["context"]
     assert seen.shape == (400, 1, 10) and torch.equal(seen[:, 0], out)
+
+
+def test_tumour_weight_counts_the_latent_voxels_over_a_tumour_more():
+    maps = LabelMaps.__new__(LabelMaps)
+    lab = np.zeros((16, 16, 16), np.uint8)
+    lab[:] = 1  # liver
+    lab[5, 9, 2] = 26  # one hepatic-tumour voxel: latent block (1, 2, 0) at factor 4
+    lab[13, 0, 15] = 24  # pancreatic tumour: block (3, 0, 3)
+    maps.labels = [lab, np.ones_like(lab)]
+    roi = tumour_latent_voxels(maps, 4)
+    assert roi.shape == (2, 1, 4, 4, 4) and roi.sum() == 2
+    assert roi[0, 0, 1, 2, 0] == 1 and roi[0, 0, 3, 0, 3] == 1 and roi[1].sum() == 0
+    stage = MaskDiffusionStage.__new__(MaskDiffusionStage)
+    pred, target = torch.zeros(2, 4, 4, 4, 4), torch.ones(2, 4, 4, 4, 4)
+    stage.opts = type("O", (), {"tumor_weight": 1.0})()
+    assert stage.loss(pred, target, {"tumor": roi}) == 1.0
+    stage.opts.tumor_weight = 100.0
+    # two of the 128 latent voxels (×4 channels) weigh 100: mean weight 1 + 99·2/128
+    assert stage.loss(pred, target, {"tumor": roi}).item() == pytest.approx(1 + 99 * 2 / 128)

@@ -103,6 +103,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--context-dropout", type=float, default=0.0,
                    help="probability that the UNet sees the all-\"don't care\" context, so that generation can use "
                         "classifier-free guidance on the sizes (default 0; 0.1-0.2 typical)")
+    m.add_argument("--tumor-weight", type=float, default=1.0,
+                   help="UNet loss weight on the latent voxels over a tumour (default 1: plain MSE; a tumour is a few "
+                        "latent voxels, and its size slot is followed only when they count)")
     m.add_argument("--lr-power", type=float, default=2.0, help="polynomial decay power of the UNet learning rate")
     m.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the UNet weights, exported (0: none)")
     m.add_argument("--scale-factor", type=float, help="latent scale (default: --init's, else 1/std of the latents)")

@@ -135,7 +135,7 @@ class DiffusionStage:
         modality = drop_modality(batch["modality"], batch["sample"], self.opts.modality_dropout, self.seed)
         return unet_kwargs(self.config.unet, batch, modality)
 
-    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+    def loss(self, pred: Tensor, target: Tensor, batch: dict[str, Any]) -> Tensor:
         return F.l1_loss(pred, target) if self.opts.loss == "l1" else F.mse_loss(pred, target)
 
     def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
@@ -146,7 +146,7 @@ class DiffusionStage:
         self.model.train()
         with autocast(self.world.device, self.opts.precision):
             pred = self.model(x_t, t, **kwargs)
-        loss = self.loss(pred.float(), target)
+        loss = self.loss(pred.float(), target, batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

@@ -22,12 +22,13 @@ from maisi.data.datasets import check_volumes
 from maisi.data.labelmap import resample_label
 from maisi.io.atomic import check_output_dir
 from maisi.io.volume import read_volume
-from maisi.maskgen.context import CONDITIONS_FILE, CONDITIONS_KEY, DONT_CARE
+from maisi.maskgen.context import CONDITIONS_FILE, CONDITIONS_KEY, DONT_CARE, TUMOR_LABELS
 from maisi.maskgen.encoding import encode_label_map, to_class_index
 from maisi.maskgen.networks import MaskModel, build_mask_autoencoder, build_mask_unet, load_mask_model
 from maisi.maskgen.sizes import conditions_entries, structure_volumes, write_conditions
 from maisi.networks.weights import resolve
 from maisi.training import distributed as D
+from maisi.training.controlnet import tumour_roi
 from maisi.training.diffusion import DiffusionStage
 from maisi.training.loop import (
     EXPORT_DIR,
@@ -54,6 +55,7 @@ class MaskStageOptions:
     class_balance: float = 0.0  # autoencoder: cross-entropy weight of a class ∝ (its voxel share)^-class_balance
     unet_lr: float = 1e-4
     context_dropout: float = 0.0  # UNet: P(a sample's context becomes all "don't care"), for guidance
+    tumor_weight: float = 1.0  # UNet: MSE weight of latent voxels over a tumour (1: plain, as the reference)
     lr_power: float = 2.0  # polynomial decay of the UNet's learning rate to 0 at its last step
     ema_decay: float = 0.999  # EMA of the UNet's weights, exported; 0: none
     precision: str = "fp32"
@@ -65,6 +67,8 @@ class MaskStageOptions:
         for k in ("kl_weight", "dice_weight", "class_balance", "lr_power"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.tumor_weight < 1:
+            raise ValueError(f"tumor_weight must be >= 1, got {self.tumor_weight}")
         if not 0 <= self.context_dropout < 1:
             raise ValueError(f"context_dropout must be in [0, 1), got {self.context_dropout}")
         if not 0 <= self.ema_decay < 1:
@@ -88,6 +92,7 @@ class MaskTrainOptions(TrainOptions):
     dice_weight: float = 0.0
     class_balance: float = 0.0
     context_dropout: float = 0.0  # P(the UNet sees the all-"don't care" context), so that guidance can use it
+    tumor_weight: float = 1.0  # UNet MSE weight over the tumours' latent voxels
     lr_power: float = 2.0
     ema_decay: float = 0.999
     scale_factor: float | None = None  # latent scale; None: the init model's, else 1/std of the latents
@@ -107,6 +112,7 @@ class MaskTrainOptions(TrainOptions):
     def stage_options(self, precision: str) -> MaskStageOptions:
         return MaskStageOptions(lr=self.lr, kl_weight=self.kl_weight, dice_weight=self.dice_weight,
                                 class_balance=self.class_balance, context_dropout=self.context_dropout,
+                                tumor_weight=self.tumor_weight,
                                 unet_lr=self.unet_lr, lr_power=self.lr_power, ema_decay=self.ema_decay,
                                 precision=precision)
 
@@ -169,16 +175,24 @@ class LabelMaps:
 
 
 class MaskLatents:
-    """Each map's latent (the trained autoencoder's mean) and its size vector."""
+    """Each map's latent (the trained autoencoder's mean), its size vector, and the latent voxels over a tumour of
+    the size slots (1×latent grid, 0/1)."""
 
-    def __init__(self, latents: Tensor, contexts: Tensor):
-        self.latents, self.contexts = latents, contexts
+    def __init__(self, latents: Tensor, contexts: Tensor, tumors: Tensor):
+        self.latents, self.contexts, self.tumors = latents, contexts, tumors
 
     def __len__(self) -> int:
         return len(self.latents)
 
     def load(self, i: int, g: torch.Generator, sample: int = 0) -> dict[str, Tensor]:
-        return {"latent": self.latents[i], "context": self.contexts[i]}
+        return {"latent": self.latents[i], "context": self.contexts[i], "tumor": self.tumors[i]}
+
+
+def tumour_latent_voxels(maps: LabelMaps, factor: int) -> Tensor:
+    """K×1×latent grid: 1 where the latent voxel's factor³ block holds a voxel of a size slot's tumour."""
+    ids = tuple(TUMOR_LABELS.values())
+    return torch.cat([tumour_roi(torch.from_numpy(lab.astype(np.int64))[None, None], ids, factor)
+                      for lab in maps.labels])
 
 
 @torch.no_grad()
@@ -286,8 +300,14 @@ class MaskDiffusionStage(DiffusionStage):
         context = drop_context(batch["context"].float(), batch["sample"], self.opts.context_dropout, self.seed)
         return {"context": context.view(len(context), 1, -1)}
 
-    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        return F.mse_loss(pred, target)
+    def loss(self, pred: Tensor, target: Tensor, batch: dict[str, Any]) -> Tensor:
+        """MSE, with `tumor_weight` on the latent voxels over a tumour: a tumour is a few of the 4096 latent voxels,
+        too few for plain MSE to make the UNet follow the tumour's size slot."""
+        err = (pred - target) ** 2
+        if self.opts.tumor_weight == 1:
+            return err.mean()
+        roi = batch["tumor"].to(err.device, err.dtype)
+        return (err * (1 + (self.opts.tumor_weight - 1) * roi)).mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +349,8 @@ def run_mask_training(options: MaskTrainOptions, log: Callable[[str], None] | No
         torch.manual_seed(options.seed)
         unet = init_unet or build_mask_unet(config)
         unet_stage = MaskDiffusionStage(unet, config, opts, world, options.unet_steps, scale, options.seed)
-        metrics = _loop(unet_stage, MaskLatents(latents, contexts), options, world, log)
+        tumors = tumour_latent_voxels(maps, config.autoencoder.downsample_factor)
+        metrics = _loop(unet_stage, MaskLatents(latents, contexts, tumors), options, world, log)
         if world.is_main:
             write_conditions(options.loop_options(PHASES[1]).run_dir / EXPORT_DIR / CONDITIONS_FILE, conditions)
         D.barrier(world)
