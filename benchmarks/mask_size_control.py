@@ -36,7 +36,7 @@ from maisi.networks.weights import resolve
 
 
 def run_structure(model, name: str, table: np.ndarray, n: int, seed0: int, steps: int | None, sampler: str | None,
-                  keep: dict[float, np.ndarray] | None = None) -> dict:
+                  guidance: float | None = None) -> dict:
     spacing = (model.config.spacing_mm,) * 3
     voxel_ml = float(np.prod(spacing)) / 1000.0
     affine = np.diag([*spacing, 1.0])
@@ -47,14 +47,13 @@ def run_structure(model, name: str, table: np.ndarray, n: int, seed0: int, steps
         context = complete_context(request, table)
         t0 = time.perf_counter()
         raw = generate_mask(model.autoencoder, model.unet, context, model.config, seed=seed0 + k,
-                            scale_factor=model.scale_factor, steps=steps, sampler=sampler)[0, 0].numpy().astype(np.uint8)
+                            scale_factor=model.scale_factor, steps=steps, sampler=sampler,
+                            guidance=guidance)[0, 0].numpy().astype(np.uint8)
         post = postprocess_mask(raw, target_tumor(context, request))
         volume = float((post == STRUCTURE_IDS[name]).sum() * voxel_ml)
         rows.append({"requested": round(float(r), 4), "seed": seed0 + k, "context": [round(v, 4) for v in context],
                      "volume_ml": round(volume, 2), "seconds": round(time.perf_counter() - t0, 2),
                      "components_raw": organ_components(raw), "components": organ_components(post), "sides": sides(post, affine)})
-        if keep is not None:
-            keep[round(float(r), 4)] = post
         print(f"{name} {r:.3f} seed {seed0 + k}: {volume:8.1f} mL", flush=True)
     rho, p = stats.spearmanr([x["requested"] for x in rows], [x["volume_ml"] for x in rows])
     comps = [c for x in rows for c in x["components"].values()]
@@ -97,6 +96,7 @@ def main() -> None:
     ap.add_argument("--tumor", default="hepatic tumor")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     ap.add_argument("--sampler", choices=("ddpm", "ddim", "rflow"), default=None, help="sampler (default: the model's)")
+    ap.add_argument("--guidance", type=float, default=None, help="guidance on the sizes (default: the model's)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mask_size_control.json"))
     ap.add_argument("--montage", type=Path, default=None, help="PNG of the maps for liver sizes 0.1, 0.5, 0.9")
     a = ap.parse_args()
@@ -108,16 +108,17 @@ def main() -> None:
     result = {"weights": a.weights or "demo model", "mask_model": model.sources, "config": model.config.name,
               "sampler": a.sampler or model.config.scheduler.kind,
               "steps": a.steps or model.config.scheduler.num_inference_steps,
+              "guidance": model.config.guidance_scale if a.guidance is None else a.guidance,
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-              "structures": [run_structure(model, "liver", table, a.samples, 0, a.steps, a.sampler),
-                             run_structure(model, a.tumor, table, a.samples, 1000, a.steps, a.sampler)]}
+              "structures": [run_structure(model, "liver", table, a.samples, 0, a.steps, a.sampler, a.guidance),
+                             run_structure(model, a.tumor, table, a.samples, 1000, a.steps, a.sampler, a.guidance)]}
     if a.montage:
         maps: dict[float, np.ndarray] = {}
         for k, r in enumerate((0.1, 0.5, 0.9)):
             context = complete_context({"liver": r}, table)
             raw = generate_mask(model.autoencoder, model.unet, context, model.config, seed=2000 + k,
-                                scale_factor=model.scale_factor, steps=a.steps,
-                                sampler=a.sampler)[0, 0].numpy().astype(np.uint8)
+                                scale_factor=model.scale_factor, steps=a.steps, sampler=a.sampler,
+                                guidance=a.guidance)[0, 0].numpy().astype(np.uint8)
             maps[r] = postprocess_mask(raw, target_tumor(context, {"liver": r}))
         montage(maps, model.config.spacing_mm, a.montage)
         result["montage"] = {"file": str(a.montage), "liver_sizes": [0.1, 0.5, 0.9], "seeds": [2000, 2001, 2002],
