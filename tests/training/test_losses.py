@@ -16,6 +16,7 @@ from maisi.training.losses import (
     kl_loss,
     region_contrastive_loss,
     weighted_l1,
+    weighted_mse,
 )
 
 
@@ -80,6 +81,14 @@ def test_weighted_l1_weights_the_roi():
     roi[0, 0, 0, 0, 0] = 1
     assert weighted_l1(pred, target, roi, 100.0).item() == pytest.approx((7 + 100) / 8)
     assert weighted_l1(pred, target).item() == pytest.approx(1.0)
+
+
+def test_weighted_mse_weights_the_roi():
+    pred, target = torch.full((1, 4, 2, 2, 2), 2.0), torch.zeros(1, 4, 2, 2, 2)
+    roi = torch.zeros(1, 1, 2, 2, 2)
+    roi[0, 0, 1, 0, 1] = 1
+    assert weighted_mse(pred, target, roi, 10.0).item() == pytest.approx(4 * (7 + 10) / 8)
+    assert weighted_mse(pred, target, roi).item() == pytest.approx(4.0)
 
 
 def test_region_contrastive_loss_rewards_change_inside_and_punishes_change_outside():

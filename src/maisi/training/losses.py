@@ -107,6 +107,14 @@ def weighted_l1(pred: Tensor, target: Tensor, roi: Tensor | None = None, weight:
     return (err * w).mean()
 
 
+def weighted_mse(pred: Tensor, target: Tensor, roi: Tensor | None = None, weight: float = 1.0) -> Tensor:
+    """Squared error with `weight` on voxels where roi (N×1×… at latent resolution, 0/1) is set, as weighted_l1."""
+    err = (pred.float() - target.float()) ** 2
+    if roi is None or weight == 1:
+        return err.mean()
+    return (err * (1 + (weight - 1) * roi.to(err.dtype))).mean()
+
+
 def region_contrastive_loss(pred: Tensor, pred_perturbed: Tensor, roi: Tensor, delta: float = 2.0,
                             dilation: int = 1) -> Tensor:
     """MAISI-v2 region-specific contrastive loss L_roi + L_bg, averaged over the batch.

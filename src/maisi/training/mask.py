@@ -38,7 +38,7 @@ from maisi.training.loop import (
     prepare_run_dir,
     training_loop,
 )
-from maisi.training.losses import kl_loss
+from maisi.training.losses import kl_loss, weighted_mse
 from maisi.training.options import TrainOptions
 from maisi.training.run import TrainResult
 from maisi.training.state import sample_generator
@@ -288,7 +288,9 @@ def drop_context(context: Tensor, samples: Tensor, p: float, seed: int) -> Tenso
 
 
 class MaskDiffusionStage(DiffusionStage):
-    """The mask UNet on scaled latents (training.diffusion's stage): DDPM ε target, MSE, the size context."""
+    """The mask UNet on scaled latents (training.diffusion's stage): the config scheduler's target (ε for the
+    released DDPM, the velocity for rectified flow), MSE weighted over tumours, the size context (dropped at random
+    for guidance)."""
 
     name = component = "mask_unet"
 
@@ -303,11 +305,7 @@ class MaskDiffusionStage(DiffusionStage):
     def loss(self, pred: Tensor, target: Tensor, batch: dict[str, Any]) -> Tensor:
         """MSE, with `tumor_weight` on the latent voxels over a tumour: a tumour is a few of the 4096 latent voxels,
         too few for plain MSE to make the UNet follow the tumour's size slot."""
-        err = (pred - target) ** 2
-        if self.opts.tumor_weight == 1:
-            return err.mean()
-        roi = batch["tumor"].to(err.device, err.dtype)
-        return (err * (1 + (self.opts.tumor_weight - 1) * roi)).mean()
+        return weighted_mse(pred, target, batch["tumor"].to(pred.device), self.opts.tumor_weight)
 
 
 # ---------------------------------------------------------------------------------------------
