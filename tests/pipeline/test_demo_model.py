@@ -54,6 +54,19 @@ def test_shipped_model_passes_quality_check_first_time(pipe, region):
     assert np.median(s.image[bone]) > np.median(s.image[body]) + 100
 
 
+def test_anatomy_size_works_offline_with_the_shipped_mask_model(pipe):
+    """`maisi generate --anatomy-size liver=...` on the defaults: the shipped mask model draws the mask, the CT
+    follows it and passes its check, and a larger request gives a larger liver for the same seed."""
+    small, large = (first_attempt(pipe, anatomy_size=(("liver", r),), body_region=(), seed=4) for r in (0.1, 0.9))
+    volumes = []
+    for s in (small, large):
+        assert s.record["mask"]["kind"] == "generated" and s.record["mask"]["guidance"] == 4.0
+        assert_passed(s)
+        assert (s.label == 1).any()
+        volumes.append(s.record["mask"]["anatomy_size"]["measured"]["liver"]["volume_ml"])
+    assert volumes[1] > 1.05 * volumes[0]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("span", SPANS)
 def test_every_region_passes_for_most_seeds(pipe, span):
