@@ -143,7 +143,8 @@ def test_every_form_resolves_to_its_files(root, form):
 
 def test_no_weights_is_the_shipped_demo_model():
     sources = resolve(None)
-    assert set(sources.components) == {"autoencoder", "unet", "controlnet"} and not sources.released
+    assert set(sources.components) == {"autoencoder", "unet", "controlnet", "mask_autoencoder", "mask_unet"}
+    assert not sources.released
     assert sources.defaults["spacing"] == [4.0, 4.0, 4.0] and sources.config().name == "tiny"
 
 
