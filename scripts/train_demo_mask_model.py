@@ -1,6 +1,6 @@
 """Train the mask generation model shipped beside the demo model (mask-tiny preset, phantoms) with the project's code.
 
-    PYTHONPATH=src python3 scripts/train_demo_mask_model.py --work /tmp/mask-train [--steps 1000 --unet-steps 5000]
+    PYTHONPATH=src python3 scripts/train_demo_mask_model.py --work /tmp/mask-train [--steps 2000 --unet-steps 4000]
 
 Writes chest-abdomen phantoms at the mask-tiny grid (64³ at 6 mm): `--tumor-phantoms` with a hepatic tumour of
 random size and `--plain-phantoms` without, so liver and tumour sizes both vary. Trains `maisi train mask` on their
@@ -85,7 +85,7 @@ def main() -> None:
                    help="hepatic tumour radius range in mm (default %(default)s)")
     p.add_argument("--liver-scale", type=float, nargs=2, default=LIVER_SCALE, metavar=("MIN", "MAX"),
                    help="factor range on the phantom liver's radii (default %(default)s; 1 1 for the default liver)")
-    p.add_argument("--steps", type=int, default=1000, help="mask autoencoder steps")
+    p.add_argument("--steps", type=int, default=2000, help="mask autoencoder steps")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dice-weight", type=float, default=1.0,
                    help="soft-Dice weight of the autoencoder (with 0, the first run drew no hepatic tumour)")
@@ -96,13 +96,14 @@ def main() -> None:
                                   "mask-tiny's architecture")
     p.add_argument("--context-dropout", type=float, default=0.15,
                    help="P(the UNet trains on the all-don't-care context), for guidance on the sizes")
-    p.add_argument("--tumor-weight", type=float, default=100.0,
-                   help="UNet loss weight over the tumours' latent voxels (MAISI's ControlNet weights tumours 100x)")
-    p.add_argument("--guidance", type=float, default=0.0, help="the guidance scale the installed model samples with")
-    p.add_argument("--unet-steps", type=int, default=5000)
+    p.add_argument("--tumor-weight", type=float, default=1.0,
+                   help="UNet loss weight over the tumours' latent voxels (10 and 100 drew tumours 3-4x too large)")
+    p.add_argument("--guidance", type=float, default=4.0, help="the guidance scale the installed model samples with")
+    p.add_argument("--unet-steps", type=int, default=4000)
     p.add_argument("--unet-lr", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=4,
-                   help="maps per step, both phases (a 16^3 latent batch of 4 costs 1.2x a batch of 1 on the CPU)")
+    p.add_argument("--batch-size", type=int, default=1, help="maps per autoencoder step")
+    p.add_argument("--unet-batch-size", type=int, default=4,
+                   help="latents per UNet step (a 16^3 latent batch of 4 costs 1.2x a batch of 1 on the CPU)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-install", action="store_true", help="leave the package's demo model untouched")
@@ -113,6 +114,7 @@ def main() -> None:
     options = MaskTrainOptions(data=datalist, out=a.work / "maskrun", config="mask-tiny", steps=a.steps, lr=a.lr,
                                dice_weight=a.dice_weight, class_balance=a.class_balance, init=a.init,
                                context_dropout=a.context_dropout, batch_size=a.batch_size,
+                               unet_batch_size=a.unet_batch_size,
                                tumor_weight=a.tumor_weight,
                                unet_steps=a.unet_steps, unet_lr=a.unet_lr,
                                ema_decay=0.999, threads=a.threads, device=a.device, log_every=50,
@@ -126,7 +128,8 @@ def main() -> None:
                       f"{a.liver_scale[0]:g}-{a.liver_scale[1]:g}, {SIZE}^3 at {SPACING:g} mm, no noise",
               "steps": a.steps, "lr": a.lr, "dice_weight": a.dice_weight,
               "class_balance": a.class_balance, "init": a.init, "unet_steps": a.unet_steps, "context_dropout": a.context_dropout, "tumor_weight": a.tumor_weight, "guidance_scale": a.guidance,
-              "unet_lr": a.unet_lr, "batch_size": a.batch_size, "ema_decay": 0.999, "device": a.device}
+              "unet_lr": a.unet_lr, "batch_size": a.batch_size,
+              "unet_batch_size": a.unet_batch_size, "ema_decay": 0.999, "device": a.device}
     if not a.no_install:
         print(f"installed into {install(a.work / 'maskrun', recipe, a.guidance)}")
 

@@ -115,6 +115,7 @@ def test_dice_weight_adds_a_soft_dice_term_to_the_autoencoder_loss(data, config,
     (dict(scale_factor=-1.0), "scale_factor must be > 0"),
     (dict(context_dropout=1.0), r"context_dropout must be in \[0, 1\)"),
     (dict(tumor_weight=0.5), "tumor_weight must be >= 1"),
+    (dict(unet_batch_size=0), "unet_batch_size must be >= 1"),
 ])
 def test_bad_options_are_refused_when_made(change, match, tmp_path):
     with pytest.raises(ValueError, match=match):
@@ -228,3 +229,11 @@ def test_tumour_weight_counts_the_latent_voxels_over_a_tumour_more():
     stage.opts.tumor_weight = 100.0
     # two of the 128 latent voxels (×4 channels) weigh 100: mean weight 1 + 99·2/128
     assert stage.loss(pred, target, {"tumor": roi}).item() == pytest.approx(1 + 99 * 2 / 128)
+
+
+def test_each_phase_has_its_own_run_folder_steps_and_batch(tmp_path):
+    o = MaskTrainOptions(data="d.json", out=tmp_path, steps=7, unet_steps=9, batch_size=1, unet_batch_size=4)
+    ae, unet = o.loop_options("mask_autoencoder"), o.loop_options("mask_unet")
+    assert (ae.run_dir, ae.steps, ae.batch_size) == (tmp_path / "mask_autoencoder", 7, 1)
+    assert (unet.run_dir, unet.steps, unet.batch_size) == (tmp_path / "mask_unet", 9, 4)
+    assert MaskTrainOptions(data="d.json", out=tmp_path, batch_size=2).loop_options("mask_unet").batch_size == 2

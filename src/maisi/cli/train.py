@@ -100,6 +100,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--class-balance", type=float, default=0.0,
                    help="weight each class's cross-entropy by (its voxel share)^-P (default 0: plain; 0.5: inverse "
                         "square root, so rare classes such as tumours count)")
+    m.add_argument("--unet-batch-size", type=int,
+                   help="maps per UNet step (default: --batch-size; a batch of 4 latents of 16³ costs about 1.2x one)")
     m.add_argument("--context-dropout", type=float, default=0.0,
                    help="probability that the UNet sees the all-\"don't care\" context, so that generation can use "
                         "classifier-free guidance on the sizes (default 0; 0.1-0.2 typical)")

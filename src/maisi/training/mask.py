@@ -88,6 +88,7 @@ class MaskTrainOptions(TrainOptions):
 
     unet_steps: int = 1000
     unet_lr: float = 1e-4
+    unet_batch_size: int | None = None  # the UNet's batch; None: batch_size (a 16³ latent batch is cheap)
     kl_weight: float = 1e-6
     dice_weight: float = 0.0
     class_balance: float = 0.0
@@ -100,14 +101,18 @@ class MaskTrainOptions(TrainOptions):
     def __post_init__(self) -> None:
         if self.unet_steps < 1:
             raise ValueError(f"unet_steps must be >= 1, got {self.unet_steps}")
+        if self.unet_batch_size is not None and self.unet_batch_size < 1:
+            raise ValueError(f"unet_batch_size must be >= 1, got {self.unet_batch_size}")
         if self.scale_factor is not None and self.scale_factor <= 0:
             raise ValueError(f"scale_factor must be > 0, got {self.scale_factor}")
         super().__post_init__()
 
     def loop_options(self, phase: str = PHASES[0]) -> LoopOptions:
         """The loop of one phase: its own run folder (<out>/mask_autoencoder, <out>/mask_unet) and length."""
+        unet = phase != PHASES[0]
         return replace(super().loop_options(), run_dir=Path(self.out) / phase,
-                       steps=self.steps if phase == PHASES[0] else self.unet_steps)
+                       steps=self.unet_steps if unet else self.steps,
+                       batch_size=(self.unet_batch_size or self.batch_size) if unet else self.batch_size)
 
     def stage_options(self, precision: str) -> MaskStageOptions:
         return MaskStageOptions(lr=self.lr, kl_weight=self.kl_weight, dice_weight=self.dice_weight,
