@@ -115,6 +115,7 @@ def test_organ_scale_sets_the_organ_size_and_leaves_the_rest_of_the_phantom():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"organ_scale": {"brain": (1.0, 1.2)}}, "'brain' cannot be scaled"),
+    ({"organ_scale": {"livr": (1.0, 1.2)}}, "'livr' cannot be scaled.*did you mean 'liver'"),
     ({"organ_scale": {"liver": (1.2, 1.0)}}, r"organ_scale\['liver'\]"),
     ({"organ_scale": {"liver": (0.2, 1.0)}}, "0.5 <= min <= max <= 2.0"),
     ({"tumors": ["hepatic_tumor"], "region": "abdomen", "tumor_radius_mm": (10.0, 5.0)}, "tumor_radius_mm"),

@@ -144,11 +144,11 @@ def _organ_scale(organ_scale: Mapping[str | int, tuple[float, float]] | None) ->
     names = [label_name(i) for i in SCALABLE_ORGANS]
     for organ, span in (organ_scale or {}).items():
         try:
-            i = label_id(organ)
-        except ValueError:
-            i = None
+            i, hint = label_id(organ), ""
+        except ValueError as e:  # not a MAISI name: keep its "did you mean"
+            i, hint = None, f" ({e})"
         if i not in SCALABLE_ORGANS:
-            raise ValueError(f"organ_scale: {organ!r} cannot be scaled; choose from {names}")
+            raise ValueError(f"organ_scale: {organ!r} cannot be scaled; choose from {names}{hint}")
         if not (len(span) == 2 and lo_ok <= span[0] <= span[1] <= hi_ok):
             raise ValueError(f"organ_scale[{organ!r}] must be (min, max) with {lo_ok} <= min <= max <= {hi_ok}, "
                              f"got {tuple(span)}")
