@@ -141,7 +141,7 @@ def test_mask_guidance_reaches_the_mask_sampler_and_the_record(folders, pipe, mo
     assert main([*args, "--mask-guidance", "25"]) == 2
     assert "--mask-guidance must be in 0..20" in capsys.readouterr().err and not any(tmp_path.iterdir())
     assert main([*args, "--mask-sampler", "ddpm"]) == 2
-    assert ("--mask-sampler must be 'rflow' for this mask model (trained with rflow), got 'ddpm'"
+    assert ("--mask-sampler must be 'rflow' for a mask UNet trained with rflow, got 'ddpm'"
             in capsys.readouterr().err)
 
 

@@ -27,6 +27,17 @@ def context_tensor(context: Sequence[float], device: str | torch.device = "cpu")
     return values.view(1, 1, CONTEXT_SIZE)
 
 
+def check_mask_sampler(config: MaskGenConfig, sampler: str | None, field: str = "sampler") -> str:
+    """The sampler to run (None: the config's), refused when the UNet was not trained for it: DDPM and DDIM for
+    noise prediction, rectified flow for itself. `field` names the option in the message."""
+    kind = sampler or config.scheduler.kind
+    allowed = COMPATIBLE_SAMPLERS[config.scheduler.kind]
+    if kind not in allowed:
+        raise ValueError(f"{field} must be {' or '.join(repr(k) for k in allowed)} for a mask UNet trained with "
+                         f"{config.scheduler.kind}, got {kind!r}")
+    return kind
+
+
 @torch.no_grad()
 def sample_mask_latent(unet: DiffusionUNet, context: Sequence[float], config: MaskGenConfig, seed: int, *,
                        sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
@@ -40,12 +51,8 @@ def sample_mask_latent(unet: DiffusionUNet, context: Sequence[float], config: Ma
     (default: config.guidance_scale) > 0 runs classifier-free guidance against the all-"don't care" context,
     two UNet passes a step; it only helps a UNet trained with context dropout.
     """
-    cfg = replace(config.scheduler, kind=sampler or config.scheduler.kind,
+    cfg = replace(config.scheduler, kind=check_mask_sampler(config, sampler),
                   num_inference_steps=steps or config.scheduler.num_inference_steps)
-    allowed = COMPATIBLE_SAMPLERS[config.scheduler.kind]
-    if cfg.kind not in allowed:
-        raise ValueError(f"sampler must be {' or '.join(repr(k) for k in allowed)} for a mask UNet trained with "
-                         f"{config.scheduler.kind}, got {cfg.kind!r}")
     scheduler = make_scheduler(cfg, spatial_dims=len(config.latent_shape) - 1)
     scale = config.guidance_scale if guidance is None else float(guidance)
     ctx = context_tensor(context, device)

@@ -17,7 +17,7 @@ from maisi.data.labelmap import resample_label
 from maisi.data.preview import save_preview
 from maisi.diffusion.guidance import ClassifierFreeGuidance, ConditionedDenoiser
 from maisi.diffusion.sampling import make_generators, make_noise, sample
-from maisi.diffusion.schedulers import COMPATIBLE_SAMPLERS, make_scheduler
+from maisi.diffusion.schedulers import make_scheduler
 from maisi.io.formats import DicomIds, write_image, write_label
 from maisi.io.volume import affine_from_spacing, spacing_from_affine
 from maisi.labels import REGIONS, TUMOR_HOSTS, modality_code, region_one_hot, regions_in_mask
@@ -29,7 +29,7 @@ from maisi.maskgen.context import (
     target_tumor,
 )
 from maisi.maskgen.postprocess import postprocess_mask
-from maisi.maskgen.sampling import generate_mask
+from maisi.maskgen.sampling import check_mask_sampler, generate_mask
 from maisi.maskgen.sizes import measure_sizes
 from maisi.networks.memory import MemoryPlan
 from maisi.networks.precision import compute_dtype, for_inference, warn_if_slow
@@ -189,12 +189,8 @@ class Pipeline:
                                    "beside the mask model: give anatomy_conditions, an all_anatomy_size_conditions.json "
                                    "(NVIDIA's, or one `maisi prepare --anatomy-conditions` wrote)")
         sizes, volumes = load_condition_table(path)
-        sampler = request.mask_sampler or model.config.scheduler.kind
+        sampler = check_mask_sampler(model.config, request.mask_sampler, "mask_sampler")
         steps = model.config.scheduler.num_inference_steps if request.mask_steps is None else request.mask_steps
-        allowed = COMPATIBLE_SAMPLERS[model.config.scheduler.kind]
-        if sampler not in allowed:
-            raise ValueError(f"mask_sampler must be {' or '.join(repr(k) for k in allowed)} for this mask model "
-                             f"(trained with {model.config.scheduler.kind}), got {sampler!r}")
         if not 1 <= steps <= model.config.scheduler.num_train_timesteps:
             raise ValueError(f"mask_steps must be in 1..{model.config.scheduler.num_train_timesteps}, got {steps}")
         guidance = model.config.guidance_scale if request.mask_guidance is None else request.mask_guidance
@@ -250,8 +246,8 @@ class Pipeline:
         sc, model = plan.size_control, self.nets.mask
         mask_seed = attempt_seed(seed, attempt)
         raw = generate_mask(model.autoencoder, model.unet, sc.context, model.config, mask_seed, sampler=sc.sampler,
-                            steps=sc.steps, guidance=sc.guidance, scale_factor=model.scale_factor, memory_gb=plan.request.memory_gb,
-                            dtype=self.dtype, device=self.device)
+                            steps=sc.steps, guidance=sc.guidance, scale_factor=model.scale_factor,
+                            memory_gb=plan.request.memory_gb, dtype=self.dtype, device=self.device)
         label = postprocess_mask(raw[0, 0].cpu().numpy(), target_tumor(sc.context, sc.requested))
         grid = (model.config.spacing_mm,) * 3
         measured = measure_sizes(label, grid, sc.reference_volumes)

@@ -54,7 +54,7 @@ class GenerationRequest:
     # a new mask from the mask generation model: (structure, size in [0, 1] or -1) pairs (maskgen.context)
     anatomy_size: tuple[tuple[str, float], ...] = ()
     anatomy_conditions: str | None = None  # conditions file; None: the one beside the mask model's weights
-    mask_sampler: str | None = None  # "ddpm" or "ddim"; None: the mask model's (released: DDPM)
+    mask_sampler: str | None = None  # "ddpm"/"ddim" (ε models), "rflow"; None: the mask model's (released: DDPM)
     mask_steps: int | None = None  # None: the mask model's (released: 1000)
     mask_guidance: float | None = None  # guidance on the size context; None: the mask model's (released: 0, none)
 

@@ -100,16 +100,15 @@ class PerceptualLoss25D(nn.Module):
 
 def weighted_l1(pred: Tensor, target: Tensor, roi: Tensor | None = None, weight: float = 100.0) -> Tensor:
     """L1 with `weight` on voxels where roi (N×1×… at latent resolution, 0/1) is set (REFERENCE §4)."""
-    err = (pred.float() - target.float()).abs()
-    if roi is None or weight == 1:
-        return err.mean()
-    w = 1 + (weight - 1) * roi.to(err.dtype)
-    return (err * w).mean()
+    return _roi_weighted_mean((pred.float() - target.float()).abs(), roi, weight)
 
 
 def weighted_mse(pred: Tensor, target: Tensor, roi: Tensor | None = None, weight: float = 1.0) -> Tensor:
     """Squared error with `weight` on voxels where roi (N×1×… at latent resolution, 0/1) is set, as weighted_l1."""
-    err = (pred.float() - target.float()) ** 2
+    return _roi_weighted_mean((pred.float() - target.float()) ** 2, roi, weight)
+
+
+def _roi_weighted_mean(err: Tensor, roi: Tensor | None, weight: float) -> Tensor:
     if roi is None or weight == 1:
         return err.mean()
     return (err * (1 + (weight - 1) * roi.to(err.dtype))).mean()
