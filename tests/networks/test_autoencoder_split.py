@@ -92,6 +92,26 @@ def test_group_norm_statistics_survive_a_large_mean(num_splits):
     assert ((x.double() * scale.double() + shift.double()) - ref).abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "narrowed"])
+def test_channel_moments_match_fp64_across_chunks_and_layouts(layout, monkeypatch):
+    """The shifted chunked sums give each channel's mean and M2 as fp64 does, whatever the memory layout, with
+    chunks that do not divide the tensor and a mean far from 0 (the shift keeps the squares from cancelling)."""
+    from maisi.networks import split
+
+    monkeypatch.setattr(split, "_CHUNK", 7 * 13)  # chunks of a few rows, not dividing the 11 rows
+    torch.manual_seed(6)
+    x = 300 + 2 * torch.randn(2, 6, 11, 13, 9) + torch.arange(6.0).view(1, 6, 1, 1, 1)
+    if layout != "contiguous":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "narrowed":
+        x = x.narrow(3, 2, 8)  # a split segment: a view that is neither layout's contiguous block
+    cnt, mean, m2 = split.channel_moments(x)
+    var_ref, mean_ref = torch.var_mean(x.double(), dim=(2, 3, 4), correction=0)
+    assert cnt == x[0, 0].numel()
+    assert (mean - mean_ref).abs().max() < 1e-5
+    assert ((m2 / cnt - var_ref) / var_ref).abs().max() < 1e-5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_segments_across_cpu_and_cuda(model, ref, monkeypatch):
     x, z, (mu, _), img = ref
