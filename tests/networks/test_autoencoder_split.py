@@ -92,10 +92,11 @@ def test_group_norm_statistics_survive_a_large_mean(num_splits):
     assert ((x.double() * scale.double() + shift.double()) - ref).abs().max() < 1e-2
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "narrowed"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "narrowed", "bf16"])
 def test_channel_moments_match_fp64_across_chunks_and_layouts(layout, monkeypatch):
     """The shifted chunked sums give each channel's mean and M2 as fp64 does, whatever the memory layout, with
-    chunks that do not divide the tensor and a mean far from 0 (the shift keeps the squares from cancelling)."""
+    chunks that do not divide the tensor and a mean far from 0 (the shift keeps the squares from cancelling), and
+    of a bf16 map's values."""
     from maisi.networks import split
 
     monkeypatch.setattr(split, "_CHUNK", 7 * 13)  # chunks of a few rows, not dividing the 11 rows
@@ -105,6 +106,8 @@ def test_channel_moments_match_fp64_across_chunks_and_layouts(layout, monkeypatc
         x = x.contiguous(memory_format=torch.channels_last_3d)
     if layout == "narrowed":
         x = x.narrow(3, 2, 8)  # a split segment: a view that is neither layout's contiguous block
+    if layout == "bf16":
+        x = x.bfloat16()  # cast a chunk at a time; the statistics are those of the bf16 values
     cnt, mean, m2 = split.channel_moments(x)
     var_ref, mean_ref = torch.var_mean(x.double(), dim=(2, 3, 4), correction=0)
     assert cnt == x[0, 0].numel()

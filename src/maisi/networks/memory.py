@@ -49,11 +49,6 @@ def estimate_peak(model: nn.Module, op: str, shape: tuple[int, ...], num_splits:
         # fp32 normalised rows (+ a cast copy when not fp32) + the padded copy (+ the upsampled rows); conv rows
         return e * cin * ((4 + (b if b != 4 else 0) if pre else 0) + b + (b if up else 0)) + e * cout * b
 
-    def norm_temp(c: int, sizes: list[int]) -> int:
-        s = list(sizes)
-        s[axis] = math.ceil(s[axis] / max(1, min(num_splits, s[axis])))
-        return 4 * c * vox(s) if b != 4 else 0  # var_mean reads fp32 rows in place; other dtypes are cast
-
     coder = model.encoder if op == "encode" else model.decoder
     c = shape[1]
     io = vox(spatial) * c * 4  # the caller's input
@@ -63,7 +58,7 @@ def estimate_peak(model: nn.Module, op: str, shape: tuple[int, ...], num_splits:
     for block in coder.blocks:
         if isinstance(block, nn.GroupNorm):
             pre = True
-            peak = max(peak, io + vox(spatial) * c * b + norm_temp(c, spatial))
+            peak = max(peak, io + vox(spatial) * c * b)  # statistics: chunk-sized temporaries only
         elif isinstance(block, SplitConv):
             cout = block.conv.conv.out_channels
             held = vox(spatial) * (8 if argmax and block is last else cout * b)  # class indices, or the output
@@ -76,7 +71,7 @@ def estimate_peak(model: nn.Module, op: str, shape: tuple[int, ...], num_splits:
             extra = cout if c == cout else (0 if 2 * cout <= c else 2 * cout)
             lag = 2 * seg_temp(0, cout, spatial) if 2 * cout <= c else 0
             full = vox(spatial) * (c + extra) * b
-            peak = max(peak, io + full + lag + max(seg_temp(max(c, cout), cout, spatial), norm_temp(max(c, cout), spatial)))
+            peak = max(peak, io + full + lag + seg_temp(max(c, cout), cout, spatial))
             c = cout
         elif isinstance(block, Downsample | Upsample):
             small = list(spatial)

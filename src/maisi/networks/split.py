@@ -87,7 +87,7 @@ def _narrow(x: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tensor:
 def norm_affine(norm: nn.GroupNorm, x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(sample, channel) scale and shift so that GroupNorm(x) == x * scale + shift.
 
-    Statistics are exact over the whole tensor: a one-pass (Welford) fp32 mean/variance per channel and
+    Statistics are exact over the whole tensor: a per-channel mean and M2 for each
     segment, merged into groups in fp64 with Chan's parallel formula, so nothing full-size is copied.
     """
     dim = plan.axis + 2
@@ -104,9 +104,9 @@ def channel_moments(seg: torch.Tensor) -> Moments:
     Shifted sums over cache-sized chunks: each chunk's sum and sum of squares of (x − K), K a first estimate of the
     mean, in fp32, accumulated in fp64. With the shift the squares do not cancel, and each chunk is small enough
     that its fp32 sums stay exact to ~1e-8 relative (checked against fp64: more exact than torch.var_mean's
-    Welford), at a tenth of var_mean's time on a channels-last map.
+    Welford), at a tenth of var_mean's time on a channels-last map. Nothing segment-sized is allocated.
     """
-    x = seg if seg.dtype == torch.float32 else seg.float()
+    x = seg
     n, c = x.shape[:2]
     # rows of channels: N×S×C when channels are innermost (channels_last), else N×C×S
     last = c > 1 and x.stride(1) == 1
@@ -118,7 +118,7 @@ def channel_moments(seg: torch.Tensor) -> Moments:
     red = 1 if last else 2
 
     def flat(a: int, b: int) -> torch.Tensor:
-        piece = rows.narrow(span, a, b - a)
+        piece = rows.narrow(span, a, b - a).float()  # a bf16 map is cast a chunk at a time
         return piece.reshape(n, -1, c) if last else piece.reshape(n, c, -1)
 
     shift = flat(0, min(length, step)).mean(red, keepdim=True)
