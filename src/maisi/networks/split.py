@@ -114,7 +114,7 @@ def channel_moments(seg: torch.Tensor) -> Moments:
     span = 2 if not last else 1  # the first spatial dim, where chunks are cut
     length = rows.shape[span]
     per_row = max(1, rows[0].numel() // max(1, length))
-    step = max(1, _CHUNK // per_row)
+    step = max(1, (_CHUNK if x.device.type == "cpu" else _CHUNK_GPU) // per_row)
     red = 1 if last else 2
 
     def flat(a: int, b: int) -> torch.Tensor:
@@ -133,7 +133,8 @@ def channel_moments(seg: torch.Tensor) -> Moments:
     return cnt, mean + shift.reshape(n, c).double(), s2 - s1 * mean
 
 
-_CHUNK = 1 << 18  # elements per chunk of channel_moments (1 MB of fp32: cache-sized)
+_CHUNK = 1 << 18  # elements per chunk of channel_moments on a CPU (1 MB of fp32: cache-sized)
+_CHUNK_GPU = 1 << 24  # on a GPU (64 MB of fp32): few kernel launches; small against any GPU budget
 
 
 def group_affine(norm: nn.GroupNorm, parts: list[Moments], ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
