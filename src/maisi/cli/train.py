@@ -107,7 +107,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "classifier-free guidance on the sizes (default 0; 0.1-0.2 typical)")
     m.add_argument("--tumor-weight", type=float, default=1.0,
                    help="UNet loss weight on the latent voxels over a tumour (default 1: plain MSE; a tumour is a few "
-                        "latent voxels, and its size slot is followed only when they count)")
+                        "latent voxels; a weight above 1 makes its size slot count but draws larger tumours)")
     m.add_argument("--lr-power", type=float, default=2.0, help="polynomial decay power of the UNet learning rate")
     m.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the UNet weights, exported (0: none)")
     m.add_argument("--scale-factor", type=float, help="latent scale (default: --init's, else 1/std of the latents)")

@@ -308,8 +308,9 @@ class MaskDiffusionStage(DiffusionStage):
         return {"context": context.view(len(context), 1, -1)}
 
     def loss(self, pred: Tensor, target: Tensor, batch: dict[str, Any]) -> Tensor:
-        """MSE, with `tumor_weight` on the latent voxels over a tumour: a tumour is a few of the 4096 latent voxels,
-        too few for plain MSE to make the UNet follow the tumour's size slot."""
+        """MSE, with `tumor_weight` on the latent voxels over a tumour (a tumour is a few of the 4096 latent voxels).
+        The weight depends on the target, so it also pulls the prediction toward drawing tumour: with 10 the slot
+        counted, but the tumours came out 3-4x too large (docs/mask-generation.md)."""
         return weighted_mse(pred, target, batch["tumor"].to(pred.device), self.opts.tumor_weight)
 
 
