@@ -80,6 +80,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=defaults["lr"])
     p.add_argument("--context", type=float, default=defaults["context"])
     p.add_argument("--seed", type=int, default=defaults["seed"])
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=defaults["augment"],
+                   help="degrade training crops at random (blur, coarser grid, noise, gain, offset)")
+    p.add_argument("--channels", type=int, nargs=4, default=list(defaults["channels"]), help="UNet widths")
     p.add_argument("--heldout", type=int, default=20, help="held-out phantoms (regions in turn)")
     p.add_argument("--note", default="", help="what this run tries")
     p.add_argument("--threads", type=int, default=1)
@@ -93,9 +96,11 @@ def main() -> None:
     else:
         save = a.save or Path(tempfile.mkdtemp(prefix="maisi-seg-bench-")) / "seg.safetensors"
         settings = {"steps": a.steps, "size": a.size, "spacing": a.spacing, "n_phantoms": a.phantoms,
-                    "batch": a.batch, "lr": a.lr, "context": a.context, "seed": a.seed}
+                    "batch": a.batch, "lr": a.lr, "context": a.context, "seed": a.seed, "augment": a.augment,
+                    "channels": a.channels}
         seg = train_phantom_segmenter(save, a.steps, size=a.size, spacing=a.spacing, n_phantoms=a.phantoms,
-                                      batch=a.batch, lr=a.lr, context=a.context, seed=a.seed,
+                                      batch=a.batch, lr=a.lr, context=a.context, seed=a.seed, augment=a.augment,
+                                      channels=a.channels,
                                       log=lambda m: print(m, flush=True))
         settings["saved"] = str(save)
     train_s = time.perf_counter() - t0

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import maisi.evaluation.segmenter as segmenter_module
 from maisi.data.phantom import make_phantom
 from maisi.evaluation.metrics import dice_per_label
 from maisi.evaluation.segmenter import (
@@ -17,6 +18,7 @@ from maisi.evaluation.segmenter import (
     _channels,
     _legacy_net,
     _net,
+    image_augmentation,
     load_segmenter,
     save_segmenter,
     train_phantom_segmenter,
@@ -109,3 +111,66 @@ def test_training_leaves_out_spans_that_do_not_fit(tmp_path):
     assert load_segmenter(tmp_path / "s.safetensors").info["regions"] == seg.info["regions"]
     with pytest.raises(ValueError, match="no training region fits a 96 mm field of view"):
         train_phantom_segmenter(tmp_path / "x.safetensors", steps=1, size=(16, 16, 16), regions=("abdomen-pelvis",))
+
+
+def test_augmentation_draws_blur_noise_and_calibration_changes():
+    # a flat 40 HU field with a 300 HU cube: its corner shows noise, gain and offset; the cube's edge shows blur
+    hu = np.full((1, 32, 32, 32), 40.0, np.float32)
+    hu[:, 12:24, 12:24, 12:24] = 300.0
+    aug = image_augmentation(seed=1)
+    draws = [np.asarray(aug(torch.from_numpy(hu.copy())))[0] for _ in range(60)]
+    corner = [d[:6, :6, :6] for d in draws]
+    edge = [float(np.abs(np.diff(d, axis=0)).max()) for d in draws]
+    assert all(d.shape == hu.shape[1:] for d in draws)
+    assert sum(np.array_equal(d, hu[0]) for d in draws) >= 3  # some crops stay as they were (p ≈ 0.18)
+    assert min(edge) < 0.8 * 260  # some are blurred or coarser
+    assert sum(float(c.std()) > 2 for c in corner) >= 5  # some get noise (p = 0.3)
+    assert max(float(c.std()) for c in corner) < 25  # σ ≤ 20 HU
+    # gain ±5 % and offset ±25 HU move the flat corner's mean by at most 2 + 25 HU (noise averages out)
+    means = [float(c.mean()) for c in corner]
+    assert all(abs(m - 40) < 2 + 25 + 3 for m in means) and any(abs(m - 40) > 5 for m in means)
+    again = image_augmentation(seed=1)  # the seed fixes the draws
+    assert np.array_equal(np.asarray(again(torch.from_numpy(hu.copy())))[0], draws[0])
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_training_degrades_crops_only_when_asked(tmp_path, monkeypatch, augment):
+    calls = []
+
+    def recording(seed):
+        def degrade(hu):
+            calls.append(tuple(hu.shape))
+            return hu
+        return degrade
+
+    monkeypatch.setattr(segmenter_module, "image_augmentation", recording)
+    seg = train_phantom_segmenter(tmp_path / "s.safetensors", steps=2, size=(16, 16, 16), n_phantoms=2, batch=2,
+                                  augment=augment)
+    assert calls == ([(1, 16, 16, 16)] * 4 if augment else [])  # each HU crop, before windowing
+    assert seg.info["augment"] is augment
+
+
+def test_segmenter_widths_are_saved_and_reloaded(tmp_path):
+    seg = train_phantom_segmenter(tmp_path / "s.safetensors", steps=1, size=(16, 16, 16), n_phantoms=1, batch=1,
+                                  channels=(8, 16, 24, 40))
+    again = load_segmenter(tmp_path / "s.safetensors")
+    assert tuple(again.net.channels) == (8, 16, 24, 40) and again.info["channels"] == [8, 16, 24, 40]
+    hu = torch.from_numpy(make_phantom("chest", size=32, spacing=6.0, seed=3).image)
+    assert torch.equal(again(hu, spacing=(6, 6, 6)), seg(hu, spacing=(6, 6, 6)))
+    with pytest.raises(ValueError, match="channels must be 4 positive widths"):
+        train_phantom_segmenter(tmp_path / "x.safetensors", steps=1, size=(16, 16, 16), channels=(8, 16, 32))
+
+
+@pytest.mark.parametrize("network", [{"name": "UNet", "channels": [8, 16, 32], "strides": [2, 2, 2],
+                                      "num_res_units": 1},
+                                     {"name": "UNet", "channels": [8, 16, 32, "64"], "strides": [2, 2, 2],
+                                      "num_res_units": 1},
+                                     {"name": "UNet", "channels": [8, 16, 32, 64], "strides": [2, 2, 1],
+                                      "num_res_units": 1}])
+def test_a_segmenter_file_with_another_network_is_refused(tmp_path, network):
+    path = tmp_path / "odd.safetensors"
+    meta = {"kind": "maisi-phantom-segmenter", "labels": json.dumps([1]), "spacing": json.dumps([6.0] * 3),
+            "network": json.dumps(network), "windows": json.dumps([list(w) for w in WINDOWS]), "info": "{}"}
+    save_file({"w": torch.zeros(1)}, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="is not a MONAI UNet with strides"):
+        load_segmenter(path)

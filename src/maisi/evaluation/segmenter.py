@@ -14,7 +14,16 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.networks.nets import BasicUNet, UNet
 from monai.optimizers import WarmupCosineSchedule
-from monai.transforms import RandSpatialCrop, ScaleIntensityRange
+from monai.transforms import (
+    Compose,
+    RandGaussianNoise,
+    RandGaussianSmooth,
+    RandScaleIntensity,
+    RandShiftIntensity,
+    RandSimulateLowResolution,
+    RandSpatialCrop,
+    ScaleIntensityRange,
+)
 from monai.utils import convert_to_tensor
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -97,9 +106,26 @@ class PhantomSegmenter:
         return lut[logits.argmax(1)[0].cpu()]
 
 
-def _net(n_classes: int, in_channels: int = len(WINDOWS)) -> UNet:
-    return UNet(spatial_dims=3, in_channels=in_channels, out_channels=n_classes, channels=CHANNELS,
+def _net(n_classes: int, in_channels: int = len(WINDOWS), channels: Sequence[int] = CHANNELS) -> UNet:
+    return UNet(spatial_dims=3, in_channels=in_channels, out_channels=n_classes, channels=tuple(channels),
                 strides=STRIDES, num_res_units=1)
+
+
+def image_augmentation(seed: int) -> Compose:
+    """Random image degradations applied to a 1×X×Y×Z HU crop before windowing, as nnU-Net's defaults do, so
+    the segmenter judges anatomy rather than one scanner's sharpness and noise: a generated or VAE-decoded CT is
+    smoother than the phantoms it was trained on, and a segmenter that only saw sharp phantoms reads the blur as
+    another organ. Each degradation is drawn independently: a coarser acquisition (zoom 0.5–1), blur (σ 0.5–1.5
+    voxels), extra noise (σ up to 20 HU), a calibration gain (±5 %) and offset (±25 HU)."""
+    aug = Compose([
+        RandSimulateLowResolution(prob=0.25, zoom_range=(0.5, 1.0)),
+        RandGaussianSmooth(sigma_x=(0.5, 1.5), sigma_y=(0.5, 1.5), sigma_z=(0.5, 1.5), prob=0.3),
+        RandGaussianNoise(prob=0.3, std=20.0),
+        RandScaleIntensity(factors=0.05, prob=0.3),
+        RandShiftIntensity(offsets=25.0, prob=0.3),
+    ])
+    aug.set_random_state(seed=seed)
+    return aug
 
 
 def _legacy_net(n_classes: int) -> BasicUNet:
@@ -123,12 +149,14 @@ def train_phantom_segmenter(out_path: str | Path, steps: int = 1000, *, size: Se
                             spacing: Sequence[float] = (4.0, 4.0, 4.0), n_phantoms: int = 96, batch: int = 2,
                             lr: float = 3e-3, seed: int = 0, labels: Sequence[int] = PHANTOM_LABELS,
                             context: float = CONTEXT, regions: Sequence[str] = REGIONS,
+                            augment: bool = True, channels: Sequence[int] = CHANNELS,
                             device: str | torch.device = "cpu",
                             log: Callable[[str], None] | None = None) -> PhantomSegmenter:
     """Train a small UNet for `steps` Adam steps (linear warm-up, then cosine decay) with Dice+CE on random
     `size` crops of `n_phantoms` phantoms (seeds seed.., `regions` in turn, leaving out spans the field of view
     cannot show) whose field of view is `context` × the crop, and save it to out_path (safetensors, settings in
-    its metadata). Returns the segmenter.
+    its metadata). Returns the segmenter. With `augment`, each crop is degraded at random first
+    (`image_augmentation`); `channels` are the UNet's four widths.
 
     The defaults are sized for held-out Dice, not speed (~20 min on one core; benchmarks/segmenter.py): with
     16 phantoms and 300 steps, spleen, pancreas and stomach stayed at Dice 0 on held-out phantoms.
@@ -142,6 +170,8 @@ def train_phantom_segmenter(out_path: str | Path, steps: int = 1000, *, size: Se
         raise ValueError(f"size must be a multiple of {DIVISOR} per axis, got {list(size)}")
     if context < 1:
         raise ValueError(f"context must be >= 1, got {context}")
+    if len(channels) != len(STRIDES) + 1 or any(int(c) < 1 for c in channels):
+        raise ValueError(f"channels must be {len(STRIDES) + 1} positive widths, got {list(channels)}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     full = [int(round(n * context)) for n in size]
@@ -151,12 +181,20 @@ def train_phantom_segmenter(out_path: str | Path, steps: int = 1000, *, size: Se
     if not regions:
         raise ValueError(f"no training region fits a {fov_z:.0f} mm field of view; use a larger size or context")
     pool = phantom_pool(n_phantoms, full, spacing, seed, regions, exclusive=False)
-    # image channels and compact label in one tensor, so that one random crop cuts both alike
-    vols = [torch.cat([_channels(torch.from_numpy(p.image)),
-                       torch.from_numpy(_compact(p.label, labels)).float()[None]]) for p in pool]
+    # HU image and compact label in one tensor, so that one random crop cuts both alike
+    vols = [torch.stack([torch.from_numpy(p.image).float(), torch.from_numpy(_compact(p.label, labels)).float()])
+            for p in pool]
     crop = RandSpatialCrop(roi_size=list(size), random_size=False)
     crop.set_random_state(seed=seed)
-    net = _net(len(labels) + 1).to(device)
+    degrade = image_augmentation(seed) if augment else None
+
+    def sample(i: int) -> torch.Tensor:  # network channels and label of one random crop
+        hu, lab = convert_to_tensor(crop(vols[i]), track_meta=False)
+        if degrade is not None:
+            hu = convert_to_tensor(degrade(hu[None]), track_meta=False)[0]
+        return torch.cat([_channels(hu), lab[None]])
+
+    net = _net(len(labels) + 1, channels=channels).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = WarmupCosineSchedule(opt, warmup_steps=max(1, steps // 20), t_total=steps)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
@@ -164,7 +202,7 @@ def train_phantom_segmenter(out_path: str | Path, steps: int = 1000, *, size: Se
     net.train()
     for step in range(1, steps + 1):
         idx = rng.choice(len(pool), size=min(batch, len(pool)), replace=False)
-        xy = torch.stack([convert_to_tensor(crop(vols[i]), track_meta=False) for i in idx]).to(device)
+        xy = torch.stack([sample(i) for i in idx]).to(device)
         loss = loss_fn(net(xy[:, :-1]), xy[:, -1:].round().long())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -173,7 +211,8 @@ def train_phantom_segmenter(out_path: str | Path, steps: int = 1000, *, size: Se
         if log and (step % 25 == 0 or step == steps):
             log(f"step {step}/{steps}  loss {loss.item():.4f}  ({time.time() - start:.0f} s)")
     info = {"steps": steps, "final_loss": round(float(loss.item()), 5), "n_phantoms": n_phantoms,
-            "size": list(size), "context": context, "seed": seed, "batch": batch, "lr": lr, "regions": list(regions)}
+            "size": list(size), "context": context, "seed": seed, "batch": batch, "lr": lr, "regions": list(regions),
+            "augment": augment, "channels": [int(c) for c in channels]}
     seg = PhantomSegmenter(net.cpu().eval(), labels, spacing, info)
     save_segmenter(seg, out_path)
     return seg
@@ -182,7 +221,7 @@ def train_phantom_segmenter(out_path: str | Path, steps: int = 1000, *, size: Se
 def save_segmenter(seg: PhantomSegmenter, path: str | Path) -> Path:
     meta = {"kind": "maisi-phantom-segmenter", "labels": json.dumps(list(seg.labels)),
             "spacing": json.dumps(list(seg.spacing)),
-            "network": json.dumps({"name": "UNet", "channels": list(CHANNELS), "strides": list(STRIDES),
+            "network": json.dumps({"name": "UNet", "channels": [int(c) for c in seg.net.channels], "strides": list(STRIDES),
                                    "num_res_units": 1}),
             "windows": json.dumps([list(w) for w in seg.windows]),
             "info": json.dumps(seg.info)}
@@ -207,11 +246,15 @@ def load_segmenter(path: str | Path) -> Segmenter:
             raise ValueError(f"{path}: a safetensors file but not a maisi phantom segmenter")
         labels = json.loads(meta["labels"])
         if "network" in meta:
-            want = {"name": "UNet", "channels": list(CHANNELS), "strides": list(STRIDES), "num_res_units": 1}
-            if json.loads(meta["network"]) != want:
-                raise ValueError(f"{path}: segmenter network {meta['network']} differs from {want}")
+            network = json.loads(meta["network"])
+            channels = network.get("channels")
+            want = {"name": "UNet", "channels": channels, "strides": list(STRIDES), "num_res_units": 1}
+            if (network != want or not isinstance(channels, list) or len(channels) != len(STRIDES) + 1
+                    or not all(isinstance(c, int) and c > 0 for c in channels)):
+                raise ValueError(f"{path}: segmenter network {meta['network']} is not a MONAI UNet with strides "
+                                 f"{list(STRIDES)}, one residual unit and {len(STRIDES) + 1} positive channel widths")
             windows = json.loads(meta["windows"])
-            net = _net(len(labels) + 1, len(windows))
+            net = _net(len(labels) + 1, len(windows), channels)
         else:  # written by the first version: a one-channel BasicUNet
             if tuple(json.loads(meta.get("features", "[]"))) != LEGACY_FEATURES:
                 raise ValueError(f"{path}: segmenter features {meta.get('features')} differ from "
