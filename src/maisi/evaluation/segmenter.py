@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -111,21 +112,41 @@ def _net(n_classes: int, in_channels: int = len(WINDOWS), channels: Sequence[int
                 strides=STRIDES, num_res_units=1)
 
 
-def image_augmentation(seed: int) -> Compose:
-    """Random image degradations applied to a 1×X×Y×Z HU crop before windowing, as nnU-Net's defaults do, so
-    the segmenter judges anatomy rather than one scanner's sharpness and noise: a generated or VAE-decoded CT is
-    smoother than the phantoms it was trained on, and a segmenter that only saw sharp phantoms reads the blur as
-    another organ. Each degradation is drawn independently: a coarser acquisition (zoom 0.5–1), blur (σ 0.5–1.5
-    voxels), extra noise (σ up to 20 HU), a calibration gain (±5 %) and offset (±25 HU)."""
-    aug = Compose([
-        RandSimulateLowResolution(prob=0.25, zoom_range=(0.5, 1.0)),
-        RandGaussianSmooth(sigma_x=(0.5, 1.5), sigma_y=(0.5, 1.5), sigma_z=(0.5, 1.5), prob=0.3),
-        RandGaussianNoise(prob=0.3, std=20.0),
-        RandScaleIntensity(factors=0.05, prob=0.3),
-        RandShiftIntensity(offsets=25.0, prob=0.3),
-    ])
-    aug.set_random_state(seed=seed)
-    return aug
+@dataclass(frozen=True)
+class Degradation:
+    """How often each random degradation of a training crop is drawn (independently, each a probability)."""
+
+    low_resolution: float = 0.25  # a coarser acquisition: nearest-neighbour zoom 0.5–1, trilinear back
+    blur: float = 0.3  # Gaussian blur, σ 0.5–1.5 voxels per axis (edges replicated, so no dark border)
+    noise: float = 0.3  # extra Gaussian noise, σ up to 20 HU
+    gain: float = 0.3  # calibration gain, ±5 %
+    offset: float = 0.3  # calibration offset, ±25 HU
+
+
+BLUR_MARGIN = 5  # voxels replicated around a crop before blurring: ≥ 3σ of the widest blur
+
+
+def image_augmentation(seed: int, degradation: Degradation = Degradation()) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Random image degradations of a 1×X×Y×Z HU crop, applied before windowing as nnU-Net's defaults do, so that
+    the segmenter judges anatomy rather than one scanner's sharpness and noise. A generated or VAE-decoded CT is
+    smoother than the phantoms it was trained on, and a segmenter that only saw sharp phantoms misreads the blur.
+    The seed fixes the sequence of draws."""
+    d = degradation
+    low = RandSimulateLowResolution(prob=d.low_resolution, zoom_range=(0.5, 1.0))
+    blur = RandGaussianSmooth(sigma_x=(0.5, 1.5), sigma_y=(0.5, 1.5), sigma_z=(0.5, 1.5), prob=d.blur)
+    rest = Compose([RandGaussianNoise(prob=d.noise, std=20.0), RandScaleIntensity(factors=0.05, prob=d.gain),
+                    RandShiftIntensity(offsets=25.0, prob=d.offset)])
+    for k, t in enumerate((low, blur, rest)):
+        t.set_random_state(seed=seed + k)
+
+    def degrade(hu: torch.Tensor) -> torch.Tensor:
+        hu = convert_to_tensor(low(hu), track_meta=False)
+        m = BLUR_MARGIN  # MONAI's filter pads with zeros, which in HU is a water-bright rim
+        padded = F.pad(hu[None], (m,) * 6, mode="replicate")[0]
+        hu = convert_to_tensor(blur(padded), track_meta=False)[:, m:-m, m:-m, m:-m]
+        return convert_to_tensor(rest(hu), track_meta=False)
+
+    return degrade
 
 
 def _legacy_net(n_classes: int) -> BasicUNet:
@@ -191,7 +212,7 @@ def train_phantom_segmenter(out_path: str | Path, steps: int = 1000, *, size: Se
     def sample(i: int) -> torch.Tensor:  # network channels and label of one random crop
         hu, lab = convert_to_tensor(crop(vols[i]), track_meta=False)
         if degrade is not None:
-            hu = convert_to_tensor(degrade(hu[None]), track_meta=False)[0]
+            hu = degrade(hu[None])[0]
         return torch.cat([_channels(hu), lab[None]])
 
     net = _net(len(labels) + 1, channels=channels).to(device)
