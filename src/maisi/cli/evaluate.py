@@ -55,6 +55,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--spacing", type=float, nargs=3, default=[4.0, 4.0, 4.0], help="phantom spacing (mm)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
+    t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="degrade training crops at random (coarser grid, blur, noise, gain, offset) so that smooth "
+                        "generated images are judged by their anatomy (default: on)")
+    t.add_argument("--channels", type=int, nargs=4, default=[16, 32, 64, 128], help="the UNet's four widths")
 
     r = s.add_parser("reconstruction", help="VAE PSNR / SSIM / MAE (HU) through the memory-aware path")
     r.add_argument("--vae", required=True, help="autoencoder weights: a released set (rflow-ct, ...), a maisi "
@@ -158,7 +162,8 @@ def options_from_args(args: argparse.Namespace) -> Any:
         return QualityOptions(images=a.images, labels=a.labels, reference_images=a.reference_images,
                               reference_labels=a.reference_labels, out=a.out, key=a.key)
     return SegmenterOptions(out_path=a.out_path, steps=a.steps, phantoms=a.phantoms, size=tuple(a.size),
-                            spacing=tuple(a.spacing), seed=a.seed, device=a.device)
+                            spacing=tuple(a.spacing), seed=a.seed, device=a.device, augment=a.augment,
+                            channels=tuple(a.channels))
 
 
 def _augment_options(a: argparse.Namespace) -> Any:

@@ -157,7 +157,7 @@ def train_segmenter(options: SegmenterOptions, log: Log = None) -> PhantomSegmen
     except OutputLocationError as e:
         raise OptionError(str(e), "out_path") from None
     return train_phantom_segmenter(o.out_path, o.steps, size=o.size, spacing=o.spacing, n_phantoms=o.phantoms,
-                                   seed=o.seed, device=o.device, log=log)
+                                   seed=o.seed, augment=o.augment, channels=o.channels, device=o.device, log=log)
 
 
 EVALUATIONS = {"fid": fid, "consistency": consistency, "reconstruction": reconstruction, "diversity": diversity,

@@ -95,6 +95,12 @@ class SegmenterOptions:
     spacing: tuple[float, float, float] = (4.0, 4.0, 4.0)  # phantom spacing (mm)
     seed: int = 0
     device: str = "cpu"
+    augment: bool = True  # degrade training crops at random (segmenter.Degradation), for smooth generated images
+    channels: tuple[int, int, int, int] = (16, 32, 64, 128)  # the UNet's widths
+
+    def __post_init__(self):
+        if len(self.channels) != 4 or any(int(c) < 1 for c in self.channels):
+            raise OptionError(f"the UNet's {{channels}} must be 4 positive widths, got {list(self.channels)}", "channels")
 
 
 @dataclass(frozen=True)
