@@ -4,6 +4,7 @@ and the result is a mask model `maisi generate --anatomy-size` loads with its co
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -173,6 +174,36 @@ def test_init_reuses_the_autoencoder_and_starts_a_unet_of_another_architecture_f
     err = capsys.readouterr().err
     assert str(first) in err and "autoencoder does not have the architecture" in err
     assert not (tmp_path / "third").exists()
+
+
+def test_a_finished_autoencoder_phase_resumes_under_a_config_that_changes_the_unet_only(data, config, tmp_path,
+                                                                                          capsys):
+    run = tmp_path / "run"
+    assert train("mask", *args(data, config, run, 1, 1, "--ema-decay", "0")) == 0
+    ae_file = run / "mask_autoencoder" / "export" / "model.safetensors"
+    ae_weights = load_file(str(ae_file))
+    cfg = json.loads(config.read_text())
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(cfg | {"unet": to_dict(mask_preset("mask-tiny").unet) | {"context_embedding": False}}))
+    capsys.readouterr()
+    # the autoencoder phase is done and its part of the config is unchanged; the UNet folder holds another UNet
+    assert train("mask", *args(data, other, run, 1, 1, "--ema-decay", "0")) == 2
+    err = capsys.readouterr().err
+    assert str(run / "mask_unet") in err and "remove" in err and "mask_autoencoder" not in err.replace(
+        str(run / "mask_unet"), "")
+    assert_bitwise_equal(load_file(str(ae_file)), ae_weights)
+    shutil.rmtree(run / "mask_unet")
+    assert train("mask", *args(data, other, run, 1, 1, "--ema-decay", "0")) == 0
+    assert_bitwise_equal(load_file(str(ae_file)), ae_weights)  # not trained again
+    assert "context_embed.0.weight" not in load_file(str(run / "mask_unet" / "export" / "model.safetensors"))
+    assert load_mask_model(resolve(run)) is not None
+
+    wider = tmp_path / "wider.json"  # another autoencoder: its phase refuses the folder
+    wider.write_text(json.dumps(cfg | {"autoencoder": cfg["autoencoder"] | {"channels": [8, 16]}}))
+    assert train("mask", *args(data, wider, run, 1, 1)) == 2
+    err = capsys.readouterr().err
+    assert str(run / "mask_autoencoder") in err and "autoencoder or grid differs" in err
+    assert_bitwise_equal(load_file(str(ae_file)), ae_weights)
 
 
 def test_class_balance_weights_rare_classes_up_in_the_cross_entropy(data, config, tmp_path):

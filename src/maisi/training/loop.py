@@ -135,29 +135,30 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def prepare_run_dir(run_dir: Path, stage: str, config: ModelConfig, options: dict[str, Any]) -> None:
-    """Write config.json and run.json; refuse a folder that holds a different stage or model config."""
+def prepare_run_dir(run_dir: Path, stage: str, config: ModelConfig, options: dict[str, Any],
+                    scope: Callable[[Any], Any] = to_dict,
+                    advice: str = "resume with the same config or use another run folder") -> None:
+    """Write config.json and run.json; refuse a folder that holds a different stage, or a config that differs in
+    `scope(config)`: the part of the config the stage's training depends on (default: all of it). `advice` ends
+    the refusal."""
     run_file = run_dir / RUN_FILE
     cfg = to_dict(config)
     if run_file.is_file():
         old = json.loads(run_file.read_text())
         if old.get("stage") != stage:
             raise ValueError(f"{run_dir} holds a {old.get('stage')!r} run, not {stage!r}; use another run folder")
-        if not _same_config(old.get("config"), config):
-            raise ValueError(
-                f"{run_dir} holds a run with another model config; resume with the same config "
-                "or use another run folder"
-            )
+        if not _same_config(old.get("config"), config, scope):
+            raise ValueError(f"{run_dir} holds a run with another model config; {advice}")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", json.dumps(cfg, indent=2) + "\n")
     atomic_write_text(run_file, json.dumps({"stage": stage, "config": cfg, "options": options}, indent=2) + "\n")
 
 
-def _same_config(saved: Any, config: Any) -> bool:
-    """Whether a run.json's config is `config`; fields a later maisi added are compared at their defaults, so
-    a run folder still resumes after an upgrade."""
+def _same_config(saved: Any, config: Any, scope: Callable[[Any], Any] = to_dict) -> bool:
+    """Whether a run.json's config is `config` within `scope`; fields a later maisi added are compared at their
+    defaults, so a run folder still resumes after an upgrade."""
     try:
-        return to_dict(from_dict(type(config), saved)) == to_dict(config)
+        return scope(from_dict(type(config), saved)) == scope(config)
     except (TypeError, ValueError):
         return False
 

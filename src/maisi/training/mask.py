@@ -379,10 +379,23 @@ def _init(options: MaskTrainOptions, config: MaskGenConfig, log: Callable[[str],
     return model
 
 
+def autoencoder_part(config: MaskGenConfig) -> dict[str, Any]:
+    """What the mask autoencoder's training depends on: its architecture and the grid of the maps. A run folder's
+    autoencoder phase resumes under a config that changes the UNet only."""
+    return {"autoencoder": to_dict(config.autoencoder), "latent_shape": list(config.latent_shape),
+            "spacing_mm": config.spacing_mm}
+
+
 def _loop(stage: MaskAutoencoderStage | MaskDiffusionStage, source: Any, options: MaskTrainOptions, world: D.World,
           log: Callable[[str], None] | None) -> dict[str, float]:
     loop = options.loop_options(stage.name)
     if world.is_main:
-        prepare_run_dir(loop.run_dir, stage.name, stage.config, options.record())
+        if stage.name == PHASES[0]:
+            prepare_run_dir(loop.run_dir, stage.name, stage.config, options.record(), scope=autoencoder_part,
+                            advice="its autoencoder or grid differs; resume with the same ones or use another out folder")
+        else:
+            prepare_run_dir(loop.run_dir, stage.name, stage.config, options.record(),
+                            advice=f"to train a new UNet on this run's autoencoder, remove {loop.run_dir}, or start "
+                                   f"another out folder with init {options.out}")
     D.barrier(world)
     return training_loop(stage, SampleDataset(source, options.seed), loop, world, log)
