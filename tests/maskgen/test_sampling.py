@@ -101,7 +101,11 @@ def test_guidance_pushes_the_conditional_prediction_away_from_the_dont_care_one(
     ctx, null = torch.tensor(context).view(1, 1, 10), torch.full((1, 1, 10), -1.0)
     plain = sample_mask_latent(unet, context, SMALL, seed=1, steps=4)
     assert torch.equal(sample_mask_latent(unet, context, SMALL, seed=1, steps=4, guidance=0.0), plain)
+    batches = []
+    hook = unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     guided = sample_mask_latent(unet, context, SMALL, seed=1, steps=4, guidance=3.0)
+    hook.remove()
+    assert batches == [2] * 4  # both branches in one forward a step
 
     def by_hand(x, t):
         u = unet(x, t, context=null)

@@ -64,18 +64,34 @@ class ConditionedDenoiser:
         return self.unet(x, t, **self.conditions, down_residuals=down, mid_residual=mid)
 
 
+class ContextDenoiser:
+    """denoiser(x, t) for a UNet conditioned by a cross-attention context alone (the mask UNet's size vector)."""
+
+    def __init__(self, unet: nn.Module, context: torch.Tensor):
+        self.unet, self.context = unet, context
+
+    def joined(self, other: ContextDenoiser) -> ContextDenoiser | None:
+        """One denoiser for the batch [self; other] (the same UNet, contexts of one shape), else None."""
+        if self.unet is not other.unet or self.context.shape[1:] != other.context.shape[1:]:
+            return None
+        return ContextDenoiser(self.unet, torch.cat([self.context, other.context]))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, context=self.context)
+
+
 class ClassifierFreeGuidance:
     """out = u + s·(c − u). As in the reference, s = 0 means no guidance: only the conditional branch runs.
 
-    When both branches are ConditionedDenoisers over the same networks they run as one batch of 2N
-    (one forward per step instead of two); pass `batched=False` to save memory instead.
+    When both branches are ConditionedDenoisers (or both ContextDenoisers) over the same networks they run as one
+    batch of 2N (one forward per step instead of two); pass `batched=False` to save memory instead.
     """
 
     def __init__(self, cond: Denoiser, uncond: Denoiser, scale: float, *, batched: bool = True):
         if scale < 0:
             raise ValueError(f"guidance scale must be >= 0, got {scale}")
         self.cond, self.uncond, self.scale = cond, uncond, float(scale)
-        both = isinstance(cond, ConditionedDenoiser) and isinstance(uncond, ConditionedDenoiser)
+        both = type(cond) is type(uncond) and isinstance(cond, (ConditionedDenoiser, ContextDenoiser))
         self.joint = cond.joined(uncond) if batched and both else None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
