@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
-from maisi.config import ModelConfig, from_dict, to_dict
+from maisi.config import MaskGenConfig, ModelConfig, from_dict, to_dict
 from maisi.io.atomic import atomic_write_text
 from maisi.io.checkpoint import save_pretrained
 from maisi.training import distributed as D
@@ -135,7 +135,7 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def prepare_run_dir(run_dir: Path, stage: str, config: ModelConfig, options: dict[str, Any],
+def prepare_run_dir(run_dir: Path, stage: str, config: ModelConfig | MaskGenConfig, options: dict[str, Any],
                     scope: Callable[[Any], Any] = to_dict,
                     advice: str = "resume with the same config or use another run folder") -> None:
     """Write config.json and run.json; refuse a folder that holds a different stage, or a config that differs in
