@@ -49,8 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     t = s.add_parser("train-segmenter", help="train the tiny phantom segmenter used by `evaluate consistency`")
     t.add_argument("--out-path", required=True, help="where to write the segmenter (.safetensors)")
-    t.add_argument("--steps", type=int, default=1000, help="Adam steps of 2 crops (default 1000: ~20 min on 1 core)")
-    t.add_argument("--phantoms", type=int, default=96, help="training phantoms (regions and spans in turn)")
+    t.add_argument("--steps", type=int, default=2000, help="Adam steps of 2 crops (default 2000: ~25 min on 1 core)")
+    t.add_argument("--phantoms", type=int, default=128, help="training phantoms (regions and spans in turn)")
     t.add_argument("--size", type=int, nargs=3, default=[48, 48, 48], help="training crop (multiples of 16)")
     t.add_argument("--spacing", type=float, nargs=3, default=[4.0, 4.0, 4.0], help="phantom spacing (mm)")
     t.add_argument("--seed", type=int, default=0)
@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="degrade training crops at random (coarser grid, blur, noise, gain, offset) so that smooth "
                         "generated images are judged by their anatomy (default: on)")
-    t.add_argument("--channels", type=int, nargs=4, default=[16, 32, 64, 128], help="the UNet's four widths")
+    t.add_argument("--channels", type=int, nargs=4, default=[32, 64, 128, 256], help="the UNet's four widths")
 
     r = s.add_parser("reconstruction", help="VAE PSNR / SSIM / MAE (HU) through the memory-aware path")
     r.add_argument("--vae", required=True, help="autoencoder weights: a released set (rflow-ct, ...), a maisi "
