@@ -145,3 +145,21 @@ def test_torchscript_segmenter(tmp_path):
         load_segmenter(junk)
     with pytest.raises(FileNotFoundError, match="train one"):
         load_segmenter(tmp_path / "missing.safetensors")
+
+
+def test_train_segmenter_defaults_are_one_recipe():
+    # the flags, the options and the library function default to the same recipe (the one the docs measured)
+    import inspect
+
+    from maisi.cli import build_parser
+    from maisi.cli.evaluate import options_from_args
+    from maisi.evaluation.options import SegmenterOptions
+    from maisi.evaluation.segmenter import train_phantom_segmenter
+
+    from_flags = options_from_args(build_parser().parse_args(["evaluate", "train-segmenter", "--out-path", "s"]))
+    assert from_flags == SegmenterOptions(out_path="s")
+    lib = {k: v.default for k, v in inspect.signature(train_phantom_segmenter).parameters.items()}
+    o = SegmenterOptions(out_path="s")
+    assert (o.steps, o.phantoms, o.size, o.spacing, o.seed, o.augment, o.channels) == (
+        lib["steps"], lib["n_phantoms"], tuple(lib["size"]), tuple(lib["spacing"]), lib["seed"], lib["augment"],
+        tuple(lib["channels"]))
