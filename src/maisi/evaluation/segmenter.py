@@ -108,6 +108,12 @@ class PhantomSegmenter:
         return lut[logits.argmax(1)[0].cpu()]
 
 
+def valid_widths(channels: object) -> bool:
+    """Whether `channels` are the UNet's widths: one positive int per level (len(STRIDES) + 1)."""
+    return (isinstance(channels, (list, tuple)) and len(channels) == len(STRIDES) + 1
+            and all(isinstance(c, int) and c > 0 for c in channels))
+
+
 def _net(n_classes: int, in_channels: int = len(WINDOWS), channels: Sequence[int] = CHANNELS) -> UNet:
     return UNet(spatial_dims=3, in_channels=in_channels, out_channels=n_classes, channels=tuple(channels),
                 strides=STRIDES, num_res_units=1)
@@ -192,7 +198,7 @@ def train_phantom_segmenter(out_path: str | Path, steps: int = 2000, *, size: Se
         raise ValueError(f"size must be a multiple of {DIVISOR} per axis, got {list(size)}")
     if context < 1:
         raise ValueError(f"context must be >= 1, got {context}")
-    if len(channels) != len(STRIDES) + 1 or any(int(c) < 1 for c in channels):
+    if not valid_widths(channels):
         raise ValueError(f"channels must be {len(STRIDES) + 1} positive widths, got {list(channels)}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -243,8 +249,8 @@ def train_phantom_segmenter(out_path: str | Path, steps: int = 2000, *, size: Se
 def save_segmenter(seg: PhantomSegmenter, path: str | Path) -> Path:
     meta = {"kind": "maisi-phantom-segmenter", "labels": json.dumps(list(seg.labels)),
             "spacing": json.dumps(list(seg.spacing)),
-            "network": json.dumps({"name": "UNet", "channels": [int(c) for c in seg.net.channels], "strides": list(STRIDES),
-                                   "num_res_units": 1}),
+            "network": json.dumps({"name": "UNet", "channels": [int(c) for c in seg.net.channels],
+                                   "strides": list(STRIDES), "num_res_units": 1}),
             "windows": json.dumps([list(w) for w in seg.windows]),
             "info": json.dumps(seg.info)}
     with atomic_path(path, suffix=".safetensors") as tmp:
@@ -269,10 +275,8 @@ def load_segmenter(path: str | Path) -> Segmenter:
         labels = json.loads(meta["labels"])
         if "network" in meta:
             network = json.loads(meta["network"])
-            channels = network.get("channels")
-            want = {"name": "UNet", "channels": channels, "strides": list(STRIDES), "num_res_units": 1}
-            if (network != want or not isinstance(channels, list) or len(channels) != len(STRIDES) + 1
-                    or not all(isinstance(c, int) and c > 0 for c in channels)):
+            channels = network.pop("channels", None)
+            if network != {"name": "UNet", "strides": list(STRIDES), "num_res_units": 1} or not valid_widths(channels):
                 raise ValueError(f"{path}: segmenter network {meta['network']} is not a MONAI UNet with strides "
                                  f"{list(STRIDES)}, one residual unit and {len(STRIDES) + 1} positive channel widths")
             windows = json.loads(meta["windows"])
