@@ -234,6 +234,15 @@ class MaskAutoencoderStage:
 
     name = component = "mask_autoencoder"
 
+    @staticmethod
+    def resume_scope(config: MaskGenConfig) -> dict[str, Any]:
+        """The part of the config a run folder's autoencoder phase must keep to resume (the UNet may change)."""
+        return autoencoder_part(config)
+
+    @staticmethod
+    def resume_advice(options: MaskTrainOptions, run_dir: Path) -> str:
+        return "its autoencoder or grid differs; resume with the same ones or use another out folder"
+
     def __init__(self, autoencoder: nn.Module, config: MaskGenConfig, opts: MaskStageOptions, world: D.World,
                  seed: int = 0, class_weights: Tensor | None = None):
         self.config, self.opts, self.world, self.seed = config, opts, world, seed
@@ -298,6 +307,12 @@ class MaskDiffusionStage(DiffusionStage):
     for guidance)."""
 
     name = component = "mask_unet"
+    resume_scope = staticmethod(to_dict)  # the whole config: the UNet trains on this autoencoder's latents
+
+    @staticmethod
+    def resume_advice(options: MaskTrainOptions, run_dir: Path) -> str:
+        return (f"to train a new UNet on this run's autoencoder, remove {run_dir}, or start another out folder with "
+                f"init {options.out}")
 
     @property
     def base_lr(self) -> float:
@@ -390,12 +405,7 @@ def _loop(stage: MaskAutoencoderStage | MaskDiffusionStage, source: Any, options
           log: Callable[[str], None] | None) -> dict[str, float]:
     loop = options.loop_options(stage.name)
     if world.is_main:
-        if stage.name == PHASES[0]:
-            prepare_run_dir(loop.run_dir, stage.name, stage.config, options.record(), scope=autoencoder_part,
-                            advice="its autoencoder or grid differs; resume with the same ones or use another out folder")
-        else:
-            prepare_run_dir(loop.run_dir, stage.name, stage.config, options.record(),
-                            advice=f"to train a new UNet on this run's autoencoder, remove {loop.run_dir}, or start "
-                                   f"another out folder with init {options.out}")
+        prepare_run_dir(loop.run_dir, stage.name, stage.config, options.record(), scope=stage.resume_scope,
+                        advice=stage.resume_advice(options, loop.run_dir))
     D.barrier(world)
     return training_loop(stage, SampleDataset(source, options.seed), loop, world, log)
