@@ -59,11 +59,10 @@ def run(args: argparse.Namespace) -> int:
     cases = plan_cases(args.input, args.out)  # bad inputs or --out refused before the VAE loads
     encoder, encoder_id = None, None
     if args.vae:
-        import torch
-
+        from maisi.device import pick_device
         from maisi.networks.weights import load_component
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = pick_device(args.device)
         vae = load_component(args.vae, "autoencoder", args.config, device)
         encoder, encoder_id = vae.model, str(Path(vae.source["path"]).resolve())
     with warnings.catch_warnings():  # the library warns about foreign-looking label ids: one line each

@@ -45,6 +45,11 @@ def fid(options: FIDOptions, log: Log = None) -> Report:
     """2.5D FID per plane (XY, YZ, ZX) and their mean between options.real and options.fake."""
     o = options
     check_output_dir(o.out, REPORT_FOLDER)  # before any work
+    if o.cache_dir() is not None:
+        try:
+            check_output_dir(o.cache_dir(), "feature cache folder ({cache})")
+        except OutputLocationError as e:
+            raise OptionError(str(e), "cache") from None
     real = list_volumes(o.real, "image", o.key)
     fake = list_volumes(o.fake, "image", o.key)
     extractor = load_extractor(o.extractor).to(torch.device(o.device))

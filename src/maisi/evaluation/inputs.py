@@ -45,6 +45,8 @@ def _datalist(path: Path, role: str, key: str | None) -> list[Path]:
     if not keys or not isinstance(data, dict) or not isinstance(data.get(keys[0]), list):
         raise ValueError(f"{path}: expected a datalist with a list under one of {list(DATALIST_KEYS)}"
                          + (f" (asked for {key!r})" if key else ""))
+    if not data[keys[0]]:
+        raise ValueError(f"{path}: {keys[0]!r} holds no entries; list at least one volume")
     field = "image" if role == "image" else "label"
     out = []
     for i, e in enumerate(data[keys[0]]):
@@ -90,14 +92,21 @@ def list_volumes(source: str | Path, role: str = "image", key: str | None = None
 
 
 def pair_volumes(images: str | Path, labels: str | Path, key: str | None = None) -> list[tuple[Path, Path]]:
-    """(image, label) pairs: by entry for one datalist, else by shared name stem, else by sorted order."""
+    """(image, label) pairs: by entry when both are datalists, else by shared name stem ('case1_image' with
+    'case1_label'); one image and one label map pair as they are. Any other mismatch is refused, naming the
+    images without a label map of their name: pairing unmatched names by sorted order would score wrong pairs."""
     a, b = list_volumes(images, "image", key), list_volumes(labels, "label", key)
     if len(a) != len(b):
         raise ValueError(f"{len(a)} images but {len(b)} label maps: give one label map per image")
+    if Path(images).suffix == ".json" and Path(labels).suffix == ".json" or len(a) == 1:
+        return list(zip(a, b))
     keys_b = {_key(p): p for p in b}
-    if Path(images).suffix != ".json" and all(_key(p) in keys_b for p in a):
-        return [(p, keys_b[_key(p)]) for p in a]
-    return list(zip(a, b))
+    unmatched = [p.name for p in a if _key(p) not in keys_b]
+    if unmatched:
+        raise ValueError(f"{images}: {len(unmatched)} image(s) have no label map of the same name in {labels} "
+                         f"({', '.join(unmatched[:3])}{' …' if len(unmatched) > 3 else ''}); name each pair "
+                         "<case>_image / <case>_label (or _mask, _seg), or give one datalist with both")
+    return [(p, keys_b[_key(p)]) for p in a]
 
 
 def read_hu(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:

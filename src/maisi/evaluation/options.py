@@ -6,11 +6,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from maisi.device import pick_device
 from maisi.evaluation.errors import OptionError
 from maisi.evaluation.fid import FIDSettings
 
 Source = str | Path  # a folder of NIfTI files (images/labels told apart by _label/_mask/_seg), a datalist .json or one file
 DEFAULT_OUT = "evaluation"
+
+
+def _check_device(device: str) -> None:
+    try:
+        pick_device(device)
+    except ValueError as e:
+        raise OptionError(f"bad {{device}}: {e}", "device") from None
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,9 @@ class FIDOptions:
     cache: Source | bool = True  # feature cache folder; True: <out>/feature_cache, False: no cache
     device: str = "cpu"  # torch device of the 2D network
     key: str | None = None  # datalist list to read (default: testing, validation or training)
+
+    def __post_init__(self):
+        _check_device(self.device)
 
     def cache_dir(self) -> Path | None:
         if self.cache is False:
@@ -55,6 +66,9 @@ class ReconstructionOptions:
     out: Source = DEFAULT_OUT
     key: str | None = None
 
+    def __post_init__(self):
+        _check_device(self.device)
+
 
 @dataclass(frozen=True)
 class DiversityOptions:
@@ -65,6 +79,10 @@ class DiversityOptions:
     max_pairs: int = 200
     out: Source = DEFAULT_OUT
     key: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.max_pairs, bool) or not isinstance(self.max_pairs, int) or self.max_pairs < 1:
+            raise OptionError(f"{{max_pairs}} must be an integer >= 1, got {self.max_pairs!r}", "max_pairs")
 
 
 @dataclass(frozen=True)
@@ -101,6 +119,7 @@ class SegmenterOptions:
     def __post_init__(self):
         if len(self.channels) != 4 or any(int(c) < 1 for c in self.channels):
             raise OptionError(f"the UNet's {{channels}} must be 4 positive widths, got {list(self.channels)}", "channels")
+        _check_device(self.device)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ def evaluate_consistency(pairs: Sequence[tuple[Path, Path]], segmenter: Callable
         for k, v in dice.items():
             per_label.setdefault(k, []).append(v)
         if log:
-            log(f"{Path(image_path).name}: mean Dice {_mean(list(dice.values())) or float('nan'):.3f} over {len(dice)} labels")
+            mean = _mean(list(dice.values()))
+            log(f"{Path(image_path).name}: mean Dice {'n/a' if mean is None else f'{mean:.3f}'} over {len(dice)} labels")
     if not per_label:
         raise ValueError("no label of the masks is one the segmenter predicts; nothing to compare")
     summary = {str(k): {"name": label_name(k), "dice": round(_mean(v), 4), "volumes": len(v)}
@@ -125,7 +126,7 @@ def evaluate_quality(pairs: Sequence[tuple[Path, Path]], log: Log = None) -> dic
     for image_path, label_path in pairs:
         hu, _ = read_hu(image_path)
         r = quality_check(hu, read_label(label_path, hu.shape))
-        reports.append({"image": str(image_path), **r})
+        reports.append({"image": str(image_path), "label": str(label_path), **r})
         if log:
             if r["passed"] is None:  # nothing was measured: neither a pass nor a FAIL
                 verdict = "NOT CHECKED (" + r["reason"].removeprefix("not checked: ") + ")"

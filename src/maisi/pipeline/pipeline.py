@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from maisi.data.labelmap import resample_label
 from maisi.data.preview import save_preview
+from maisi.device import pick_device
 from maisi.diffusion.guidance import ClassifierFreeGuidance, ConditionedDenoiser
 from maisi.diffusion.sampling import make_generators, make_noise, sample
 from maisi.diffusion.schedulers import make_scheduler
@@ -103,9 +104,7 @@ class Pipeline:
                         on_step: Callable[[int, int], None] | None = None) -> Pipeline:
         """weights: None (the shipped demo model), a model folder, or NVIDIA's files (.pt).
         precision: fp32 (default), bf16 (CPUs with AVX-512 BF16 or AMX, GPUs) or fp16 (GPU only)."""
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for but CUDA is not available; use device='cpu'")
+        device = str(pick_device(device))
         compute_dtype(precision, torch.device(device))  # checked only: a bad precision fails before the weights load
         return cls(load_networks(weights, config, device), device, progress, precision, on_step)
 

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from maisi.device import pick_device
+
 
 @dataclass(frozen=True)
 class World:
@@ -33,9 +35,7 @@ def init(device: str | None = None) -> World:
     """Join the process group torchrun describes (WORLD_SIZE > 1), else a single-process world.
 
     `device`: "cpu", "cuda" or None (cuda when available). nccl on GPU, gloo on CPU."""
-    want = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {want!r} asked for but no CUDA GPU is visible; use 'cpu'")
+    want = str(pick_device(device))
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
