@@ -134,6 +134,11 @@ def test_cli_generate_and_errors(model_dir, database, tmp_path, capsys):
     assert (tmp_path / "sample_seed0_image.nii.gz").is_file() and (tmp_path / "sample_seed0_preview.png").is_file()
     rec = json.loads((tmp_path / "sample_seed0_record.json").read_text())
     assert rec["resolved"]["timesteps"] == "reference"  # the flag overrides the tiny config's clean schedule
+    assert "replacing" not in capsys.readouterr().err
+    assert main(args) == 0  # a second run into the same folder says which earlier files it replaces
+    assert "warning: replacing 4 file(s) of an earlier run" in capsys.readouterr().err
+    assert main([*args, "--seed", "5"]) == 0
+    assert "replacing" not in capsys.readouterr().err
     assert main([*args, "--size", "48"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
     assert main([*args, "--weights", str(tmp_path / "none")]) == 2

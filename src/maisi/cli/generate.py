@@ -149,6 +149,11 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0:
         for w in plan.warnings:
             print(f"maisi generate: warning: {in_flags(w)}", file=sys.stderr)
+        replaced = pipe.existing_outputs(request, args.out)
+        if replaced:
+            names = ", ".join(p.name for p in replaced[:3]) + (" …" if len(replaced) > 3 else "")
+            print(f"maisi generate: warning: replacing {len(replaced)} file(s) of an earlier run in {args.out} "
+                  f"({names}); give another --out or --seed to keep them", file=sys.stderr)
     samples = pipe.generate(request, out=args.out, rank=rank, world_size=world, plan=plan,
                             on_event=lambda line: print(line, flush=True))  # one line per retry
     for s in samples:

@@ -428,6 +428,11 @@ class Pipeline:
             write_sample(sample, plan.spacing)
         return sample
 
+    def existing_outputs(self, request: GenerationRequest, out: str | Path) -> list[Path]:
+        """The files of `request`'s samples already in `out` (an earlier run's): generate replaces them."""
+        files = (self._files(Path(out), request.seed + k, request) for k in range(request.num_samples))
+        return [p for f in files for p in f.values() if p.exists()]
+
     @staticmethod
     def _files(out: Path, seed: int, request: GenerationRequest) -> dict[str, Path]:
         stem = out / f"sample_seed{seed}"
