@@ -127,12 +127,20 @@ def test_pickled_code_is_refused_not_executed(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "content, message",
-    [(b"", "empty or truncated"), (b"hello, this is not a checkpoint at all", "not a readable PyTorch checkpoint")],
+    [(b"", "empty or truncated"), (b"hello, this is not a checkpoint at all", "not a PyTorch checkpoint or safetensors"),
+     (b"garbage\n", "not a PyTorch checkpoint or safetensors file \\(it starts with b'garbage"),
+     (b"\x80\x02 a broken legacy pickle", "not a readable PyTorch checkpoint")],
 )
 def test_non_checkpoints_get_clear_errors(tmp_path, content, message):
     (tmp_path / "x.pt").write_bytes(content)
-    with pytest.raises(ckpt.CheckpointError, match=message):
+    with pytest.raises(ckpt.CheckpointError, match=message) as e:
         ckpt.read_checkpoint_file(tmp_path / "x.pt")
+    assert "pickled objects" not in str(e.value)  # junk is not called code
+
+
+def test_legacy_pickle_checkpoints_still_load(tmp_path):
+    torch.save(Net().state_dict(), tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert set(ckpt.read_checkpoint_file(tmp_path / "old.pt")) == set(Net().state_dict())
 
 
 def test_truncated_pt_and_wrong_layouts(tmp_path):

@@ -166,11 +166,11 @@ def test_each_failure_is_one_line_and_the_library_prints_nothing(pipe, database,
     lines: list[str] = []
     (s,) = pipe.generate(req(mask_database=database, seed=4, quality_retries=1), on_event=lines.append)
     a = s.record["attempts"]
-    med = [round(x["failed"]["bone"]["median_hu"]) for x in a]
+    med = [f'{x["failed"]["bone"]["median_hu"]:.1f}' for x in a]
     assert lines == [
-        f"sample 0 (seed 4): attempt 1/2 failed — bone median {med[0]} HU outside [71, 1000]; "
+        f"sample 0 (seed 4): attempt 1/2 failed — bone median {med[0]} HU outside [71.4, 1000.0]; "
         f"retrying (attempt 2/2) with seed {attempt_seed(4, 1)} and mask {a[1]['mask']['file']}",
-        f"sample 0 (seed 4): attempt 2/2 failed — bone median {med[1]} HU outside [71, 1000]; "
+        f"sample 0 (seed 4): attempt 2/2 failed — bone median {med[1]} HU outside [71.4, 1000.0]; "
         "no attempts left, keeping it (see the record)",
     ]
     assert capsys.readouterr() == ("", "")

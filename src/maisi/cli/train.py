@@ -14,9 +14,13 @@ if TYPE_CHECKING:
 INVERTED = {"progress": "--no-progress", "tensorboard": "--no-tensorboard"}  # fields set by a flag's absence
 
 
-def _common(p: argparse.ArgumentParser, lr: float, batch: int) -> None:
-    p.add_argument("--config", help="preset name or JSON config (default: the --init/--unet maisi checkpoint's, else "
-                                    "the preset of their released files, else 'tiny')")
+CONFIG_HELP = ("preset name or JSON config (default: the --init/--unet maisi checkpoint's, else the preset of their "
+               "released files, else 'tiny')")
+MASK_CONFIG_HELP = "mask preset (mask-tiny, mask-ct) or JSON config (default mask-tiny; an --init must match it)"
+
+
+def _common(p: argparse.ArgumentParser, lr: float, batch: int, config_help: str = CONFIG_HELP) -> None:
+    p.add_argument("--config", help=config_help)
     p.add_argument("--data", required=True, help="datalist JSON ({'training': [...]} or a list)")
     p.add_argument("--out", required=True, type=Path, help="run folder (re-run the same command to resume)")
     p.add_argument("--steps", type=int, default=1000, help="total optimisation steps (default 1000)")
@@ -91,7 +95,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     m = stages.add_parser("mask", help="the mask generation model on label maps: its autoencoder (--steps), then its "
                                        "diffusion UNet with the size vectors as context (--unet-steps)")
-    _common(m, 1e-4, 1)
+    _common(m, 1e-4, 1, MASK_CONFIG_HELP)
     m.add_argument("--unet-steps", type=int, default=1000, help="UNet optimisation steps (default 1000)")
     m.add_argument("--unet-lr", type=float, default=1e-4, help="UNet learning rate (default 1e-4)")
     m.add_argument("--kl-weight", type=float, default=1e-6, help="autoencoder KL weight (default 1e-6)")

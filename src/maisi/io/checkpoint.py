@@ -156,10 +156,14 @@ def read_checkpoint_file(path: str | Path) -> Any:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from e
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip archive (a pickle before 1.6)
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint or safetensors file (it starts with {head[:8]!r}); "
+                              "give a .pt file written by torch.save or a .safetensors file")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():
+        detail = str(e).lower()  # an unknown GLOBAL (a class or function to import) is code; a bad opcode is junk
+        if "weights only load failed" in detail and ("global" in detail or "class" in detail):
             raise CheckpointError(
                 f"{path}: refused to load: the file holds pickled objects other than tensors and plain "
                 f"containers (it could run code). Re-save it as a plain state dict. "

@@ -449,8 +449,9 @@ def mask_name(mask: M.Mask | None) -> str:
 
 
 def describe_failed(failed: dict[str, dict]) -> str:
-    """'bone median -13 HU outside [71, 1000], ...' from failed_organs()."""
-    return ", ".join(f"{organ} median {o['median_hu']:.0f} HU outside [{o['range'][0]:.0f}, {o['range'][1]:.0f}]"
+    """'bone median -13.0 HU outside [71.4, 1000.0], ...' from failed_organs(); one decimal, so that a median just
+    outside a bound never reads as equal to it."""
+    return ", ".join(f"{organ} median {o['median_hu']:.1f} HU outside [{o['range'][0]:.1f}, {o['range'][1]:.1f}]"
                      for organ, o in failed.items()) or "quality check failed"
 
 
