@@ -121,6 +121,16 @@ def test_plan_errors_before_compute(pipe, change, match):
         pipe.plan(req(**change))
 
 
+@pytest.mark.parametrize("change, match", [
+    ({"body_region": ("head_neck",), "tumor": ("hepatic tumor",)}, "no mask in the database shows head_neck with liver"),
+    ({"body_region": ("chest",), "anatomy": ("liver", "brain")}, "shows chest with liver, brain"),
+])
+def test_a_request_no_database_mask_serves_is_refused_at_plan(pipe, database, change, match, monkeypatch):
+    monkeypatch.setattr(Pipeline, "mask_for", lambda *a: pytest.fail("planning must refuse it before any mask"))
+    with pytest.raises(ValueError, match=match):
+        pipe.plan(req(mask_database=str(database), **change))
+
+
 def test_shard_covers_every_sample_once():
     for n, w in [(5, 2), (3, 4), (1, 1)]:
         got = sorted(k for r in range(w) for k in shard(n, r, w))

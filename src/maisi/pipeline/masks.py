@@ -338,17 +338,25 @@ def _resampled_file(path: Path, stamp: tuple[int, int], size: tuple[int, ...],
     return label, affine
 
 
-def database_mask(folder: str | Path, size: Sequence[int], spacing: Sequence[float],
-                  regions: tuple[int, int] | None, anatomy: Sequence[int], attempt: int = 0) -> Mask:
-    """The `attempt`-th best matching mask of a database (either format), resampled (nearest) to the output
-    grid; candidates that lose a requested organ in the resampling are skipped (as NVIDIA's
-    `resample_mask_check_organ_list`), and the ranking wraps around when the attempts outnumber the candidates."""
+def database_candidates(folder: str | Path, size: Sequence[int], spacing: Sequence[float],
+                        regions: tuple[int, int] | None, anatomy: Sequence[int]) -> tuple[Database, list[Entry]]:
+    """The database and its masks that match, best first; a ValueError that says what is missing when none does.
+    Reads the index only, so a request no mask can serve is refused before any compute."""
     db = open_database(folder)
     ranked = db.rank(size, spacing, regions, anatomy)
     if not ranked:
         note = ("; NVIDIA's rule also skips masks with a tumour not asked for and masks 128 voxels or more smaller "
                 "than the output" if db.kind == "released" else "")
         raise ValueError(describe_missing(db.entries, regions, anatomy) + note)
+    return db, ranked
+
+
+def database_mask(folder: str | Path, size: Sequence[int], spacing: Sequence[float],
+                  regions: tuple[int, int] | None, anatomy: Sequence[int], attempt: int = 0) -> Mask:
+    """The `attempt`-th best matching mask of a database (either format), resampled (nearest) to the output
+    grid; candidates that lose a requested organ in the resampling are skipped (as NVIDIA's
+    `resample_mask_check_organ_list`), and the ranking wraps around when the attempts outnumber the candidates."""
+    db, ranked = database_candidates(folder, size, spacing, regions, anatomy)
     size, spacing = tuple(int(s) for s in size), tuple(float(s) for s in spacing)
     usable: list[int] = [] if anatomy else list(range(len(ranked)))  # ranks whose resampled mask keeps the organs
     for rank, entry in enumerate(ranked if anatomy else ()):

@@ -156,8 +156,9 @@ class Pipeline:
         from_database = use_mask and request.mask is None and size_control is None
         if from_database and database is None and self.released:
             database = M.hub_database()  # NVIDIA's networks: NVIDIA's masks once `maisi download` brought them
-        if from_database and database is not None:
-            M.open_database(database)  # a missing or malformed database fails before any compute
+        if from_database:  # a missing or malformed database, or one without a matching mask, fails before compute
+            M.database_candidates(self._database(database, regions), size, spacing, regions,
+                                  (*anatomy, *(TUMOR_HOSTS[t] for t in tumors)))
         return Plan(request, size, spacing, regions, modality, steps, sampler, guidance, anatomy, tumors,
                     use_mask, tuple(warnings), timesteps, None if database is None else str(database), user,
                     size_control)
@@ -228,7 +229,7 @@ class Pipeline:
         if r.mask is not None:
             mask = plan.user_mask
         else:
-            folder = plan.mask_database or M.phantom_database(spans=None if plan.regions is None else [plan.regions])
+            folder = self._database(plan.mask_database, plan.regions)
             hosts = tuple(TUMOR_HOSTS[t] for t in plan.tumors)  # a tumour needs its host organ in the mask
             mask = M.database_mask(folder, plan.size, plan.spacing, plan.regions, (*plan.anatomy, *hosts), attempt)
         if plan.tumors:
@@ -238,6 +239,11 @@ class Pipeline:
                 label = M.insert_tumor(label, t, plan.spacing, rng)
             mask = M.Mask(label, mask.affine, {**mask.source, "tumors": list(plan.tumors)})
         return mask
+
+    @staticmethod
+    def _database(database: str | Path | None, regions: tuple[int, int] | None) -> str | Path:
+        """The mask database a plan draws from: the one given, else the built-in phantoms of its region span."""
+        return database or M.phantom_database(spans=None if regions is None else [regions])
 
     def generated_mask(self, plan: Plan, seed: int, attempt: int) -> M.Mask:
         """A new label map from the mask model for the plan's size vector (the attempt's seed): post-processed,
