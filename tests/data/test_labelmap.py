@@ -90,3 +90,18 @@ def test_resample_centred_on_source():
     centre_in = aff @ np.array([9.5, 9.5, 9.5, 1.0])
     centre_out = out_aff @ np.array([4.5, 4.5, 4.5, 1.0])
     np.testing.assert_allclose(centre_in, centre_out)
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_upsampling_keeps_the_edge_voxels_whole(factor):
+    # each source voxel covers ±½ voxel: a 4 mm map filling its grid, on a finer grid of the same extent, fills it
+    # too (nearest-neighbour with "constant" edges lost the outer half-voxel: 216 of 512 voxels at 2×)
+    lab = np.ones((4, 4, 4), np.uint8)
+    out, _ = resample_label(lab, affine_from_spacing(4.0, lab.shape), (4 * factor,) * 3, (4.0 / factor,) * 3)
+    assert out.all()
+    # a wider output grid: exactly the source's 16 mm extent is labelled, the rest is background
+    wide, _ = resample_label(lab, affine_from_spacing(4.0, lab.shape), (12, 12, 12), (2.0, 2.0, 2.0))
+    assert wide[:, 6, 6].tolist() == [0, 0] + [1] * 8 + [0, 0] and np.count_nonzero(wide) == 8**3
+    # one slice of 4 mm becomes two of 2 mm, not none
+    flat, _ = resample_label(np.ones((4, 4, 1), np.uint8), affine_from_spacing(4.0, (4, 4, 1)), (8, 8, 2), (2.0,) * 3)
+    assert flat.all()

@@ -171,8 +171,10 @@ def resample_label(label: np.ndarray, affine: np.ndarray, size: Sequence[int], s
     m = np.linalg.inv(np.asarray(affine, np.float64)) @ np.asarray(out_affine, np.float64)
     if np.allclose(m, np.eye(4)) and tuple(label.shape) == size:
         return np.asarray(label, np.uint8).copy(), out_affine
+    # grid-constant: each source voxel covers ±½ voxel around its centre, so an output voxel whose centre falls in
+    # the outer half of an edge voxel keeps its id ("constant" cut there, and a 2× upsampling lost its end planes)
     out = ndimage.affine_transform(np.asarray(label, np.uint8), m[:3, :3], m[:3, 3], output_shape=size,
-                                   order=0, mode="constant", cval=0)
+                                   order=0, mode="grid-constant", cval=0)
     return out, out_affine
 
 
