@@ -83,6 +83,46 @@ def test_rerun_skips_finished_cases_and_redoes_missing_ones(scans, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary file left behind"
 
 
+def test_a_changed_input_is_prepared_again(scans, tmp_path):
+    src, phs = scans
+    out = tmp_path / "out"
+    cfg = PrepareConfig(multiple_of=16)
+    prepare_all(src, out, cfg, PoolEncoder(), "pool", log=lambda s: None)
+    # case1 replaced by another scan under the same name: its old latent must not count as done
+    write_phantom(make_phantom("abdomen", (40, 40, 50), 8.0, seed=9), src, "case1")
+    report = prepare_all(src, out, cfg, PoolEncoder(), "pool", log=lambda s: None)
+    assert report["done"] == ["case1"] and sorted(report["skipped"]) == ["case0", "dcm0"]
+    assert json.loads((out / "case1_latent.json").read_text())["dim"][2] == 48  # 50 slices, not the old 30
+
+
+def test_the_output_folder_never_overwrites_inputs(scans, tmp_path, capsys):
+    src, _ = scans
+    before = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
+    # the input folder itself: the images would be replaced by their prepared versions
+    assert main(["prepare", "--input", str(src), "--out", str(src), "--multiple-of", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "would overwrite input files" in err and "case0_image.nii.gz" in err and "output folder (--out)" in err
+    assert {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()} == before
+    # an output folder inside the input folder is not read back as a case the second time
+    inner = src / "prep"
+    assert main(["prepare", "--input", str(src), "--out", str(inner), "--multiple-of", "16"]) == 0
+    assert main(["prepare", "--input", str(src), "--out", str(inner), "--multiple-of", "16"]) == 0
+    assert "prepared 0, skipped 3 (already done), failed 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("entry, match", [({"image": 123}, "entry 0 has no 'image' path"),
+                                          ({"image": "a.nii.gz", "label": 5}, "'label' must be a path")])
+def test_malformed_datalist_entries_are_named(tmp_path, entry, match):
+    (tmp_path / "d.json").write_text(json.dumps({"training": [entry]}))
+    with pytest.raises(ValueError, match=match):
+        discover(tmp_path / "d.json")
+
+
+def test_memory_budget_is_checked_with_the_options():
+    with pytest.raises(ValueError, match="memory_gb must be positive"):
+        PrepareConfig(memory_gb=0)
+
+
 def test_bad_cases_are_reported_and_the_rest_is_done(scans, tmp_path, capsys):
     """Pairs that do not fit are per-case failures; an unreadable file refuses the run before any work."""
     src, phs = scans

@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         device = pick_device(args.device)
         vae = load_component(args.vae, "autoencoder", args.config, device)
         encoder, encoder_id = vae.model, str(Path(vae.source["path"]).resolve())
+        if vae.source.get("sha256"):  # new weights at the same path make the old latents stale
+            encoder_id += f" sha256:{vae.source['sha256']}"
     with warnings.catch_warnings():  # the library warns about foreign-looking label ids: one line each
         warnings.simplefilter("always", LabelIdsWarning)
         warnings.showwarning = lambda message, *_, **__: print(f"maisi prepare: warning: {in_flags(str(message), PHRASES)}",
@@ -90,4 +92,4 @@ def run_conditions(args: argparse.Namespace) -> int:
 
 # How the library names PrepareConfig fields -> the flags (maisi.cli.flags); errors and warnings pass through them
 PHRASES = {"label_mapping": "--label-mapping", "label_names": "--label-names", "give region": "give --region",
-           "memory_gb": "--memory-gb"}
+           "memory_gb": "--memory-gb", "output folder (out)": "output folder (--out)"}

@@ -65,6 +65,8 @@ class PrepareConfig:
         if self.region is not None:
             parse_span(self.region)
         modality_code(self.modality)
+        if self.memory_gb is not None and not self.memory_gb > 0:
+            raise ValueError(f"memory_gb must be positive (GB), got {self.memory_gb}")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ class Case:
     name: str
     image: Path  # NIfTI file or DICOM series folder
     label: Path | None = None
+
+
+DATALIST_FILE = "datalist.json"  # written last into the output folder
 
 
 def _stem(p: Path) -> str:
@@ -138,8 +143,10 @@ def _from_datalist(path: Path) -> list[Case]:
         raise ValueError(f"{path}: expected {{'training': [{{'image': ..., 'label': ...}}, ...]}} with entries")
     cases, seen = [], set()
     for k, e in enumerate(items):
-        if not isinstance(e, dict) or "image" not in e:
-            raise ValueError(f"{path}: entry {k} has no 'image'")
+        if not isinstance(e, dict) or not isinstance(e.get("image"), str):
+            raise ValueError(f"{path}: entry {k} has no 'image' path (a string)")
+        if e.get("label") is not None and not isinstance(e["label"], str):
+            raise ValueError(f"{path}: entry {k}: 'label' must be a path (a string), got {e['label']!r}")
         img = (path.parent / e["image"]).resolve()
         name = _strip(_stem(img), IMAGE_SUFFIXES) or _stem(img)
         if name in seen:
@@ -244,14 +251,29 @@ def outputs(out_dir: Path, name: str, with_latents: bool) -> dict[str, Path]:
     return paths
 
 
+def fingerprint(path: Path | None) -> list[int] | None:
+    """[bytes, newest mtime in ns] of an input file or DICOM series folder: a changed input is prepared again."""
+    if path is None:
+        return None
+    files = [f for f in path.iterdir() if f.is_file()] if path.is_dir() else [path]
+    stats = [f.stat() for f in files]
+    return [sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
+
+
+def inputs_of(case: Case) -> dict[str, list[int] | None]:
+    return {"image": fingerprint(case.image), "label": fingerprint(case.label)}
+
+
 def is_done(out_dir: Path, case: Case, settings: dict, with_latents: bool) -> dict | None:
-    """The sidecar of a finished case prepared with the same settings, else None (it is written last)."""
+    """The sidecar of a finished case prepared with the same settings (the encoder's weights included) from the
+    same, unchanged input files, else None (the sidecar is written last)."""
     paths = outputs(out_dir, case.name, with_latents)
     try:
         side = json.loads(paths["sidecar"].read_text())
     except (OSError, ValueError):
         return None
-    if side.get("settings") != json.loads(json.dumps(settings)) or side.get("source") != str(case.image):
+    if (side.get("settings") != json.loads(json.dumps(settings)) or side.get("source") != str(case.image)
+            or side.get("inputs") != inputs_of(case)):
         return None
     return side if all(p.exists() for k, p in paths.items() if k != "sidecar") else None
 
@@ -312,6 +334,7 @@ def prepare_case(case: Case, out_dir: Path, cfg: PrepareConfig, encoder: Encoder
         write_volume(paths["image"], image * (HU_RANGE[1] - HU_RANGE[0]) + HU_RANGE[0], affine, np.int16)
         side["image"] = paths["image"].name
     side["source"], side["settings"] = str(case.image), settings_of(cfg, encoder_id)
+    side["inputs"] = inputs_of(case)
     if notes:
         side["warnings"] = notes
     atomic_write_text(paths["sidecar"], json.dumps(side, indent=1) + "\n")
@@ -333,9 +356,22 @@ def datalist_entry(side: dict) -> dict:
 def plan_cases(source: str | Path, out_dir: str | Path) -> list[Case]:
     """The cases of `source` once every input file has passed check_cases and `out_dir` can be created:
     everything that can be refused is refused here, before any network loads or any file is written."""
+    out = Path(out_dir).resolve()
     cases = discover(source)
+    if out != Path(source).resolve():  # an output folder inside the input folder: not our own earlier output
+        cases = [c for c in cases if not c.image.resolve().is_relative_to(out)]
+    if not cases:
+        raise ValueError(f"{source}: no cases outside the output folder {out_dir}")
     check_cases(cases)
     check_output_dir(out_dir)
+    inputs = {p.resolve() for c in cases for p in (c.image, c.label) if p is not None}
+    if Path(source).is_file():
+        inputs.add(Path(source).resolve())
+    written = [p.resolve() for c in cases for kind in (True, False) for p in outputs(out, c.name, kind).values()]
+    clash = sorted({str(p) for p in (*written, out / DATALIST_FILE) if p in inputs})
+    if clash:
+        raise ValueError(f"{out_dir}: preparing there would overwrite input files ({', '.join(clash[:3])}"
+                         f"{' …' if len(clash) > 3 else ''}); give another output folder (out)")
     return cases
 
 
@@ -372,7 +408,7 @@ def prepare_all(source: str | Path | Sequence[Case], out_dir: str | Path, cfg: P
             log(f"{case.name}: {side['region']}, {side['dim']} voxels at "
                 f"{[round(s, 3) for s in side['spacing']]} mm{plan}")
         entries.append(datalist_entry(side))
-    atomic_write_text(out_dir / "datalist.json", json.dumps({"training": entries}, indent=1) + "\n")
+    atomic_write_text(out_dir / DATALIST_FILE, json.dumps({"training": entries}, indent=1) + "\n")
     atomic_write_text(out_dir / "prepare_report.json", json.dumps(report, indent=1) + "\n")
     return report
 
