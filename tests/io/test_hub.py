@@ -1,5 +1,6 @@
 """maisi.io.hub and `maisi download` against a local stand-in for the Hugging Face hub (no internet)."""
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -21,7 +22,8 @@ from maisi.cli import main
 from maisi.config import MASK_PRESETS, PRESETS
 from maisi.io import hub
 
-LFS_SUFFIXES = (".pt", ".zip")  # served with their sha256 as ETag, like the hub's LFS files
+LFS_SUFFIXES = hub.LFS_SUFFIXES  # served with their sha256 as ETag, like the hub's LFS files
+HTML = b"<!doctype html><html><body>Mirror home</body></html>\n"
 
 
 def _content(path: str) -> bytes:
@@ -42,6 +44,14 @@ def _content(path: str) -> bytes:
 
 CONTENT = {(f.repo, f.path): _content(f.path) for f in hub.FILES.values()}
 COMMITS = {repo: hashlib.sha1(repo.encode()).hexdigest() for repo in hub.DEFAULT_REVISIONS}
+REAL_SETS = hub.SETS
+
+
+def _sets_sized_to_the_stand_ins() -> dict[str, hub.ReleasedSet]:
+    """The catalogue with every known size replaced by its stand-in's, so that the size check applies to them."""
+    files = {p: dataclasses.replace(f, approx_mb=len(CONTENT[(f.repo, p)]) / 1e6) if f.approx_mb else f
+             for p, f in hub.FILES.items()}
+    return {n: dataclasses.replace(s, files=tuple(files[f.path] for f in s.files)) for n, s in hub.SETS.items()}
 
 
 def _etag(path: str, data: bytes) -> str:
@@ -57,6 +67,10 @@ class FakeHub:
         self.requests: list[tuple[str, str, Message]] = []
         self.cut_first_get: set[str] = set()  # paths whose first GET stops halfway and drops the connection
         self.gated: set[str] = set()
+        self.content = dict(CONTENT)  # what it serves; a test may swap a file for another
+        self.missing: dict[str, str] = {}  # path -> X-Error-Code of its 404 ("": none, as some mirrors answer)
+        self.html = False  # answer every file request with one HTML page (200, ETag, X-Repo-Commit, no LFS headers)
+        self.commit_header = True  # send X-Repo-Commit, as a hub does and a plain web server does not
         self.lock = threading.Lock()
         fake = self
 
@@ -95,23 +109,27 @@ class FakeHub:
             error = "GatedRepo"
         elif revision not in ("main", COMMITS[repo]):
             error = "RevisionNotFound"
-        elif (repo, path) not in CONTENT:
+        elif (repo, path) not in self.content:
             error = "EntryNotFound"
-        if error:
+        elif path in self.missing:
+            error = self.missing[path]
+        if error is not None and not self.html:
             h.send_response(401 if error == "GatedRepo" else 404)
-            h.send_header("X-Error-Code", error)
+            if error:
+                h.send_header("X-Error-Code", error)
             if repo in COMMITS:
                 h.send_header("X-Repo-Commit", COMMITS[repo])
             h.send_header("Content-Length", "0")
             h.end_headers()
             return
-        data = CONTENT[(repo, path)]
+        data = HTML if self.html else self.content[(repo, path)]
         start = 0
         if body and h.headers.get("Range"):
             start = int(h.headers["Range"].removeprefix("bytes=").split("-")[0])
         h.send_response(206 if start else 200)
-        h.send_header("X-Repo-Commit", COMMITS[repo])
-        h.send_header("ETag", f'"{_etag(path, data)}"')
+        if self.commit_header:
+            h.send_header("X-Repo-Commit", COMMITS.get(repo, "0" * 40))
+        h.send_header("ETag", f'"{hashlib.md5(data).hexdigest()}"' if self.html else f'"{_etag(path, data)}"')
         h.send_header("Content-Length", str(len(data) - start))
         if start:
             h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -143,12 +161,19 @@ def fake_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "hf" / "agents.json"), raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("MAISI_CACHE", str(tmp_path / "maisi"))
+    monkeypatch.setattr(hub, "SETS", _sets_sized_to_the_stand_ins())
     yield server
     server.close()
 
 
 def _blob(path: Path) -> Path:
     return path.resolve()
+
+
+def _cached(tmp_path: Path) -> list[Path]:
+    """Snapshot links and blobs in the hub cache."""
+    return [p for d in ("snapshots", "blobs") for p in (tmp_path / "hf" / "hub").glob(f"*/{d}/**/*")
+            if p.is_file() or p.is_symlink()]
 
 
 def test_catalogue_names_the_presets_and_all_holds_every_file():
@@ -213,6 +238,107 @@ def test_damaged_cached_file_is_refused_and_never_returned(fake_hub, path, check
         message = str(e.value)
         assert path in message and str(blob) in message and good in message and bad in message
         assert "maisi download rflow-ct" in message and "Delete it" in message
+
+
+def test_mirror_answering_html_for_every_file_is_refused_and_nothing_kept(fake_hub, tmp_path, capsys):
+    # Regression: a mirror that answered 200 with an HTML page (ETag, X-Repo-Commit, no LFS headers) got the page
+    # cached as mask_generation_autoencoder.pt and its sha256 recorded, and `maisi download` said "sha256 checked".
+    fake_hub.html = True
+    with pytest.raises(hub.UnverifiedFileError) as e:
+        hub.download_set("mask-ct", progress=False)
+    message = str(e.value)
+    assert f"{hub.CT}/models/mask_generation_autoencoder.pt" in message and fake_hub.url in message
+    assert f"it is {len(HTML)} bytes" in message and "without an LFS sha256" in message and "HF_ENDPOINT" in message
+    assert not hub.manifest_path().exists() and _cached(tmp_path) == []
+    assert fake_hub.gets(".json") == []  # LFS files come first: no unverifiable small file was fetched
+    assert main(["download", "mask-ct", "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert "sha256 checked" not in out and "mask_generation_autoencoder.pt" in err
+    with pytest.raises(hub.MissingFilesError):  # nothing left for a later run to use
+        hub.local_set("mask-ct")
+    fake_hub.html = False  # the mirror mended: the same command gets the released files
+    paths = hub.download_set("mask-ct", progress=False)
+    assert all(paths[f.path].read_bytes() == CONTENT[(f.repo, f.path)] for f in hub.SETS["mask-ct"].files)
+
+
+@pytest.mark.parametrize("served, refused", [
+    ("ten times the size", True),
+    ("a tenth", True),
+    ("the real catalogue's 21 MB", True),  # the ~1 KB stand-in against the sizes users get
+    ("three times the size", False),  # within SIZE_FACTOR: the catalogue's sizes are approximate
+])
+def test_lfs_file_far_from_the_catalogue_size_is_refused(fake_hub, tmp_path, monkeypatch, served, refused):
+    # Served with its own sha256 as ETag: a well-formed LFS answer, but not the file the catalogue describes.
+    name = "models/mask_generation_autoencoder.pt"
+    data = CONTENT[(hub.CT, name)]
+    if served == "the real catalogue's 21 MB":
+        monkeypatch.setattr(hub, "SETS", REAL_SETS)
+    else:
+        fake_hub.content[(hub.CT, name)] = {"ten times the size": data * 10, "a tenth": data[:len(data) // 10],
+                                            "three times the size": data * 3}[served]
+    if not refused:
+        assert hub.download_set("mask-ct", progress=False)[name].read_bytes() == data * 3
+        return
+    with pytest.raises(hub.UnverifiedFileError) as e:
+        hub.download_set("mask-ct", progress=False)
+    message = str(e.value)
+    assert name in message and fake_hub.url in message and "the catalogue expects about" in message
+    assert not hub.manifest_path().exists() and _cached(tmp_path) == []
+
+
+def test_lfs_files_are_fetched_before_small_files(fake_hub):
+    # Small files have no sha256 to check them by: none is fetched until every LFS file of the set has passed.
+    # In `all`, JSON files come before the zip and the MR models.
+    name = "models/autoencoder_v2.pt"
+    fake_hub.content[(hub.MR, name)] = CONTENT[(hub.MR, name)] * 10
+    with pytest.raises(hub.UnverifiedFileError, match=name):
+        hub.download_set("all", progress=False)
+    assert fake_hub.gets(".json") == []
+
+
+def test_cache_left_by_an_unchecked_html_mirror_is_refused_then_replaced(fake_hub, monkeypatch):
+    # What maisi left before the LFS check: one HTML page cached for all three files, its sha256 recorded.
+    check = hub._lfs_problem
+    monkeypatch.setattr(hub, "_lfs_problem", lambda file, blob: None)
+    fake_hub.html = True
+    hub.download_set("mask-ct", progress=False)
+    monkeypatch.setattr(hub, "_lfs_problem", check)
+    name = "models/mask_generation_autoencoder.pt"
+    with pytest.raises(hub.UnverifiedFileError) as e:  # offline lookups no longer vouch for it
+        hub.local_set("mask-ct")
+    assert name in str(e.value) and "maisi download mask-ct" in str(e.value)
+    assert f"{hub.CT}@{COMMITS[hub.CT]}:{name}" not in json.loads(hub.manifest_path().read_text())["files"]
+    fake_hub.html = False  # the mirror mended: download_set replaces the page wherever it was cached
+    paths = hub.download_set("mask-ct", progress=False)
+    assert all(paths[f.path].read_bytes() == CONTENT[(f.repo, f.path)] for f in hub.SETS["mask-ct"].files)
+    assert hub.local_set("mask-ct") == paths
+
+
+@pytest.mark.parametrize("error_code", ["", "EntryNotFound"])  # a bare 404 (some mirrors), the hub's own
+def test_files_the_hub_answers_404_for_are_listed_as_not_found(fake_hub, capsys, error_code):
+    # Regression: a mirror's 404 was reported as "the hub cannot be reached".
+    missing = ["models/mask_generation_diffusion_unet.pt", "datasets/all_anatomy_size_conditions.json"]
+    fake_hub.missing = dict.fromkeys(missing, error_code)
+    with pytest.raises(hub.NotOnHubError) as e:
+        hub.download_set("mask-ct", progress=False)
+    message = str(e.value)
+    listed = ", ".join(f"{hub.CT}/{p} (revision 'main')" for p in missing)
+    assert f"2 file(s) of set 'mask-ct' not found at {fake_hub.url}: {listed}." in message
+    assert "cannot be reached" not in message and "HF_ENDPOINT" in message
+    # The file that is there was fetched, checked and recorded.
+    assert list(json.loads(hub.manifest_path().read_text())["files"]) == [
+        f"{hub.CT}@{COMMITS[hub.CT]}:models/mask_generation_autoencoder.pt"]
+    assert main(["download", "mask-ct", "--quiet"]) == 2
+    assert f"not found at {fake_hub.url}" in capsys.readouterr().err
+
+
+def test_endpoint_that_is_not_a_hub_is_not_reported_as_unreachable(fake_hub):
+    fake_hub.html, fake_hub.commit_header = True, False  # e.g. HF_ENDPOINT naming a plain web server
+    with pytest.raises(hub.HubError) as e:
+        hub.download_set("mask-ct", progress=False)
+    message = str(e.value)
+    assert "not as the Hugging Face hub does" in message and fake_hub.url in message and "HF_ENDPOINT" in message
+    assert "cannot be reached" not in message
 
 
 def test_offline_with_a_warm_cache_works(fake_hub, monkeypatch):
@@ -280,7 +406,8 @@ def test_cli_downloads_and_prints_where_files_went(fake_hub, capsys):
     assert main(["download", "rflow-mr", "--quiet", "--revision", f"{hub.MR}={COMMITS[hub.MR]}"]) == 0
 
 
-def test_cli_list_downloads_nothing(fake_hub, capsys):
+def test_cli_list_downloads_nothing(fake_hub, capsys, monkeypatch):
+    monkeypatch.setattr(hub, "SETS", REAL_SETS)
     assert main(["download", "--list"]) == 0
     out = capsys.readouterr().out
     assert "rflow-ct" in out and "rflow-mr-brain" in out and "~2.1 GB" in out
@@ -305,7 +432,9 @@ def test_cli_damaged_file_exits_2(fake_hub, capsys):
     paths = hub.download_set("rflow-mr", progress=False)
     _blob(paths["models/autoencoder_v2.pt"]).write_bytes(b"damaged")
     assert main(["download", "rflow-mr", "--quiet"]) == 2
-    assert "sha256" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # Damaged here, and far from its size too: reported as damaged (not blamed on the endpoint and deleted).
+    assert "sha256" in err and "damaged" in err and "refused" not in err
 
 
 def test_cli_honours_hf_home_and_hf_endpoint(fake_hub, tmp_path):
@@ -313,6 +442,9 @@ def test_cli_honours_hf_home_and_hf_endpoint(fake_hub, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN")}
     env.update(HF_HOME=str(tmp_path / "home"), HF_ENDPOINT=fake_hub.url, HF_HUB_OFFLINE="0",
                MAISI_CACHE=str(tmp_path / "maisi2"))
+    # The catalogue's own sizes apply in a fresh process: serve an autoencoder_v2.pt of that size.
+    ae = hub.FILES["models/autoencoder_v2.pt"]
+    fake_hub.content[(ae.repo, ae.path)] = CONTENT[(ae.repo, ae.path)].ljust(int(ae.approx_mb * 1e6), b"\0")
     run = subprocess.run([sys.executable, "-m", "maisi", "download", "rflow-mr", "--quiet"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr

@@ -12,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Download a named set of NVIDIA's released MAISI files into the Hugging Face cache "
                     "($HF_HOME/hub), checking each file's sha256 against the one recorded at first download. "
                     "HF_ENDPOINT, HF_HUB_OFFLINE and HF_TOKEN are honoured. See docs/released-models.md.")
-    p.add_argument("sets", nargs="*", metavar="SET", help="one or more named sets: rflow-ct, ddpm-ct, rflow-mr, rflow-mr-brain, all (see --list)")
+    p.add_argument("sets", nargs="*", metavar="SET", help="one or more named sets: rflow-ct, ddpm-ct, mask-ct, rflow-mr, rflow-mr-brain, all (see --list)")
     p.add_argument("--revision", action="append", default=[], metavar="REV",
                    help="branch, tag or commit of every repository, or REPO=REV for one repository "
                         "(repeatable; e.g. nvidia/NV-Generate-CT=<commit> to pin); default main")

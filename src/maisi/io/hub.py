@@ -3,7 +3,9 @@
 Downloads go through `huggingface_hub.hf_hub_download`, so the hub cache, `HF_HOME`, `HF_ENDPOINT`,
 `HF_HUB_OFFLINE` and `HF_TOKEN` work as everywhere else. Every file's sha256 is recorded at first sight in
 a manifest under maisi's cache folder and checked on every later call; a file that no longer matches is
-never returned.
+never returned. The large files (.pt, .zip) are LFS files: the hub names each by its sha256, so one that arrives
+without that name, or far from the catalogue's size, did not come from the hub as released and is refused before
+anything is recorded.
 
 Revisions: the default is each repository's `main` branch (commit hashes could not be read when this
 catalogue was written). The commit that `main` resolved to is recorded in the manifest and visible in the
@@ -22,8 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import (
+    FileMetadataError,
     GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
@@ -47,6 +50,12 @@ DEFAULT_REVISIONS: dict[str, str] = {CT: "main", MR: "main", MR_BRAIN: "main"}
 MANIFEST_FORMAT = "maisi-hub-manifest"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# The released repositories store these as LFS files; the others (JSON) are small git files.
+LFS_SUFFIXES = (".pt", ".zip")
+# An LFS file whose size is outside [catalogue size / SIZE_FACTOR, catalogue size * SIZE_FACTOR] is refused: the
+# catalogue's estimates are fp32 weights, which a checkpoint may exceed a few times over; an HTML page, an error
+# page or another model's file is far outside.
+SIZE_FACTOR = 4.0
 # The HTTP library's base error (httpx in huggingface_hub 1.x, httpx2 in 2.x): a transfer that failed
 # after huggingface_hub's own retries.
 _TRANSPORT_ERRORS = tuple(b for b in HfHubHTTPError.__bases__ if b is not OSError)
@@ -58,6 +67,14 @@ class HubError(ValueError):
 
 class ChecksumMismatchError(HubError):
     """A cached file whose sha256 is not the one recorded for it."""
+
+
+class UnverifiedFileError(HubError):
+    """A released LFS file (.pt, .zip) that the hub did not name by its sha256, or far from the catalogue's size."""
+
+
+class NotOnHubError(HubError):
+    """The hub (or the mirror in HF_ENDPOINT) answered 404 for released files: they are not there."""
 
 
 class MissingFilesError(FileNotFoundError):
@@ -72,6 +89,10 @@ class ReleasedFile:
     path: str  # path inside the repository
     component: Component
     approx_mb: float | None  # approximate download size; None where not known
+
+    @property
+    def lfs(self) -> bool:
+        return PurePosixPath(self.path).suffix in LFS_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -216,14 +237,34 @@ def _read_manifest(path: Path) -> dict[str, Any]:
                        "files' sha256 again)") from e
 
 
+def _key(repo: str, commit: str, path: str) -> str:
+    return f"{repo}@{commit}:{path}"
+
+
+def _lfs_problem(file: ReleasedFile, blob: Path) -> str | None:
+    """Why the cached blob of an LFS file cannot be the released file, from its name and size; None if it can be
+    (its content is then checked against the sha256 that names it)."""
+    if not file.lfs:
+        return None
+    size = blob.stat().st_size
+    expected = "" if file.approx_mb is None else f" (the catalogue expects about {file.approx_mb:g} MB)"
+    if not _SHA256.fullmatch(blob.name):
+        return (f"it is {size:,} bytes{expected} and came without an LFS sha256 (it was stored under its ETag "
+                f"{blob.name!r}; the hub names an LFS file by its sha256), so its content cannot be checked")
+    if file.approx_mb is not None and not file.approx_mb / SIZE_FACTOR <= size / 1e6 <= file.approx_mb * SIZE_FACTOR:
+        return f"it is {size:,} bytes{expected}, more than {SIZE_FACTOR:g} times off"
+    return None
+
+
 def _verify(file: ReleasedFile, local: Path, revision: str, set_name: str,
             manifest: Mapping[str, Any]) -> dict[str, Any] | None:
     """Check `local` against its recorded sha256; return the new manifest entry on first sight, else None."""
     commit = snapshot_commit(local, file)
-    key = f"{file.repo}@{commit}:{file.path}"
+    key = _key(file.repo, commit, file.path)
+    blob = local.resolve()
+    rm = f"rm {blob}{'' if blob == local else f' {local}'}"
     recorded = manifest.get(key)
     digest = sha256_file(local)
-    blob = local.resolve()
     # The hub names LFS blobs after their sha256; small git files are named by their git sha1 instead.
     expected, source = None, ""
     if recorded is not None:
@@ -233,9 +274,15 @@ def _verify(file: ReleasedFile, local: Path, revision: str, set_name: str,
     if expected is not None and digest != expected:
         raise ChecksumMismatchError(
             f"{file.repo}/{file.path} at commit {commit}: the cached file {blob} has sha256 {digest}, expected "
-            f"{expected} ({source}); it is damaged or was replaced. Delete it "
-            f"(rm {blob}{'' if blob == local else f' {local}'}) and download it again: "
+            f"{expected} ({source}); it is damaged or was replaced. Delete it ({rm}) and download it again: "
             f"`maisi download {set_name}`")
+    problem = _lfs_problem(file, blob)
+    if problem is not None:  # e.g. cached from a mirror that answered with HTML, before maisi checked for that
+        _record({}, drop=[key])  # its sha256, if recorded then, vouches for nothing
+        raise UnverifiedFileError(
+            f"{file.repo}/{file.path} at commit {commit}: the cached file {blob} is refused: {problem}. It is not the "
+            f"file as the hub released it. Delete it ({rm}) and download it again with HF_ENDPOINT unset or naming a "
+            f"working mirror: `maisi download {set_name}`")
     if recorded is not None:
         return None
     return {key: {"repo": file.repo, "path": file.path, "commit": commit, "revision": revision,
@@ -243,12 +290,17 @@ def _verify(file: ReleasedFile, local: Path, revision: str, set_name: str,
                   "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
 
 
-def _record(entries: dict[str, Any]) -> None:
-    if not entries:
+def _record(entries: Mapping[str, Any], drop: Sequence[str] = ()) -> None:
+    """Add `entries` to the manifest and remove the keys in `drop`."""
+    if not entries and not drop:
         return
     path = manifest_path()
     files = _read_manifest(path)  # re-read just before writing: another process may have added entries
+    if not entries and not set(drop) & set(files):
+        return
     files.update(entries)
+    for key in drop:
+        files.pop(key, None)
     atomic_write_text(path, json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1, sort_keys=True))
 
 
@@ -260,7 +312,22 @@ def _verified(rs: ReleasedSet, found: dict[ReleasedFile, Path], revisions: dict[
             new.update(_verify(file, local, revisions[file.repo], rs.name, manifest) or {})
     finally:
         _record(new)  # files that matched stay recorded even when a later one fails
-    return {f.path: p for f, p in found.items()}
+    return {f.path: found[f] for f in rs.files if f in found}
+
+
+def _discard(file: ReleasedFile, local: Path) -> None:
+    """Remove a refused file from the hub cache and the manifest, so that no later run uses it; with it every
+    snapshot link to the same blob (a mirror that answers every request with one page gives them one blob)."""
+    blob = local.resolve()
+    snapshots = local.parents[len(PurePosixPath(file.path).parts)]
+    links = [p for p in snapshots.rglob("*") if p.is_symlink() and p.resolve() == blob] or [local]
+    keys = []
+    for link in links:  # huggingface_hub returns an existing snapshot link without checking it: remove them
+        commit, *path = link.relative_to(snapshots).parts
+        keys.append(_key(file.repo, commit, "/".join(path)))
+        link.unlink(missing_ok=True)
+    blob.unlink(missing_ok=True)
+    _record({}, drop=keys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,44 +341,108 @@ class _Quiet(tqdm):
         super().__init__(*args, **{**kwargs, "disable": True})
 
 
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and the errors it was raised from (huggingface_hub wraps a failed metadata request)."""
+    chain: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__
+    return chain
+
+
+def _not_found(error: BaseException) -> bool:
+    """Whether the hub answered 404 (no such repository, revision or file), rather than not answering."""
+    return any(isinstance(e, (RemoteEntryNotFoundError, RevisionNotFoundError)) or (
+        isinstance(e, HfHubHTTPError) and getattr(e.response, "status_code", None) == 404) for e in _causes(error))
+
+
+def _not_found_advice(file: ReleasedFile, revision: str, error: BaseException) -> str:
+    """What to do about a 404 for `file`."""
+    if any(isinstance(e, RevisionNotFoundError) for e in _causes(error)):
+        return (f"{file.repo} has no revision {revision!r}; pass a branch, tag or commit hash of that repository "
+                "(default: main)")
+    if any(isinstance(e, RepositoryNotFoundError) for e in _causes(error)):
+        return f"{constants.ENDPOINT} has no repository {file.repo}; check HF_ENDPOINT and the mirror it names"
+    return ("if HF_ENDPOINT names a mirror, it does not hold these files (check it, or unset HF_ENDPOINT to use "
+            "https://huggingface.co); otherwise the catalogue in maisi.io.hub may be out of date, or pick a revision "
+            "that has them")
+
+
+def _download_error(rs: ReleasedSet, file: ReleasedFile, error: Exception, missing: list[str]) -> Exception:
+    """The error to raise for a failed hf_hub_download that is not a 404."""
+    where = f"{file.repo}/{file.path}"
+    if isinstance(error, LocalEntryNotFoundError):
+        metadata = [e for e in _causes(error) if isinstance(e, FileMetadataError)]
+        if metadata:  # the endpoint answered, without what a hub sends (X-Repo-Commit, ETag)
+            return HubError(f"{constants.ENDPOINT} answered for {where}, but not as the Hugging Face hub does "
+                            f"({metadata[0]}); check HF_ENDPOINT and the mirror it names")
+        return MissingFilesError(f"the hub cannot be reached (offline, HF_HUB_OFFLINE set, or no connection) and "
+                                 f"{len(missing)} file(s) of set {rs.name!r} are not cached: {', '.join(missing)}. "
+                                 f"To get them, {copy_over_help(rs.name)}")
+    if isinstance(error, (GatedRepoError, RepositoryNotFoundError)):
+        return HubError(f"the hub refused access to {file.repo} ({error.__class__.__name__}); check the "
+                        "repository's terms on its model card, then give a token or set HF_TOKEN")
+    if isinstance(error, HfHubHTTPError):
+        return HubError(f"downloading {where} failed: {error}")
+    return HubError(f"downloading {where} failed ({error.__class__.__name__}: {error}); run the same command "
+                    "again to retry")
+
+
+def _refused(file: ReleasedFile, revision: str, set_name: str, problem: str) -> UnverifiedFileError:
+    endpoint = constants.ENDPOINT
+    return UnverifiedFileError(
+        f"refused {file.repo}/{file.path} (revision {revision!r}) from {endpoint}: {problem}. The released .pt and "
+        ".zip files are LFS files, which the hub serves under their sha256 (the X-Linked-Etag or ETag header); an "
+        "endpoint that answers with an HTML page, an error page or another file does not. Nothing was recorded and "
+        f"the download was deleted. Check HF_ENDPOINT and the mirror it names ({endpoint}; unset, it is "
+        f"https://huggingface.co), then run `maisi download {set_name}` again")
+
+
 def download_set(name: str, *, revision: str | Mapping[str, str] | None = None, token: str | None = None,
                  progress: bool = True, cache_dir: str | Path | None = None) -> dict[str, Path]:
     """Download (or find in the hub cache) every file of set `name`; repo path -> verified local path.
 
     `revision`: a branch, tag or commit for every repository of the set, or {repo: revision}; default
     `DEFAULT_REVISIONS`. `token`: a hub token (default: $HF_TOKEN or the stored login). `cache_dir`: the
-    hub cache (default: $HF_HOME/hub). Offline with files missing raises `MissingFilesError`.
+    hub cache (default: $HF_HOME/hub). Offline with files missing raises `MissingFilesError`; files that the
+    hub answers 404 for raise `NotOnHubError` (after the others are fetched); an LFS file that does not come
+    as the hub serves it raises `UnverifiedFileError`, before anything is recorded.
     """
     rs = released_set(name)
     revisions = _revisions(rs, revision)
     found: dict[ReleasedFile, Path] = {}
-    for file in rs.files:
+    absent: dict[ReleasedFile, str] = {}  # file -> what to do about the 404
+    # LFS files first: an endpoint that does not serve them as the hub does is caught before any small file,
+    # which has no sha256 to check against, is fetched from it.
+    for file in sorted(rs.files, key=lambda f: not f.lfs):
         rev = revisions[file.repo]
+        cached = try_to_load_from_cache(file.repo, file.path, cache_dir=cache_dir, revision=rev)
+        if isinstance(cached, str) and file.lfs and not _SHA256.fullmatch(Path(cached).resolve().name):
+            _discard(file, Path(cached))  # never checkable (fetched from an endpoint that gave no sha256): fetch again
+            cached = None
         try:
-            local = hf_hub_download(file.repo, file.path, revision=rev, token=token, cache_dir=cache_dir,
-                                    tqdm_class=None if progress else _Quiet)
-        except LocalEntryNotFoundError as e:  # offline, or the hub unreachable, and not cached
-            missing = [f"{f.repo}/{f.path}" for f in rs.files if f not in found]
-            raise MissingFilesError(f"the hub cannot be reached (offline, HF_HUB_OFFLINE set, or no connection) "
-                                    f"and {len(missing)} file(s) of "
-                                    f"set {name!r} are not cached: {', '.join(missing)}. To get them, "
-                                    f"{copy_over_help(name)}") from e
-        except RevisionNotFoundError as e:
-            raise HubError(f"{file.repo} has no revision {rev!r}; pass a branch, tag or commit hash of that "
-                           "repository (default: main)") from e
-        except RemoteEntryNotFoundError as e:
-            raise HubError(f"{file.repo} has no file {file.path} at revision {rev!r}; the catalogue in "
-                           "maisi.io.hub may be out of date, or pick a revision that has it") from e
-        except (GatedRepoError, RepositoryNotFoundError) as e:
-            raise HubError(f"the hub refused access to {file.repo} ({e.__class__.__name__}); check the "
-                           "repository's terms on its model card, then give a token or set HF_TOKEN") from e
-        except HfHubHTTPError as e:
-            raise HubError(f"downloading {file.repo}/{file.path} failed: {e}") from e
-        except _TRANSPORT_ERRORS as e:
-            raise HubError(f"downloading {file.repo}/{file.path} failed ({e.__class__.__name__}: {e}); run the "
-                           "same command again to retry") from e
-        found[file] = Path(local)
-    return _verified(rs, found, revisions)
+            local = Path(hf_hub_download(file.repo, file.path, revision=rev, token=token, cache_dir=cache_dir,
+                                         tqdm_class=None if progress else _Quiet))
+        except (LocalEntryNotFoundError, HfHubHTTPError, *_TRANSPORT_ERRORS) as e:
+            if not _not_found(e):
+                raise _download_error(rs, file, e, [f"{f.repo}/{f.path}" for f in rs.files if f not in found]) from e
+            absent[file] = _not_found_advice(file, rev, e)
+            continue
+        # A file fetched now is checked here; one that was cached already is _verify's (a damaged one is reported
+        # as damaged there, not blamed on the endpoint).
+        problem = None if cached is not None and Path(cached) == local else _lfs_problem(file, local.resolve())
+        if problem is not None:
+            _discard(file, local)
+            raise _refused(file, rev, name, problem)
+        found[file] = local
+    paths = _verified(rs, found, revisions)
+    if absent:
+        listed = [f"{f.repo}/{f.path} (revision {revisions[f.repo]!r})" for f in rs.files if f in absent]
+        raise NotOnHubError(f"{len(listed)} file(s) of set {name!r} not found at {constants.ENDPOINT}: "
+                            f"{', '.join(listed)}. The endpoint answered (HTTP 404), so it is reachable; "
+                            f"{'; '.join(dict.fromkeys(absent.values()))}")
+    return paths
 
 
 def local_set(name: str, *, revision: str | Mapping[str, str] | None = None,
