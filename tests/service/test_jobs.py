@@ -177,7 +177,7 @@ def test_result_zip_is_a_valid_archive(model, tmp_path, one_thread):
 
 def test_one_server_per_work_dir(model, tmp_path, one_thread):
     """A second server on the same jobs would resume the first one's running jobs: it refuses to start."""
-    with pytest.raises(RuntimeError, match="in use by another maisi serve"), lock_work_dir(tmp_path):
+    with pytest.raises(ValueError, match="in use by another maisi serve"), lock_work_dir(tmp_path):
         lock_work_dir(tmp_path)
     with ThreadServer(options(model, tmp_path)), pytest.raises(RuntimeError, match="stopped while starting"):
         with ThreadServer(options(model, tmp_path)):

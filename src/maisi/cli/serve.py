@@ -54,18 +54,29 @@ def options_from_args(args: argparse.Namespace):
     )
 
 
+# How the library's messages name ServeOptions fields -> the flags that set them
+PHRASES = {"work_dir": "--work-dir", "choose another port": "choose another --port"}
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
         from maisi.service.app import create_app
+        from maisi.service.startup import start
     except ImportError as e:
         raise ValueError(f"maisi serve needs the `serve` extra ({e.name} is missing): pip install 'maisi[serve]'") from e
     options = options_from_args(args)
+    started = start(options)  # weights, devices, port, work dir: a bad one is one line and exit 2, nothing left behind
     if options.host not in ("127.0.0.1", "localhost", "::1") and options.token is None:
         print(f"maisi serve: warning: listening on {options.host} without --token: anyone who reaches this "
               "address can use the service", file=sys.stderr)
     print(f"maisi serve: http://{options.host}:{options.port}  (work dir {options.work_dir}, "
           f"{'token required' if options.token else 'no token'})", flush=True)
-    uvicorn.run(create_app(options), host=options.host, port=options.port, log_level="warning")
+    config = uvicorn.Config(create_app(options, lock=started.lock), host=options.host, port=options.port,
+                            log_level="warning")
+    try:
+        uvicorn.Server(config).run(sockets=[started.sock])
+    finally:
+        started.close()
     return 0

@@ -23,7 +23,8 @@ from maisi import __version__, labels
 from maisi.data.preview import label_colours
 from maisi.io.formats import IMAGE_EXTS, LABEL_EXTS
 from maisi.networks.precision import compute_dtype
-from maisi.pipeline.validation import GenerationRequest, check_files, rules_for
+from maisi.pipeline.pipeline import Pipeline
+from maisi.pipeline.validation import GenerationRequest, Plan, check_files, rules_for
 from maisi.service.config import ServeOptions
 from maisi.service.guard import Guard
 from maisi.service.jobs import DONE, FINAL, JobStore, QueueFullError, new_id
@@ -46,6 +47,8 @@ LICENSE = ("maisi is released under the Apache License 2.0 (https://www.apache.o
            "NVIDIA's MAISI weights, when served, come under NVIDIA's own license (see the model card); "
            "generated images are synthetic and not for diagnosis.")
 POLL_S = 0.2
+JOBS_LIMIT = 1000  # the most jobs one GET /v1/jobs lists (?limit=1..JOBS_LIMIT; default 100)
+FORM_PARTS = ("payload", "mask")  # the parts of a multipart submission, each at most once
 WEB = Path(__file__).parent / "web"  # the page (index.html, app.js, style.css) and vendor/niivue.umd.js
 # What the files route serves, by how a result file's name ends (a DICOM series is a folder: the zip has it).
 FILE_TYPES = {".nii.gz": "application/gzip", ".nii": "application/octet-stream", ".nrrd": "application/octet-stream",
@@ -76,12 +79,14 @@ class Service:
         return mode == "on" or (mode == "auto" and rules_for(self.pipe.config).xy_sizes is not None)
 
 
-def create_app(options: ServeOptions) -> FastAPI:
-    """The app; its lifespan opens the job store, recovers interrupted jobs and starts one worker per device."""
+def create_app(options: ServeOptions, lock: IO | None = None) -> FastAPI:
+    """The app; its lifespan opens the job store, recovers interrupted jobs and starts one worker per device.
+    `lock`: the work dir's lock when the caller took it already (`maisi serve` does, before it listens); else the
+    lifespan takes it."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        lock = lock_work_dir(options.work_dir)
+        held = lock or lock_work_dir(options.work_dir)
         store = JobStore(options.database, options.queue_size)
         store.recover(options.max_restarts)
         workers = [Worker(options, store, d) for d in options.devices or default_devices()]
@@ -96,7 +101,7 @@ def create_app(options: ServeOptions) -> FastAPI:
             for w in workers:  # a running job is requeued at its next sampling step
                 await run_in_threadpool(w.join, 30)
             store.close()
-            lock.close()
+            held.close()
 
     app = FastAPI(title="maisi serve", version=__version__, lifespan=lifespan,
                   description="MAISI CT generation, compatible with NVIDIA's MAISI NIM, plus a job queue.")
@@ -108,14 +113,22 @@ def create_app(options: ServeOptions) -> FastAPI:
 
 def lock_work_dir(work_dir: Path) -> IO:
     """An exclusive lock on the work dir for the server's lifetime (the kernel drops it if the process dies): a
-    second server on the same jobs would resume the first one's running jobs."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    f = open(work_dir / "server.lock", "w")
+    second server on the same jobs would resume the first one's running jobs. The folder is created when missing;
+    ValueError when it cannot be, or when another server holds it (which then leaves that server's files as
+    they were)."""
+    if work_dir.exists() and not work_dir.is_dir():
+        raise ValueError(f"work_dir {work_dir} is a file, not a folder; give a folder (created when missing)")
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        f = open(work_dir / "server.lock", "a")  # "a": a lock held by another server is not emptied
+    except OSError as e:
+        raise ValueError(f"work_dir {work_dir}: cannot create it or its server.lock ({e.strerror})") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise RuntimeError(f"{work_dir} is in use by another maisi serve; give each server its own work folder") from None
+        raise ValueError(f"work_dir {work_dir} is in use by another maisi serve; give each server its own work "
+                         "folder") from None
     return f
 
 
@@ -172,8 +185,9 @@ def _routes(app: FastAPI) -> None:
         return JSONResponse(body, 202, headers={"Location": f"/v1/jobs/{job.id}"})
 
     @app.get("/v1/jobs")
-    def jobs(request: Request, limit: int = 100) -> dict:
-        return {"jobs": [j.public() for j in service(request).store.list(limit)]}
+    def jobs(request: Request, limit: str = "100") -> dict:
+        """The newest `limit` jobs (the raw text here: a bad limit gets the service's 400, not FastAPI's 422)."""
+        return {"jobs": [j.public() for j in service(request).store.list(parse_limit(limit))]}
 
     @app.get("/v1/jobs/{job_id}")
     def job(request: Request, job_id: str) -> dict:
@@ -252,6 +266,17 @@ def _web_routes(app: FastAPI) -> None:
         return FileResponse(path, media_type=kind, filename=name, content_disposition_type="inline")
 
 
+def parse_limit(text: str) -> int:
+    """The `limit` query parameter of GET /v1/jobs: an integer in 1..JOBS_LIMIT, else 400 saying so."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= JOBS_LIMIT:
+        raise HTTPException(400, f"limit must be an integer in 1..{JOBS_LIMIT}, got {text[:40]!r}")
+    return value
+
+
 def _out_dir(svc: Service, job_id: str) -> Path:
     _job(svc, job_id)  # 404 for an unknown id, before the id touches a path
     return svc.options.job_dir(job_id) / "out"
@@ -283,6 +308,12 @@ async def _prepare(request: Request, keep: bool = True) -> tuple[str, Generation
         mask = None
         if kind.startswith("multipart/form-data"):
             form = await request.form(max_files=2, max_fields=8)
+            for name in form.keys():
+                if name not in FORM_PARTS:
+                    raise ValueError(f"multipart part {name!r} is not one this route reads; send 'payload' (the "
+                                     "JSON payload) and, optionally, one 'mask' file")
+                if len(form.getlist(name)) > 1:
+                    raise ValueError(f"multipart part {name!r} is sent {len(form.getlist(name))} times; send it once")
             raw, mask = form.get("payload"), form.get("mask")
             if not isinstance(raw, str):
                 raise ValueError("a multipart submission needs a 'payload' field holding the JSON payload")
@@ -333,4 +364,15 @@ def _check(svc: Service, job_id: str, payload: RunPayload, mask: UploadFile | No
     for w in svc.workers:
         compute_dtype(precision, torch.device(w.device))
     check_files(req, folder / "out")
-    return job_id, req, pipe.plan(req), precision
+    plan = pipe.plan(req)
+    check_decode(pipe, plan, precision)  # the plan has checked the mask database (Pipeline.plan)
+    return job_id, req, plan, precision
+
+
+def check_decode(pipe: Pipeline, plan: Plan, precision: str) -> None:
+    """That one sample decodes within `memory_gb` (or the device's memory): `Pipeline.decode_plan`'s check, in the
+    job's precision (the loaded networks may be in another), made before the job is queued, not after sampling."""
+    shape = (1, *pipe.latent_shape(plan))
+    pipe.nets.autoencoder.plan_within("decode", shape, plan.request.memory_gb,
+                                      dtype=compute_dtype(precision, pipe.device))
+

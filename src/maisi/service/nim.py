@@ -31,9 +31,10 @@ class NotSupportedError(ValueError):
 
 
 class RunPayload(BaseModel):
-    """`POST /v1/maisi/run` and `POST /v1/jobs`: the NIM's fields, then maisi's."""
+    """`POST /v1/maisi/run` and `POST /v1/jobs`: the NIM's fields, then maisi's. Strict types: "1" or true is not
+    a count and "no" is not false (a number without a fraction still fills a float field, e.g. spacing)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
     # the NIM's fields
     num_output_samples: int
@@ -58,22 +59,23 @@ class RunPayload(BaseModel):
 
 
 def parse_payload(data: bytes | str | dict[str, Any]) -> RunPayload:
-    """The payload, or ValueError naming every field that is missing or of the wrong type."""
+    """The payload, or ValueError naming every field that is missing or of the wrong type. A dict is judged as the
+    JSON body it stands for (strict mode takes a JSON array, not a Python list, for a tuple)."""
     try:
-        if isinstance(data, dict):
-            return RunPayload.model_validate(data)
-        return RunPayload.model_validate_json(data)
+        return RunPayload.model_validate_json(json.dumps(data) if isinstance(data, dict) else data)
     except ValidationError as e:
         raise ValueError(describe_errors(e)) from None
 
 
 def describe_errors(error: ValidationError) -> str:
-    """'num_output_samples: Field required; spacing.1: Input should be a valid number' from pydantic."""
+    """'num_output_samples: Field required; spacing.1: Input should be a valid number, got "8"' from pydantic."""
     parts = []
     for err in error.errors():
         where = ".".join(str(p) for p in err["loc"]) or "payload"
         if err["type"] == "extra_forbidden":
             parts.append(f"{where}: unknown field (see GET /v1/maisi/info for the fields)")
+        elif err["type"].endswith("_type"):  # a value of the wrong JSON type: show it as the client sent it
+            parts.append(f"{where}: {err['msg']}, got {json.dumps(err['input'])[:40]}")
         else:
             parts.append(f"{where}: {err['msg']}")
     return "; ".join(parts)
