@@ -27,6 +27,8 @@ def test_field_names_inside_paths_and_file_names_stay_as_typed(tmp_path, capsys)
     assert main(["generate", "--mask", str(tmp_path / "my_memory_gb_dir" / "mask_mapping.nii.gz"),
                  "--out", str(tmp_path / "g")]) == 2
     assert "my_memory_gb_dir/mask_mapping.nii.gz" in capsys.readouterr().err
+    assert main(["generate", "--mask-mapping", str(tmp_path / "m.json"), "--out", str(tmp_path / "g")]) == 2
+    assert f"--mask-mapping file not found: {tmp_path / 'm.json'}" in capsys.readouterr().err
 
 
 def test_prepare_prints_the_flag_its_library_names_as_a_field(tmp_path, capsys):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from maisi.cli import main
 from maisi.data.phantom import TUMORS, make_phantom, write_phantom
 from maisi.data.regions import parse_span, region_from_label
 from maisi.io.volume import read_volume
@@ -206,3 +207,14 @@ def test_anatomy_sides_follow_ras():
     assert centre([30, 31, 32])[0] > 0
     assert centre([115])[1] > centre(list(range(38, 50)))[1]  # heart in front of the thoracic spine
     assert centre([28, 30])[2] > centre([1])[2] > centre([5, 14])[2]  # lungs above liver above kidneys
+
+
+def test_cli_refuses_a_bad_output_folder_or_seed_before_any_phantom(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((tmp_path / "afile", "the output folder (--out) is an existing file"),
+                         (tmp_path / "afile" / "sub", "afile is a file, not a folder")):
+        assert main(["phantom", "--out", str(out), "--size", "16"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert main(["phantom", "--out", str(tmp_path / "p"), "--seed", "-5"]) == 2
+    assert "--seed must be >= 0, got -5" in capsys.readouterr().err and not (tmp_path / "p").exists()

@@ -131,6 +131,38 @@ def test_a_request_no_database_mask_serves_is_refused_at_plan(pipe, database, ch
         pipe.plan(req(mask_database=str(database), **change))
 
 
+def test_user_masks_that_cannot_be_followed_are_refused_at_plan(pipe, tmp_path, monkeypatch):
+    from maisi.data.phantom import make_phantom
+    from maisi.io.volume import write_volume
+
+    monkeypatch.setattr(Pipeline, "mask_for", lambda *a: pytest.fail("planning must refuse it before any mask"))
+    ph = make_phantom("head_neck", size=24, spacing=11.0, seed=3)
+    write_volume(tmp_path / "head.nii.gz", ph.label, ph.affine, np.uint8)
+    with pytest.raises(ValueError, match=r"head.nii.gz has no organ to hold hepatic tumor \(it needs liver\)"):
+        pipe.plan(req(body_region=(), mask=str(tmp_path / "head.nii.gz"), tumor=("hepatic tumor",)))
+    write_volume(tmp_path / "empty.nii.gz", np.zeros((8, 8, 8), np.uint8), ph.affine, np.uint8)
+    with pytest.raises(ValueError, match=r"empty.nii.gz: the label map is empty \(background only\)"):
+        pipe.plan(req(body_region=(), mask=str(tmp_path / "empty.nii.gz")))
+    (tmp_path / "none.json").write_text('{"foo": "liver"}')  # a mapping that maps none of the map's ids
+    with pytest.raises(ValueError, match="empty .* after the mapping .*none.json"):
+        pipe.plan(req(body_region=(), mask=str(tmp_path / "head.nii.gz"), mask_mapping=str(tmp_path / "none.json")))
+
+
+def test_an_empty_body_region_name_is_refused(pipe):
+    with pytest.raises(ValueError, match="body region names must be non-empty"):
+        pipe.plan(req(body_region=("",)))
+
+
+def test_a_folder_where_a_sample_file_goes_is_refused_before_compute(model_dir, database, tmp_path, capsys):
+    (tmp_path / "g" / "sample_seed3_record.json").mkdir(parents=True)
+    args = ["generate", "--weights", str(model_dir), "--size", "32", "--spacing", "8", "--steps", "1", "--seed", "2",
+            "--mask-database", str(database), "--no-progress", "--out", str(tmp_path / "g")]
+    assert main([*args, "--num-samples", "2"]) == 2
+    assert "sample_seed3_record.json is a folder, where the sample's record goes" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["sample_seed3_record.json"]  # nothing written
+    assert main([*args, "--num-samples", "1"]) == 0  # seed 2 alone does not need that place
+
+
 def test_shard_covers_every_sample_once():
     for n, w in [(5, 2), (3, 4), (1, 1)]:
         got = sorted(k for r in range(w) for k in shard(n, r, w))

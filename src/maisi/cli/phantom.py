@@ -37,11 +37,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from maisi.data.phantom import make_phantom, write_datalist, write_phantom
     from maisi.data.preview import save_preview
+    from maisi.io.atomic import OutputLocationError, check_output_dir
 
     if args.num < 1:
         raise ValueError(f"--num must be at least 1, got {args.num}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     organ_scale = parse_organ_scale(args.organ_scale)
     out = Path(args.out)
+    try:
+        check_output_dir(out)  # a file, a folder under a file, or one that cannot be written: before any phantom
+    except OutputLocationError as e:
+        raise ValueError(str(e).replace("output folder", "output folder (--out)", 1)) from None
     datalist = out / "datalist.json"
     entries: dict[str, dict] = {}
     if datalist.exists():  # keep the entries of earlier runs into the same folder

@@ -67,9 +67,18 @@ def load_user_mask(path: str | Path, mapping: str | Path | None = None) -> tuple
         if unknown:
             raise ValueError(f"{path}: ids {unknown} are not in the MAISI vocabulary; give a mapping "
                              "(mask_mapping: a JSON {source: MAISI name}) to convert them")
+    if not arr.any():
+        how = (f" after the mapping {mapping} (it mapped none of its ids; see `maisi info labels` for the MAISI "
+               "names)") if mapping is not None else ""
+        raise ValueError(f"{path}: the label map is empty (background only){how}; a mask needs organs to follow")
     label, added = ensure_body(arr.astype(np.uint8))
     info["body_added"] = added
     return label, np.asarray(vol.affine), info
+
+
+def tumor_hosts(tumor: int) -> tuple[int, ...]:
+    """The organ ids that can hold tumour `tumor` (the lung lobes for a lung tumour, the liver for a hepatic one)."""
+    return TUMOR_HOST_SETS.get(tumor, (TUMOR_HOSTS[tumor],))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +393,7 @@ def insert_tumor(label: np.ndarray, tumor: int, spacing: Sequence[float], rng: n
     """A copy of `label` with an ellipsoidal tumour blob (id `tumor`) inside its host organ."""
     if tumor not in TUMOR_HOSTS:
         raise ValueError(f"{label_name(tumor)!r} cannot be inpainted; choose from {[label_name(i) for i in TUMOR_HOSTS]}")
-    hosts = TUMOR_HOST_SETS.get(tumor, (TUMOR_HOSTS[tumor],))
+    hosts = tumor_hosts(tumor)
     host = np.isin(label, hosts)
     if not host.any():
         raise ValueError(f"the mask has no {' / '.join(label_name(h) for h in hosts[:3])} to hold a "

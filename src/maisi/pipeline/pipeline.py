@@ -21,7 +21,7 @@ from maisi.diffusion.sampling import make_generators, make_noise, sample
 from maisi.diffusion.schedulers import make_scheduler
 from maisi.io.formats import DicomIds, write_image, write_label
 from maisi.io.volume import affine_from_spacing, spacing_from_affine
-from maisi.labels import REGIONS, TUMOR_HOSTS, modality_code, region_one_hot, regions_in_mask
+from maisi.labels import REGIONS, TUMOR_HOSTS, label_name, modality_code, region_one_hot, regions_in_mask
 from maisi.maskgen.context import (
     AnatomySizeError,
     check_request,
@@ -50,6 +50,7 @@ from maisi.pipeline.validation import (
     check_sampler,
     parse_regions,
     rules_for,
+    sample_files,
     triple,
     tumor_ids,
 )
@@ -142,6 +143,11 @@ class Pipeline:
             missing = [i for i in anatomy if not (label == i).any()]
             if missing:
                 raise ValueError(f"the mask {request.mask} lacks the requested anatomy ids {missing}")
+            homeless = [t for t in tumors if not np.isin(label, M.tumor_hosts(t)).any()]
+            if homeless:
+                raise ValueError(f"the mask {request.mask} has no organ to hold "
+                                 f"{', '.join(label_name(t) for t in homeless)} (it needs "
+                                 f"{' / '.join(label_name(h) for h in M.tumor_hosts(homeless[0])[:3])})")
             user = M.Mask(*resample_label(label, affine, size, spacing), info)
         warnings = check_geometry(size, spacing, regions or (1, 1), rules_for(cfg))
         steps = request.steps or cfg.scheduler.num_inference_steps
@@ -425,7 +431,7 @@ class Pipeline:
         model = {"config": self.config.name, "scale_factor": self.nets.scale_factor, "weights": self.nets.sources,
                  "precision": self.precision,
                  "decode_plan": memory.as_dict()}
-        files = {} if out is None else self._files(Path(out), seed, plan.request)
+        files = {} if out is None else sample_files(out, seed, plan.request)
         rec = sample_record(index=k, seed=seed, image_seed=image_seed, plan=replace(plan, regions=self._regions(plan, mask)), model=model,
                             mask=None if mask is None else mask.source, quality=quality, attempts=attempts,
                             files={n: p.name for n, p in files.items()}, device=str(self.device), seconds=seconds)
@@ -436,15 +442,8 @@ class Pipeline:
 
     def existing_outputs(self, request: GenerationRequest, out: str | Path) -> list[Path]:
         """The files of `request`'s samples already in `out` (an earlier run's): generate replaces them."""
-        files = (self._files(Path(out), request.seed + k, request) for k in range(request.num_samples))
+        files = (sample_files(out, request.seed + k, request) for k in range(request.num_samples))
         return [p for f in files for p in f.values() if p.exists()]
-
-    @staticmethod
-    def _files(out: Path, seed: int, request: GenerationRequest) -> dict[str, Path]:
-        stem = out / f"sample_seed{seed}"
-        return {"image": Path(f"{stem}_image{request.image_output_ext}"),
-                "label": Path(f"{stem}_label{request.label_output_ext}"),
-                "preview": Path(f"{stem}_preview.png"), "record": Path(f"{stem}_record.json")}
 
 
 def mask_name(mask: M.Mask | None) -> str:

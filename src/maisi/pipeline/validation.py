@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from maisi.diffusion.schedulers import COMPATIBLE_SAMPLERS
 from maisi.io.atomic import check_output_dir
 from maisi.io.formats import DEFAULT_EXT, check_output_exts
 from maisi.io.volume import check_volume_file
-from maisi.labels import TUMOR_HOSTS, label_id, label_name
+from maisi.labels import REGIONS, TUMOR_HOSTS, label_id, label_name
 
 SAMPLERS = ("rflow", "ddpm", "ddim")
 MASK_SOURCES = ("auto", "database", "none")
@@ -169,17 +170,39 @@ def check_numbers(request: GenerationRequest, num_train_timesteps: int) -> None:
         raise ValueError(f"mask_source must be one of {list(MASK_SOURCES)}, got {r.mask_source!r}")
 
 
+_SAMPLE_FILE = re.compile(r"sample_seed(\d+)_")
+
+
+def sample_files(out: str | Path, seed: int, request: GenerationRequest) -> dict[str, Path]:
+    """The files of the sample with `seed` in `out`: image, label, preview, record."""
+    stem = Path(out) / f"sample_seed{seed}"
+    return {"image": Path(f"{stem}_image{request.image_output_ext}"),
+            "label": Path(f"{stem}_label{request.label_output_ext}"),
+            "preview": Path(f"{stem}_preview.png"), "record": Path(f"{stem}_record.json")}
+
+
 def check_files(request: GenerationRequest, out: str | Path | None) -> None:
     """The request's files, before any network loads: the output folder can be created and written (not a
-    file, not under a file), a known output format, and a user mask is a readable volume with finite voxels and a
-    valid geometry."""
+    file, not under a file), no sample file's place is taken by something it cannot replace, a known output
+    format, and a user mask is a readable volume with finite voxels and a valid geometry."""
     check_output_exts(request.image_output_ext, request.label_output_ext)
     if out is not None:
         check_output_dir(out, "output folder (out)")
+        # the folder's sample entries, not every planned seed's files: num_samples may be large
+        taken = list(Path(out).glob("sample_seed*")) if Path(out).is_dir() else []
+        for path in taken:
+            seed = _SAMPLE_FILE.match(path.name)
+            if seed is None or not request.seed <= int(seed[1]) < request.seed + request.num_samples:
+                continue
+            for kind, planned in sample_files(out, int(seed[1]), request).items():
+                folder = kind == "image" and request.image_output_ext == ".dcm"  # a DICOM series is a folder
+                if planned == path and path.is_dir() != folder:
+                    raise ValueError(f"{path} is {'a file' if folder else 'a folder'}, where the sample's {kind} "
+                                     f"goes; move it away or choose another output folder (out)")
     if request.mask is not None:
         check_volume_file(request.mask)
     if request.mask_mapping is not None and not Path(request.mask_mapping).is_file():
-        raise FileNotFoundError(f"mask mapping not found: {request.mask_mapping}")
+        raise FileNotFoundError(f"mask_mapping file not found: {request.mask_mapping}")
 
 
 def attempt_seed(seed: int, attempt: int) -> int:
@@ -194,7 +217,10 @@ def attempt_seed(seed: int, attempt: int) -> int:
 
 def parse_regions(regions: Sequence[str]) -> tuple[int, int] | None:
     """(top, bottom) indices of one region, a span given as two names, or "chest-abdomen"; () gives None."""
-    names = [r for r in regions if r]
+    if any(not isinstance(r, str) or not r.strip() for r in regions):
+        raise ValueError(f"body region names must be non-empty, got {list(regions)}; choose from {list(REGIONS)} "
+                         "(or leave body region out for the model's default)")
+    names = list(regions)
     if not names:
         return None
     if len(names) > 2:
