@@ -125,7 +125,7 @@ def _vocabulary(data, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (_empty, r"train \(.*empty.json\) holds no image/label pairs"),
+    (_empty, r"train: .*empty.json: 'training' holds no entries"),
     (_same_file, "are the same image file: the test set must be held out from train"),
     (_same_content, r"the same image content \(sha256\)"),
     (_extra_test_label, r"mismatched label vocabularies: no training mask holds 26 \(hepatic tumor\)"),

@@ -4,7 +4,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from maisi.io.volume import affine_from_spacing, read_volume, spacing_from_affine, write_volume
+from maisi.io.volume import (
+    affine_from_spacing,
+    check_volume_file,
+    read_volume,
+    spacing_from_affine,
+    write_volume,
+)
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
@@ -123,3 +129,29 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
         write_volume(path, np.zeros((4, 4, 4), np.int16), np.eye(4))
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["keep.nii.gz"]
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8])
+def test_a_cut_integer_nifti_is_refused_by_the_up_front_check(tmp_path, suffix, dtype):
+    # integer voxels are not read by the check (no NaN to find), so the size the header promises is compared
+    arr = np.random.default_rng(0).integers(0, 100, (40, 40, 40)).astype(dtype)
+    good = write_volume(tmp_path / f"g{suffix}", arr, np.eye(4), dtype)
+    check_volume_file(good)
+    data = good.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    with pytest.raises(ValueError, match=r"cut.nii(.gz)?: truncated: the header promises [\d,]+ bytes"):
+        check_volume_file(cut)
+
+
+def test_a_gzip_stream_of_several_members_is_complete(tmp_path):
+    # its trailer gives only the last member's size: the check then counts the stream rather than refuse it
+    import gzip
+
+    arr = np.arange(20 * 20 * 20, dtype=np.int16).reshape(20, 20, 20)
+    raw = write_volume(tmp_path / "v.nii", arr, np.eye(4), np.int16).read_bytes()
+    half = len(raw) // 2
+    (tmp_path / "m.nii.gz").write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:]))
+    check_volume_file(tmp_path / "m.nii.gz")
+    np.testing.assert_array_equal(read_volume(tmp_path / "m.nii.gz").array, arr)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +119,7 @@ def check_volume_file(path: str | Path) -> None:
         raise VolumeError(f"{path}: expected a 3D volume, got shape {img.shape}")
     check_affine(path, np.asarray(img.affine, dtype=np.float64))
     proxy = img.dataobj
+    check_complete(path, int(getattr(proxy, "offset", 0)) + int(np.prod(img.shape)) * img.get_data_dtype().itemsize)
     scaled = [float(v) for v in (getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)) if v is not None]
     if img.get_data_dtype().kind in "fc" or not np.all(np.isfinite(scaled)):
         try:
@@ -124,6 +127,30 @@ def check_volume_file(path: str | Path) -> None:
         except Exception as e:
             raise VolumeError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})") from e
         check_finite(path, array)
+
+
+def check_complete(path: Path, needed: int) -> None:
+    """A NIfTI file holds the `needed` bytes (voxel offset + voxels) its header promises. A .nii is measured; a
+    .nii.gz's trailer (ISIZE, the uncompressed size mod 2^32) is read first, and only when it disagrees (a cut file,
+    or several gzip members) is the stream decompressed and counted."""
+    if not path.name.lower().endswith(".gz"):
+        have = path.stat().st_size
+    else:
+        with open(path, "rb") as f:
+            f.seek(max(path.stat().st_size - 4, 0))
+            if int.from_bytes(f.read(4), "little") == needed % 2**32:
+                return
+        have = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                while have < needed and (chunk := f.read(1 << 16)):
+                    have += len(chunk)
+        except (OSError, EOFError, zlib.error):
+            pass  # a cut stream: `have` is what could be read
+    if have < needed:
+        raise VolumeError(f"{path}: truncated: the header promises {needed:,} bytes (voxel offset + voxels) and "
+                          f"the file holds {have:,}{' uncompressed' if path.name.lower().endswith('.gz') else ''}; "
+                          "copy or write it again")
 
 
 def check_finite(path: str | Path, array: np.ndarray) -> None:
