@@ -179,8 +179,9 @@ def test_cli_generate_and_errors(model_dir, database, tmp_path, capsys):
     assert "replacing" not in capsys.readouterr().err
     assert main(args) == 0  # a second run into the same folder says which earlier files it replaces
     assert "warning: replacing 4 file(s) of an earlier run" in capsys.readouterr().err
-    assert main([*args, "--seed", "5"]) == 0
-    assert "replacing" not in capsys.readouterr().err
+    assert main([*args, "--seed", "5", "--mask-sampler", "ddpm"]) == 0
+    err = capsys.readouterr().err
+    assert "replacing" not in err and "warning: --mask-sampler sets the mask generation model" in err
     assert main([*args, "--size", "48"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
     assert main([*args, "--weights", str(tmp_path / "none")]) == 2

@@ -100,3 +100,17 @@ def test_regions_anatomy_tumours():
     assert tumor_ids(["hepatic tumor"]) == (26,)
     with pytest.raises(ValueError, match="not a tumour that can be inpainted"):
         tumor_ids(["liver"])
+
+
+def test_fields_the_rest_of_the_request_makes_useless_are_warned_about():
+    from maisi.pipeline.validation import unused_fields
+
+    assert unused_fields(GenerationRequest()) == []
+    assert unused_fields(GenerationRequest(anatomy_size=(("liver", 0.5),), mask_sampler="rflow", mask_steps=5)) == []
+    (w,) = unused_fields(GenerationRequest(mask_sampler="ddpm", mask_guidance=3.0))
+    assert w.startswith("mask_sampler, mask_guidance set the mask generation model") and "no effect" in w
+    assert "--anatomy-size uses" in in_flags(w)
+    assert unused_fields(GenerationRequest(mask="m.nii.gz", mask_database="db")) == [
+        "mask_database has no effect with a mask: the mask given is used"]
+    assert unused_fields(GenerationRequest(mask_mapping="m.json")) == [
+        "mask_mapping converts a mask given with it: no effect without one"]

@@ -53,6 +53,7 @@ from maisi.pipeline.validation import (
     sample_files,
     triple,
     tumor_ids,
+    unused_fields,
 )
 
 
@@ -149,7 +150,7 @@ class Pipeline:
                                  f"{', '.join(label_name(t) for t in homeless)} (it needs "
                                  f"{' / '.join(label_name(h) for h in M.tumor_hosts(homeless[0])[:3])})")
             user = M.Mask(*resample_label(label, affine, size, spacing), info)
-        warnings = check_geometry(size, spacing, regions or (1, 1), rules_for(cfg))
+        warnings = check_geometry(size, spacing, regions or (1, 1), rules_for(cfg)) + unused_fields(request)
         steps = request.steps or cfg.scheduler.num_inference_steps
         guidance = cfg.guidance_scale if request.guidance is None else float(request.guidance)
         if guidance > 0 and cfg.unet.num_class_embeds is None:

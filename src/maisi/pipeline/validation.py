@@ -173,6 +173,21 @@ def check_numbers(request: GenerationRequest, num_train_timesteps: int) -> None:
 _SAMPLE_FILE = re.compile(r"sample_seed(\d+)_")
 
 
+def unused_fields(request: GenerationRequest) -> list[str]:
+    """Warnings for fields that the rest of the request makes have no effect (set, and silently ignored)."""
+    r, out = request, []
+    mask_model = [f for f in ("anatomy_conditions", "mask_sampler", "mask_steps", "mask_guidance")
+                  if getattr(r, f) is not None]
+    if mask_model and not r.anatomy_size:
+        out.append(f"{', '.join(mask_model)} set{'s' if len(mask_model) == 1 else ''} the mask generation model, "
+                   "which only anatomy_size uses: no effect here")
+    if r.mask is not None and r.mask_database is not None:
+        out.append("mask_database has no effect with a mask: the mask given is used")
+    if r.mask_mapping is not None and r.mask is None:
+        out.append("mask_mapping converts a mask given with it: no effect without one")
+    return out
+
+
 def sample_files(out: str | Path, seed: int, request: GenerationRequest) -> dict[str, Path]:
     """The files of the sample with `seed` in `out`: image, label, preview, record."""
     stem = Path(out) / f"sample_seed{seed}"
