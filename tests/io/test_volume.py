@@ -155,3 +155,10 @@ def test_a_gzip_stream_of_several_members_is_complete(tmp_path):
     (tmp_path / "m.nii.gz").write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:]))
     check_volume_file(tmp_path / "m.nii.gz")
     np.testing.assert_array_equal(read_volume(tmp_path / "m.nii.gz").array, arr)
+
+
+def test_a_folder_of_nifti_files_is_not_taken_for_a_dicom_series(tmp_path):
+    write_volume(tmp_path / "f" / "a_label.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4), np.uint8)
+    (tmp_path / "f" / "index.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"f: a folder is read as one DICOM series, and this one holds volume files"):
+        check_volume_file(tmp_path / "f")

@@ -105,8 +105,13 @@ def check_volume_file(path: str | Path) -> None:
     whole. A DICOM folder is only checked for files here; read_volume checks the rest when it reads the series."""
     path = _existing(path)
     if path.is_dir():
-        if not any(p.is_file() and not p.name.startswith(".") for p in path.iterdir()):
+        files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+        if not files:
             raise VolumeError(f"{path}: folder has no files; expected one DICOM series")
+        if all(is_nifti(p) or is_nrrd(p) or p.suffix.lower() in (".json", ".png", ".txt") for p in files):
+            raise VolumeError(f"{path}: a folder is read as one DICOM series, and this one holds "
+                              f"{'volume files' if any(is_nifti(p) or is_nrrd(p) for p in files) else 'no DICOM files'}"
+                              f" ({files[0].name}, …); give a volume file itself")
         return
     if is_nrrd(path):
         array, affine = _read_nrrd(path)
