@@ -95,6 +95,16 @@ def test_a_changed_input_is_prepared_again(scans, tmp_path):
     assert json.loads((out / "case1_latent.json").read_text())["dim"][2] == 48  # 50 slices, not the old 30
 
 
+def test_new_encoder_weights_at_the_same_path_are_prepared_again(scans, tmp_path):
+    src, _ = scans
+    out, cfg = tmp_path / "out", PrepareConfig(multiple_of=16)
+    prepare_all(src, out, cfg, PoolEncoder(), "vae/", encoder_sha256="aa", log=lambda s: None)
+    assert prepare_all(src, out, cfg, PoolEncoder(), "vae/", encoder_sha256="aa", log=lambda s: None)["done"] == []
+    report = prepare_all(src, out, cfg, PoolEncoder(), "vae/", encoder_sha256="bb", log=lambda s: None)
+    assert len(report["done"]) == 3
+    assert json.loads((out / "case0_latent.json").read_text())["settings"]["encoder_sha256"] == "bb"
+
+
 def test_the_output_folder_never_overwrites_inputs(scans, tmp_path, capsys):
     src, _ = scans
     before = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     mapping = load_mapping(args.label_mapping) if args.label_mapping else None
     names = load_names(args.label_names) if args.label_names else None
     cases = plan_cases(args.input, args.out)  # bad inputs or --out refused before the VAE loads
-    encoder, encoder_id = None, None
+    encoder, encoder_id, encoder_sha256 = None, None, None
     if args.vae:
         from maisi.device import pick_device
         from maisi.networks.weights import load_component
@@ -65,13 +65,12 @@ def run(args: argparse.Namespace) -> int:
         device = pick_device(args.device)
         vae = load_component(args.vae, "autoencoder", args.config, device)
         encoder, encoder_id = vae.model, str(Path(vae.source["path"]).resolve())
-        if vae.source.get("sha256"):  # new weights at the same path make the old latents stale
-            encoder_id += f" sha256:{vae.source['sha256']}"
+        encoder_sha256 = vae.source.get("sha256")  # new weights at the same path make the old latents stale
     with warnings.catch_warnings():  # the library warns about foreign-looking label ids: one line each
         warnings.simplefilter("always", LabelIdsWarning)
         warnings.showwarning = lambda message, *_, **__: print(f"maisi prepare: warning: {in_flags(str(message), PHRASES)}",
                                                                file=sys.stderr)
-        report = prepare_all(cases, args.out, cfg, encoder, encoder_id, mapping, names,
+        report = prepare_all(cases, args.out, cfg, encoder, encoder_id, mapping, names, encoder_sha256=encoder_sha256,
                              log=lambda line: print(in_flags(line, PHRASES)))
     print(f"prepared {len(report['done'])}, skipped {len(report['skipped'])} (already done), "
           f"failed {len(report['failed'])}; datalist: {Path(args.out) / 'datalist.json'}")

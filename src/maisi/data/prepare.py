@@ -239,8 +239,9 @@ def check_pair(image_shape, image_affine, label_shape, label_affine, name: str) 
                          f"{np.round(image_affine, 3).tolist()} vs {np.round(label_affine, 3).tolist()}")
 
 
-def settings_of(cfg: PrepareConfig, encoder_id: str | None) -> dict[str, Any]:
-    return {**asdict(cfg), "encoder": encoder_id}
+def settings_of(cfg: PrepareConfig, encoder_id: str | None, encoder_sha256: str | None = None) -> dict[str, Any]:
+    """What a prepared case depends on: the options, the encoder (its path) and its weights' sha256."""
+    return {**asdict(cfg), "encoder": encoder_id, "encoder_sha256": encoder_sha256}
 
 
 def outputs(out_dir: Path, name: str, with_latents: bool) -> dict[str, Path]:
@@ -280,7 +281,7 @@ def is_done(out_dir: Path, case: Case, settings: dict, with_latents: bool) -> di
 
 def prepare_case(case: Case, out_dir: Path, cfg: PrepareConfig, encoder: Encoder | None = None,
                  encoder_id: str | None = None, mapping: dict | None = None,
-                 names: dict[int, str] | None = None) -> dict:
+                 names: dict[int, str] | None = None, *, encoder_sha256: str | None = None) -> dict:
     """Prepare one case; returns its sidecar (dim, spacing, region one-hots, modality, file names)."""
     vol = read_volume(case.image)
     hu = vol.array.astype(np.float32)
@@ -333,7 +334,7 @@ def prepare_case(case: Case, out_dir: Path, cfg: PrepareConfig, encoder: Encoder
     else:
         write_volume(paths["image"], image * (HU_RANGE[1] - HU_RANGE[0]) + HU_RANGE[0], affine, np.int16)
         side["image"] = paths["image"].name
-    side["source"], side["settings"] = str(case.image), settings_of(cfg, encoder_id)
+    side["source"], side["settings"] = str(case.image), settings_of(cfg, encoder_id, encoder_sha256)
     side["inputs"] = inputs_of(case)
     if notes:
         side["warnings"] = notes
@@ -377,7 +378,8 @@ def plan_cases(source: str | Path, out_dir: str | Path) -> list[Case]:
 
 def prepare_all(source: str | Path | Sequence[Case], out_dir: str | Path, cfg: PrepareConfig,
                 encoder: Encoder | None = None, encoder_id: str | None = None, mapping: dict | None = None,
-                names: dict[int, str] | None = None, log: Callable[[str], None] | None = None) -> dict:
+                names: dict[int, str] | None = None, log: Callable[[str], None] | None = None, *,
+                encoder_sha256: str | None = None) -> dict:
     """Prepare every case of `source` (a folder or datalist, checked by plan_cases; or the cases plan_cases
     returned). The output folder is created only after the checks; failures while preparing are recorded per
     case and the rest continues. Returns the report (warnings, e.g. foreign-looking label ids, per case too)."""
@@ -385,7 +387,7 @@ def prepare_all(source: str | Path | Sequence[Case], out_dir: str | Path, cfg: P
     log = log or (lambda line: None)
     cases = plan_cases(source, out_dir) if isinstance(source, str | Path) else list(source)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = json.loads(json.dumps(settings_of(cfg, encoder_id)))
+    settings = json.loads(json.dumps(settings_of(cfg, encoder_id, encoder_sha256)))
     report: dict[str, Any] = {"done": [], "skipped": [], "failed": {}}
     entries = []
     for case in cases:
@@ -395,7 +397,8 @@ def prepare_all(source: str | Path | Sequence[Case], out_dir: str | Path, cfg: P
             log(f"{case.name}: already prepared, skipped")
         else:
             try:
-                side = prepare_case(case, out_dir, cfg, encoder, encoder_id, mapping, names)
+                side = prepare_case(case, out_dir, cfg, encoder, encoder_id, mapping, names,
+                                    encoder_sha256=encoder_sha256)
             except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
                 report["failed"][case.name] = f"{type(e).__name__}: {e}"
                 report.setdefault("traceback", {})[case.name] = traceback.format_exc(limit=3)
