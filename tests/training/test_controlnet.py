@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
+import numpy as np
 import pytest
 import torch
 
@@ -124,3 +128,63 @@ def test_controlnet_refuses_a_non_unet_checkpoint(unet_folder, data, tmp_path, c
     code = train("controlnet", "--data", str(data), "--unet", str(unet_folder), "--out", str(tmp_path / "r2"),
                  "--steps", "2", "--contrastive-weight", "0.01", "--tumor-labels", "liver", *FAST)
     assert code == 2 and "no host is known" in capsys.readouterr().err
+
+
+def _spoil(folder, case: str) -> tuple[dict, str]:
+    """Entry 1 of the datalist in `folder` made bad in one way: (the entry's new fields, the file to be named)."""
+    from maisi.io.volume import affine_from_spacing, write_volume
+
+    label = folder / "case1_label.nii.gz"
+    if case == "label-shape":
+        write_volume(label, np.ones((16, 16, 16), np.uint8), affine_from_spacing(1.5), np.uint8)
+        return {}, label.name
+    if case == "image-as-latent":  # a 3D NIfTI where the latent belongs
+        return {"latent": "case0_label.nii.gz", "spacing": [1.5, 1.5, 2.0]}, "case0_label.nii.gz"
+    if case == "truncated-label":
+        label.write_bytes(label.read_bytes()[:200])
+        return {}, label.name
+    if case == "garbage-safetensors":
+        (folder / "noise.safetensors").write_bytes(np.random.default_rng(0).bytes(4000))
+        return {"latent": "noise.safetensors", "spacing": [1.5, 1.5, 2.0]}, "noise.safetensors"
+    if case == "garbage-nifti-latent":
+        (folder / "noise_emb.nii.gz").write_bytes(np.random.default_rng(0).bytes(4000))
+        return {"latent": "noise_emb.nii.gz", "spacing": [1.5, 1.5, 2.0]}, "noise_emb.nii.gz"
+    if case == "upward-span":
+        return {"top_region_index": "abdomen", "bottom_region_index": "chest"}, "entry 1"
+    values = np.zeros((32, 32, 32), np.float32)
+    values[4:8, 4:8, 4:8] = 1.5 if case == "fractional-label" else 250  # 250: no MAISI id
+    write_volume(label, values, affine_from_spacing(1.5), np.float32 if case == "fractional-label" else np.uint8)
+    return {}, label.name
+
+
+BAD_DATA = {
+    "label-shape": "label shape (16, 16, 16) is not 4× the latent's (8, 8, 8)",
+    "image-as-latent": "a NIfTI latent must be X×Y×Z×C (channels last), got shape (32, 32, 32)",
+    "truncated-label": "case1_label.nii.gz: ",
+    "garbage-safetensors": "cannot read latents (SafetensorError",
+    "garbage-nifti-latent": "cannot read latents (ImageFileError",
+    "upward-span": "body region span 'abdomen-chest' goes upwards",
+    "fractional-label": "a label map must hold integer ids, found fractional values",
+    "unknown-id": "label ids [250] are not in the MAISI vocabulary",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_controlnet_refuses_bad_training_data_before_the_run_folder(unet_folder, data, tmp_path, capsys, case):
+    """Regression: these were found only when the loader read the file, after config.json and run.json were
+    written, some (a garbage .nii.gz latent) as a traceback; labels the generator refuses (fractional values, ids
+    outside the vocabulary) and a body region span that goes upwards were trained on. Now each is one error line
+    naming the entry or file, before the run folder exists."""
+    folder = tmp_path / "data"
+    shutil.copytree(data.parent, folder)
+    entries = json.loads((folder / data.name).read_text())["training"]
+    fields, named = _spoil(folder, case)
+    entries[1].update(fields)
+    (folder / data.name).write_text(json.dumps({"training": entries}))
+    run = tmp_path / "run"
+    code = train("controlnet", "--data", str(folder / data.name), "--unet", str(unet_folder), "--out", str(run),
+                 "--steps", "1", *FAST)
+    err = capsys.readouterr().err
+    assert code == 2 and BAD_DATA[case] in err and named in err, err
+    assert "Traceback" not in err and "case0_latent" not in err  # the good entry is not blamed
+    assert not run.exists()

@@ -57,10 +57,40 @@ BAD_FIELDS = [
      ["--augment", "heavy"], "--augment must be one of 'none', 'flip', 'standard'"),
     (ControlNetTrainOptions, {"tumor_weight": 0.5}, "tumor_weight must be >= 1", ["--tumor-weight", "0.5"],
      "--tumor-weight must be >= 1"),
+    # regression: keep_checkpoints 0 was refused only at the first checkpoint write, after training steps, as "keep"
+    (DiffusionTrainOptions, {"keep_checkpoints": 0}, "keep_checkpoints must be >= 1", ["--keep-checkpoints", "0"],
+     "--keep-checkpoints must be >= 1"),
+    (DiffusionTrainOptions, {"checkpoint_every": 0}, "checkpoint_every must be >= 1", ["--checkpoint-every", "0"],
+     "--checkpoint-every must be >= 1"),
+    (DiffusionTrainOptions, {"log_every": -1}, "log_every must be >= 1", ["--log-every", "-1"],
+     "--log-every must be >= 1"),
+    (DiffusionTrainOptions, {"batch_size": 0}, "batch_size must be >= 1", ["--batch-size", "0"],
+     "--batch-size must be >= 1"),
+    (DiffusionTrainOptions, {"lr": 0.0}, "lr must be > 0", ["--lr", "0"], "--lr must be > 0"),
+    (DiffusionTrainOptions, {"lr": float("nan")}, "lr must be a finite number", ["--lr", "nan"],
+     "--lr must be a finite number"),
+    (ControlNetTrainOptions, {"tumor_weight": float("inf")}, "tumor_weight must be a finite number",
+     ["--tumor-weight", "inf"], "--tumor-weight must be a finite number"),
+    (DiffusionTrainOptions, {"seed": -1}, "seed must be in 0..", ["--seed", "-1"], "--seed must be in 0.."),
+    (DiffusionTrainOptions, {"seed": 2**64}, "seed must be in 0..", ["--seed", str(2**64)], "--seed must be in 0.."),
+    (DiffusionTrainOptions, {"workers": -1}, "workers must be >= 0", ["--workers", "-1"], "--workers must be >= 0"),
+    (DiffusionTrainOptions, {"threads": 0}, "threads must be >= 1", ["--threads", "0"], "--threads must be >= 1"),
+    (VAETrainOptions, {"perceptual_fraction": 0.0}, "perceptual_fraction must be in (0, 1]",
+     ["--perceptual-fraction", "0"], "--perceptual-fraction must be in (0, 1]"),
+    (VAETrainOptions, {"adv_start": -1}, "adv_start must be >= 0", ["--adv-start", "-1"], "--adv-start must be >= 0"),
+    (VAETrainOptions, {"disc_layers": 0}, "disc_layers must be >= 1", ["--disc-layers", "0"],
+     "--disc-layers must be >= 1"),
+    (VAETrainOptions, {"disc_channels": 0}, "disc_channels must be >= 1", ["--disc-channels", "0"],
+     "--disc-channels must be >= 1"),
+    (VAETrainOptions, {"patch": (16,)}, "patch 16 is smaller than the 3-layer discriminator takes (24 voxels",
+     ["--patch", "16"], "--patch 16 is smaller than the 3-layer discriminator takes (24 voxels"),
+    (VAETrainOptions, {"patch": (32, 64), "patch_switch": (0,)}, "patch_switch needs 1 increasing step(s) >= 1",
+     ["--patch", "32", "64", "--patch-switch", "0"], "--patch-switch needs 1 increasing step(s) >= 1"),
 ]
 
 
-@pytest.mark.parametrize("cls, bad, message, argv, cli_message", BAD_FIELDS, ids=[next(iter(b[1])) for b in BAD_FIELDS])
+@pytest.mark.parametrize("cls, bad, message, argv, cli_message", BAD_FIELDS,
+                         ids=[f"{k}={v}" for b in BAD_FIELDS for k, v in list(b[1].items())[-1:]])
 def test_a_bad_field_names_the_field_in_python_and_the_flag_on_the_command_line(
         cls, bad, message, argv, cli_message, data, tmp_path, capsys):
     unet = {"unet": "rflow-ct"} if cls is ControlNetTrainOptions else {}
@@ -85,6 +115,12 @@ def test_a_bad_field_names_the_field_in_python_and_the_flag_on_the_command_line(
          "/runs/test_batch_size0: the run folder is an existing file"),
         ("datalist is empty", "datalist is empty"),  # 'data' is a field, 'datalist' is not
         ("tensorboard must be a bool", "--no-tensorboard must be a bool"),
+        # a refused resume lists fields with their values: those become flags, a path that ends in one does not
+        ("runs/a holds a run trained with other options: seed (recorded 0, given 1), lr (recorded 0.1, given 1.0), "
+         "patch_switch (recorded [], given [2]); use another run folder (out)",
+         "runs/a holds a run trained with other options: --seed (recorded 0, given 1), --lr (recorded 0.1, given 1.0), "
+         "--patch-switch (recorded [], given [2]); use another run folder (out)"),
+        ("/runs/seed (recorded data) is kept", "/runs/seed (recorded data) is kept"),
     ],
 )
 def test_cli_puts_library_messages_in_flags(message, expected):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -70,16 +71,51 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     S.save_checkpoint(tmp_path, 1, _state(1))
     S.save_checkpoint(tmp_path, 2, _state(2))
     S.checkpoint_file(tmp_path, 2).write_bytes(b"garbage")
-    with pytest.warns(UserWarning, match="unreadable"):
+    with pytest.warns(S.CheckpointWarning, match="training-state-000000002.pt: unreadable .*resumes from "
+                                                 "training-state-000000001.pt"):
         assert S.load_latest_checkpoint(tmp_path)["step"] == 1
+
+
+def test_a_folder_without_checkpoints_starts_fresh(tmp_path):
+    assert S.load_latest_checkpoint(tmp_path) is None
+    (tmp_path / S.CHECKPOINT_DIR).mkdir()
+    assert S.load_latest_checkpoint(tmp_path) is None
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "another step"])
+def test_a_folder_whose_checkpoints_are_all_damaged_is_refused_not_restarted(tmp_path, damage):
+    """Regression: with every checkpoint unreadable the run silently restarted at step 0 (cutting metrics.jsonl and,
+    at its first checkpoint, deleting the damaged files). Now it is an error naming the folder and every file, with
+    how to start over; nothing is warned about as if a fallback were coming."""
+    for step in (2, 4):
+        S.save_checkpoint(tmp_path, step, _state(step))
+    for step in (2, 4):
+        path = S.checkpoint_file(tmp_path, step)
+        if damage == "truncated":
+            path.write_bytes(path.read_bytes()[:100])
+        elif damage == "empty":
+            path.write_bytes(b"")
+        else:
+            torch.save(_state(step + 1), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipped" warning: there is nothing to fall back to
+        with pytest.raises(ValueError, match="none of its 2 checkpoint") as e:
+            S.load_latest_checkpoint(tmp_path)
+    message = str(e.value)
+    assert str(tmp_path / S.CHECKPOINT_DIR) in message and "\n" not in message
+    assert "training-state-000000002.pt" in message and "training-state-000000004.pt" in message
+    assert {"truncated": "unreadable (RuntimeError: ", "empty": "empty file",
+            "another step": "not a training state of step 4"}[damage] in message
+    assert "move those files" in message and "another run folder (out)" in message
+    assert len(S.list_checkpoints(tmp_path)) == 2  # nothing removed
 
 
 def test_checkpoints_refuse_pickled_code(tmp_path):
     path = S.checkpoint_file(tmp_path, 3)
     path.parent.mkdir(parents=True)
     torch.save({"step": 3, "fn": print}, path)  # not a tensor container: weights_only refuses it
-    with pytest.warns(UserWarning):
-        assert S.load_latest_checkpoint(tmp_path) is None
+    with pytest.raises(ValueError, match="training-state-000000003.pt: unreadable"):
+        S.load_latest_checkpoint(tmp_path)
 
 
 def test_trim_metrics_drops_records_after_the_checkpoint(tmp_path):

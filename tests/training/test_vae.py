@@ -148,6 +148,26 @@ def test_vae_bad_input_is_a_clean_error(data, tmp_path, capsys, case, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ("30", "--patch 30 must be a positive multiple of 4 (the autoencoder downsamples by 4), e.g. 28 or 32"),
+        ("2048", "--patch 2048 is larger than every training volume (the largest edge is 32 voxels)"),
+    ],
+    ids=["not-a-multiple-of-4", "larger-than-every-volume"],
+)
+def test_vae_patch_is_checked_against_the_autoencoder_and_the_volumes_before_the_run_folder(
+        data, tmp_path, capsys, patch, message):
+    """Regression: --patch 30 failed in the encoder, naming no flag, and --patch 2048 in numpy (a 32 GiB array,
+    with a traceback), both after the run folder was made. A patch larger than a volume along an axis is padded
+    (test_datasets); one larger than every volume's longest edge is refused."""
+    run = tmp_path / "run"
+    assert train("vae", "--data", str(data), "--out", str(run), "--steps", "1", *FAST, "--patch", patch) == 2
+    err = capsys.readouterr().err
+    assert f"maisi train: error: {message}" in err and "Traceback" not in err
+    assert not run.exists()
+
+
 def test_vae_refuses_a_run_folder_of_another_config(data, tmp_path, capsys):
     run = tmp_path / "run"
     train("vae", "--data", str(data), "--out", str(run), "--steps", "1", *FAST)

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
+import sys
+import warnings
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from maisi.training.options import StageOptions
 
 INVERTED = {"progress": "--no-progress", "tensorboard": "--no-tensorboard"}  # fields set by a flag's absence
+# How the library names the run folder -> the flag (maisi.cli.main puts every error through these)
+PHRASES = {"run folder (out)": "run folder (--out)"}
 
 
 CONFIG_HELP = ("preset name or JSON config (default: the --init/--unet maisi checkpoint's, else the preset of their "
@@ -143,31 +149,57 @@ def flags_of(cls: type) -> dict[str, str]:
 
 
 def flagged(message: str, flags: dict[str, str]) -> str:
-    """A library message put in the user's words: the field that leads it, and any snake_case field named
-    in it, become their flags ("lr_power must be >= 0" → "--lr-power must be >= 0")."""
+    """A library message put in the user's words: the field that leads it, any field listed with its values
+    ("seed (recorded 0, given 1)") and any snake_case field named in it become their flags ("lr_power must be
+    >= 0" → "--lr-power must be >= 0")."""
     head = re.match(r"[a-z]\w*", message)
     if head and head.group() in flags:
         message = flags[head.group()] + message[head.end():]
+    # a field listed with its values ("seed (recorded 0, given 1)", a refused resume)
+    listed = "|".join(sorted((f for f in flags if "_" not in f), key=len, reverse=True))
+    message = re.sub(rf"(?<![\w/.-])({listed})(?= \(recorded )", lambda m: flags[m.group()], message)
     snake = "|".join(sorted((f for f in flags if "_" in f), key=len, reverse=True))
     return re.sub(rf"\b({snake})\b", lambda m: flags[m.group()], message) if snake else message
+
+
+@contextlib.contextmanager
+def one_line_warnings(flags: dict[str, str]) -> Iterator[None]:
+    """The training library's warnings (a damaged checkpoint skipped) as `maisi train: warning: …` lines, in
+    flags, without Python's source line."""
+    from maisi.training.state import CheckpointWarning
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, CheckpointWarning):
+            print(f"maisi train: warning: {flagged(str(message), flags)}", file=sys.stderr)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", CheckpointWarning)
+        shown, warnings.showwarning = warnings.showwarning, show
+        yield
 
 
 def run(args: argparse.Namespace) -> int:
     from maisi.training.options import STAGES
     from maisi.training.run import run_stage
 
+    flags = flags_of(STAGES[args.stage])
     try:
-        run_stage(options_from_args(args), log=print)
+        with one_line_warnings(flags):
+            run_stage(options_from_args(args), log=print)
     except ValueError as e:
-        raise ValueError(flagged(str(e), flags_of(STAGES[args.stage]))) from e
+        raise ValueError(flagged(str(e), flags)) from e
     return 0
 
 
 def run_mask(args: argparse.Namespace) -> int:
     from maisi.training.mask import MaskTrainOptions, run_mask_training
 
+    flags = flags_of(MaskTrainOptions)
     try:
-        run_mask_training(options_from_args(args, MaskTrainOptions), log=print)
+        with one_line_warnings(flags):
+            run_mask_training(options_from_args(args, MaskTrainOptions), log=print)
     except ValueError as e:
-        raise ValueError(flagged(str(e), flags_of(MaskTrainOptions))) from e
+        raise ValueError(flagged(str(e), flags)) from e
     return 0

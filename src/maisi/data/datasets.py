@@ -9,16 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import nrrd
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from maisi import labels
 from maisi.data.augment import AUGMENTS, Augment, augment_transform
-from maisi.io.volume import check_volume_file, is_nifti, read_volume
+from maisi.data.regions import parse_span
+from maisi.io.volume import check_volume_file, is_nifti, is_nrrd, read_volume
 
 INTENSITIES = ("ct", "percentile")  # how image intensities map to [0, 1] (see normalise)
 LATENT_USES = ("mean", "sample")  # what a latent case trains on: mu, or mu + sigma·eps
+LABEL_SCALE = 4  # a ControlNet label map is this many times its latent's size per axis (the VAE's factor)
+LATENT_FORMATS = "a .safetensors file with a 'mu' tensor (from `maisi prepare`) or a channels-last NIfTI (X×Y×Z×C)"
 
 
 def require_files(entries: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
@@ -46,6 +51,11 @@ def check_volumes(entries: Sequence[dict[str, Any]], keys: Sequence[str]) -> Non
                 check_volume_file(e[k])
             except ValueError as err:
                 problems.append(f"{e['_where']} ({k}): {err}")
+    refuse(problems)
+
+
+def refuse(problems: Sequence[str]) -> None:
+    """One error naming every refused training file with its rule (nothing if there are none)."""
     if problems:
         raise ValueError(f"{len(problems)} training file(s) refused before any work (fix them or remove their "
                          "entries):\n  " + "\n  ".join(problems))
@@ -75,6 +85,33 @@ def random_crop(array: np.ndarray, size: Sequence[int], g: torch.Generator) -> n
     win = array[tuple(slice(st, st + s) for st, s in zip(starts, size))]
     pad = [(0, s - n) for n, s in zip(win.shape, size)]
     return np.pad(win, pad) if any(p for _, p in pad) else np.ascontiguousarray(win)
+
+
+def volume_shape(path: str | Path) -> tuple[int, ...] | None:
+    """A checked volume's voxel grid from its header alone (NIfTI, NRRD); None for a DICOM folder."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    if is_nrrd(path):
+        return tuple(int(n) for n in nrrd.read_header(str(path))["sizes"][:3])
+    return tuple(int(n) for n in nib.load(str(path)).shape[:3])
+
+
+def check_patches(entries: Sequence[dict[str, Any]], edges: Sequence[int], multiple: int) -> None:
+    """Each patch edge is a positive multiple of the autoencoder's factor `multiple` and, as a patch larger than
+    a volume is zero-padded (air) at the end of each shorter axis, at most the largest edge of the training
+    volumes (a larger one would be padding along every axis of every volume)."""
+    for edge in edges:
+        if edge < 1 or edge % multiple:
+            lower = max(multiple, edge // multiple * multiple)
+            raise ValueError(f"patch {edge} must be a positive multiple of {multiple} (the autoencoder downsamples "
+                             f"by {multiple}), e.g. {lower} or {lower + multiple}")
+    shapes = [s for s in (volume_shape(e["image"]) for e in entries) if s]
+    largest = max((max(s) for s in shapes), default=None)
+    if largest is not None and max(edges) > largest:
+        raise ValueError(f"patch {max(edges)} is larger than every training volume (the largest edge is {largest} "
+                         f"voxels): a patch is zero-padded where a volume is shorter, and this one would be padding "
+                         f"along every axis; use a patch of at most {largest // multiple * multiple}")
 
 
 class ImagePatches:
@@ -143,9 +180,20 @@ def conditions(meta: dict[str, Any], where: str, default_modality: int = 1) -> d
     for k in ("top_region_index", "bottom_region_index"):
         if k in meta:
             out[k] = torch.tensor(_region(meta[k], k, where), dtype=torch.float32)
+    if "top_region_index" in out and "bottom_region_index" in out:  # the generator's rule: top first (head to feet)
+        top, bottom = (int(out[k].argmax()) for k in ("top_region_index", "bottom_region_index"))
+        try:
+            parse_span(f"{labels.REGIONS[top]}-{labels.REGIONS[bottom]}")
+        except ValueError as e:
+            raise ValueError(f"{where}: top_region_index {meta['top_region_index']!r} and bottom_region_index "
+                             f"{meta['bottom_region_index']!r}: {e}") from None
     modality = meta.get("modality", default_modality)
     out["modality"] = torch.tensor(labels.modality_code(modality), dtype=torch.long)
     return out
+
+
+def _unreadable_latent(path: Path, error: Exception) -> ValueError:
+    return ValueError(f"{path}: cannot read latents ({type(error).__name__}: {error}); expected {LATENT_FORMATS}")
 
 
 def read_latent_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -156,12 +204,15 @@ def read_latent_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | Non
         try:
             t = load_file(str(path))
         except Exception as e:
-            raise ValueError(f"{path}: cannot read latents ({type(e).__name__}: {e})") from e
+            raise _unreadable_latent(path, e) from e
         if "mu" not in t:
             raise ValueError(f"{path}: latent file has no 'mu' tensor (keys: {sorted(t)})")
         mu, sigma = t["mu"].float(), t["sigma"].float() if "sigma" in t else None
     elif is_nifti(path):
-        arr = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+        try:
+            arr = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+        except Exception as e:  # nibabel raises several types for files that are not (whole) NIfTI
+            raise _unreadable_latent(path, e) from e
         if arr.ndim != 4:
             raise ValueError(f"{path}: a NIfTI latent must be X×Y×Z×C, got shape {arr.shape}")
         mu, sigma = torch.from_numpy(np.moveaxis(arr, -1, 0).copy()), None
@@ -170,6 +221,49 @@ def read_latent_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | Non
     if mu.ndim == 5 and mu.shape[0] == 1:
         mu, sigma = mu[0], None if sigma is None else sigma[0]
     return mu, sigma
+
+
+def latent_header(path: str | Path) -> tuple[tuple[int, ...], bool]:
+    """(C×x×y×z shape, whether it holds sigma) of a cached latent file from its header alone (safetensors
+    metadata, NIfTI header): read_latent_file's checks before any voxel is read."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                keys = set(f.keys())
+                if "mu" not in keys:
+                    raise ValueError(f"{path}: latent file has no 'mu' tensor (keys: {sorted(keys)})")
+                shape = tuple(f.get_slice("mu").get_shape())
+            if len(shape) == 5 and shape[0] == 1:
+                shape = shape[1:]
+            return shape, "sigma" in keys
+        if not is_nifti(path):
+            raise ValueError(f"{path}: latents must be .safetensors (from `maisi prepare`) or NIfTI")
+        img = nib.load(str(path))
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors and nibabel raise their own types for files that are not theirs
+        raise _unreadable_latent(path, e) from e
+    if len(img.shape) != 4:
+        raise ValueError(f"{path}: a NIfTI latent must be X×Y×Z×C (channels last), got shape {img.shape}: an image "
+                         "rather than its latent? (`maisi prepare --vae` writes the latents)")
+    return (img.shape[3], *img.shape[:3]), False
+
+
+def read_label_map(path: str | Path) -> torch.Tensor:
+    """A ControlNet label map, 1×X×Y×Z int64: integer ids of the MAISI vocabulary only (the generator takes
+    no other); errors name the file."""
+    array = np.asarray(read_volume(path).array)
+    if array.dtype.kind == "f":
+        if not np.array_equal(array, np.round(array)):
+            raise ValueError(f"{path}: a label map must hold integer ids, found fractional values")
+        array = array.astype(np.int64)
+    unknown = sorted(set(np.unique(array).tolist()) - {labels.BACKGROUND} - set(labels.id_to_name()))
+    if unknown:
+        raise ValueError(f"{path}: label ids {unknown[:10]}{' …' if len(unknown) > 10 else ''} are not in the MAISI "
+                         "vocabulary (see `maisi info labels`); convert the label map to MAISI ids first (e.g. "
+                         "`maisi prepare --label-mapping`)")
+    return torch.from_numpy(array.astype(np.int64))[None]
 
 
 def sidecar(path: str | Path) -> dict[str, Any]:
@@ -200,26 +294,48 @@ class LatentCases:
         self.meta = [{**sidecar(e["latent"]), **{k: v for k, v in e.items() if not k.startswith("_")}}
                      for e in entries]
         self.conds = [conditions(m, e["_where"], default_modality) for m, e in zip(self.meta, entries)]
+        self._check_files()
         self._read = lru_cache(maxsize=len(entries) if cache else 1)(self._read_item)
+
+    def _check_files(self) -> None:
+        """Every latent's header (format, channels, sigma where `use` needs it) and every label map (integer
+        MAISI ids, 4× its latent's size), before any work; the error names every refused file."""
+        problems = []
+        for e in self.entries:
+            try:
+                shape, has_sigma = latent_header(e["latent"])
+                self._check_latent(e["latent"], shape, has_sigma)
+                if self.with_label:
+                    self._check_label(e["label"], read_label_map(e["label"]).shape[1:], shape)
+            except ValueError as err:
+                problems.append(f"{e['_where']}: {err}")
+        refuse(problems)
+
+    def _check_latent(self, path: str, shape: Sequence[int], has_sigma: bool) -> None:
+        if len(shape) != 4 or shape[0] != self.channels:
+            raise ValueError(f"{path}: latent of shape {tuple(shape)}; the model needs {self.channels}×x×y×z "
+                             f"(autoencoder latent_channels = {self.channels})")
+        if self.use == "sample" and not has_sigma:
+            raise ValueError(f"latent='sample' needs a 'sigma' tensor in the latent file {path}")
+
+    @staticmethod
+    def _check_label(path: str, shape: Sequence[int], latent_shape: Sequence[int]) -> None:
+        want = tuple(LABEL_SCALE * n for n in latent_shape[1:])
+        if tuple(shape) != want:
+            raise ValueError(f"{path}: label shape {tuple(shape)} is not {LABEL_SCALE}× the latent's "
+                             f"{tuple(latent_shape[1:])} (expected {want})")
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def _read_item(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         e = self.entries[i]
-        mu, sigma = read_latent_file(e["latent"])
-        if mu.ndim != 4 or mu.shape[0] != self.channels:
-            raise ValueError(f"{e['latent']}: latent of shape {tuple(mu.shape)}; the model needs "
-                             f"{self.channels}×x×y×z (autoencoder latent_channels = {self.channels})")
-        if self.use == "sample" and sigma is None:
-            raise ValueError(f"latent='sample' needs a 'sigma' tensor in the latent file {e['latent']}")
+        mu, sigma = read_latent_file(e["latent"])  # checked when made; a file changed since fails as clearly
+        self._check_latent(e["latent"], mu.shape, sigma is not None)
         label = None
         if self.with_label:
-            label = torch.from_numpy(read_volume(e["label"]).array.astype(np.int64))[None]
-            want = tuple(4 * n for n in mu.shape[1:])
-            if tuple(label.shape[1:]) != want:
-                raise ValueError(f"{e['label']}: label shape {tuple(label.shape[1:])} is not 4× the latent's "
-                                 f"{tuple(mu.shape[1:])} (expected {want})")
+            label = read_label_map(e["label"])
+            self._check_label(e["label"], label.shape[1:], mu.shape)
         return mu, sigma, label
 
     def latent(self, i: int, g: torch.Generator | None = None) -> torch.Tensor:

@@ -20,9 +20,14 @@ class Discriminator(nn.Module):
             in_channels=in_channels, out_channels=1, norm=norm,
         )
 
+    @staticmethod
+    def min_size_of(num_layers: int) -> int:
+        """Smallest patch edge a `num_layers` discriminator accepts: the stride-1 conv before the head needs >= 2
+        voxels to normalise."""
+        return 3 * 2**num_layers
+
     def min_size(self) -> int:
-        """Smallest patch edge it accepts: the stride-1 conv before the head needs >= 2 voxels to normalise."""
-        return 3 * 2**self.num_layers
+        return self.min_size_of(self.num_layers)
 
     def forward(self, x: Tensor) -> Tensor:
         if min(x.shape[2:]) < self.min_size():

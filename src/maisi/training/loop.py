@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,16 +21,16 @@ from maisi.io.atomic import atomic_write_text
 from maisi.io.checkpoint import save_pretrained
 from maisi.training import distributed as D
 from maisi.training.state import (
+    METRICS_FILE,
     batch_samples,
     item_of_sample,
-    load_latest_checkpoint,
+    list_checkpoints,
     mix_seed,
     sample_generator,
     save_checkpoint,
     trim_metrics,
 )
 
-METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
 EXPORT_DIR = "export"
 
@@ -68,9 +69,11 @@ class LoopOptions:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
 class SampleDataset(Dataset):
@@ -135,23 +138,81 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def prepare_run_dir(run_dir: Path, stage: str, config: ModelConfig | MaskGenConfig, options: dict[str, Any],
-                    scope: Callable[[Any], Any] = to_dict,
-                    advice: str = "resume with the same config or use another run folder") -> None:
-    """Write config.json and run.json; refuse a folder that holds a different stage, or a config that differs in
-    `scope(config)`: the part of the config the stage's training depends on (default: all of it). `advice` ends
-    the refusal."""
+def check_run_dir(run_dir: Path, stage: str, config: ModelConfig | MaskGenConfig, options: dict[str, Any],
+                  fixed: Collection[str] = (), scope: Callable[[Any], Any] = to_dict,
+                  advice: str = "resume with the same config or use another run folder") -> dict[str, Any] | None:
+    """The record (run.json) of the run in `run_dir`, None for a new folder; reads, writes nothing. Refuses a folder
+    that holds another stage, a config that differs in `scope(config)` (the part of the config the stage's
+    training depends on, default: all of it; `advice` ends that refusal), or, once it holds a checkpoint to resume
+    from, options named in `fixed` (those that change what the run computes) whose recorded values differ from
+    `options` (a run that stopped before its first checkpoint starts again from step 0, with the new values)."""
     run_file = run_dir / RUN_FILE
-    cfg = to_dict(config)
-    if run_file.is_file():
+    if not run_file.is_file():
+        return None
+    try:
         old = json.loads(run_file.read_text())
-        if old.get("stage") != stage:
-            raise ValueError(f"{run_dir} holds a {old.get('stage')!r} run, not {stage!r}; use another run folder")
-        if not _same_config(old.get("config"), config, scope):
-            raise ValueError(f"{run_dir} holds a run with another model config; {advice}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{run_file}: the run's record is not valid JSON ({e}); restore it, or use another run "
+                         "folder (out)") from e
+    if old.get("stage") != stage:
+        raise ValueError(f"{run_dir} holds a {old.get('stage')!r} run, not {stage!r}; use another run folder")
+    if not _same_config(old.get("config"), config, scope):
+        raise ValueError(f"{run_dir} holds a run with another model config; {advice}")
+    recorded = old.get("options", {})
+    changed = [k for k in fixed if k in recorded and _comparable(recorded[k]) != _comparable(options.get(k))]
+    if changed and list_checkpoints(run_dir):
+        values = ", ".join(f"{k} (recorded {json.dumps(recorded[k])}, given {json.dumps(_plain(options.get(k)))})"
+                           for k in changed)
+        raise ValueError(f"{run_dir} holds a run trained with other options: {values}; these change what the run "
+                         "computes, so it cannot resume with them: give the recorded values to resume it, or use "
+                         "another run folder (out) for a new run")
+    return old
+
+
+def write_run_dir(run_dir: Path, stage: str, config: ModelConfig | MaskGenConfig, options: dict[str, Any],
+                  previous: dict[str, Any] | None = None, step: int = 0) -> None:
+    """Write config.json and run.json: the stage, the config, `options` (this invocation's) and the run's history
+    of invocations (`previous`'s, from check_run_dir) with this one appended: when it started, the step it resumed
+    at and the options it changed (all of them for the first)."""
+    cfg = to_dict(config)
+    options = _plain(options)
+    history = list((previous or {}).get("invocations") or [])
+    if previous and not history:  # a run.json written before maisi kept the history: its options open it
+        history.append({"options": previous.get("options", {})})
+    entry: dict[str, Any] = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "step": step}
+    if previous:
+        recorded = previous.get("options", {})
+        entry["changed"] = {k: {"recorded": recorded.get(k), "given": v} for k, v in options.items()
+                            if _comparable(recorded.get(k)) != _comparable(v)}
+    else:
+        entry["options"] = options
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", json.dumps(cfg, indent=2) + "\n")
-    atomic_write_text(run_file, json.dumps({"stage": stage, "config": cfg, "options": options}, indent=2) + "\n")
+    record = {"stage": stage, "config": cfg, "options": options, "invocations": [*history, entry]}
+    atomic_write_text(run_dir / RUN_FILE, json.dumps(record, indent=2) + "\n")
+
+
+def prepare_run_dir(run_dir: Path, stage: str, config: ModelConfig | MaskGenConfig, options: dict[str, Any],
+                    scope: Callable[[Any], Any] = to_dict,
+                    advice: str = "resume with the same config or use another run folder",
+                    fixed: Collection[str] = (), step: int = 0) -> None:
+    """check_run_dir, then write_run_dir."""
+    previous = check_run_dir(run_dir, stage, config, options, fixed, scope, advice)
+    write_run_dir(run_dir, stage, config, options, previous, step)
+
+
+def _plain(value: Any) -> Any:
+    """`value` as run.json holds it (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _comparable(value: Any) -> Any:
+    """An option's value for comparison with its record: a path to an existing file or folder counts by where it
+    leads, so a run resumes from another working folder, or after a maisi that recorded relative paths."""
+    value = _plain(value)
+    if isinstance(value, str) and value and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
 
 
 def _same_config(saved: Any, config: Any, scope: Callable[[Any], Any] = to_dict) -> bool:
@@ -194,10 +255,12 @@ def _tensorboard(run_dir: Path, enabled: bool) -> Any:
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def training_loop(stage: Stage, dataset: Dataset, opts: LoopOptions, world: D.World,
+def training_loop(stage: Stage, dataset: Dataset, opts: LoopOptions, world: D.World, *, state: dict[str, Any] | None,
                   log: Callable[[str], None] | None = None) -> dict[str, float]:
-    """Train `stage` to opts.steps, resuming from the run folder's last checkpoint; returns the last metrics.
-    `log` receives the main process's one-line notes (the resume point)."""
+    """Train `stage` to opts.steps, resuming from `state`: the run folder's last checkpoint, which the caller reads
+    (load_latest_checkpoint) before any work, or None to start at step 0; it is emptied once restored, so that its
+    tensors are freed. Returns the last metrics. `log` receives the main process's one-line notes (the resume
+    point)."""
     # Setup.
     if opts.batch_size % world.size:
         raise ValueError(f"batch_size {opts.batch_size} must be a multiple of the {world.size} processes")
@@ -206,10 +269,9 @@ def training_loop(stage: Stage, dataset: Dataset, opts: LoopOptions, world: D.Wo
 
     # Resume.
     start = 0
-    state = load_latest_checkpoint(run_dir, map_location=world.device)
-    if state is not None:
+    if state:
         start = _restore(stage, state)
-        del state
+        state.clear()
     if world.is_main:
         trim_metrics(metrics_path, start)
         if start and log is not None:

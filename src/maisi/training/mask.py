@@ -35,16 +35,19 @@ from maisi.training.loop import (
     LoopOptions,
     SampleDataset,
     autocast,
-    prepare_run_dir,
+    check_run_dir,
     training_loop,
+    write_run_dir,
 )
 from maisi.training.losses import kl_loss, weighted_mse
 from maisi.training.options import TrainOptions
 from maisi.training.run import TrainResult
-from maisi.training.state import sample_generator
+from maisi.training.state import load_latest_checkpoint, sample_generator
 from maisi.training.vae import SampledVAE
 
 PHASES = ("mask_autoencoder", "mask_unet")  # the run folder's two sub-runs, in order (also the components)
+UNET_OPTIONS = ("unet_steps", "unet_lr", "unet_batch_size", "context_dropout", "tumor_weight", "lr_power",
+                "ema_decay", "scale_factor")  # the fields only the UNet phase depends on
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class MaskTrainOptions(TrainOptions):
 
     stage: ClassVar[str] = "mask"
     component: ClassVar[str] = "mask_autoencoder"
+    resumable: ClassVar[tuple[str, ...]] = (*TrainOptions.resumable, "unet_steps")
 
     unet_steps: int = 1000
     unet_lr: float = 1e-4
@@ -243,6 +247,11 @@ class MaskAutoencoderStage:
     def resume_advice(options: MaskTrainOptions, run_dir: Path) -> str:
         return "its autoencoder or grid differs; resume with the same ones or use another out folder"
 
+    @staticmethod
+    def resume_fixed(options: MaskTrainOptions) -> tuple[str, ...]:
+        """The options the autoencoder phase must keep to resume (the UNet's may change)."""
+        return tuple(k for k in options.fixed() if k not in UNET_OPTIONS)
+
     def __init__(self, autoencoder: nn.Module, config: MaskGenConfig, opts: MaskStageOptions, world: D.World,
                  seed: int = 0, class_weights: Tensor | None = None):
         self.config, self.opts, self.world, self.seed = config, opts, world, seed
@@ -314,6 +323,10 @@ class MaskDiffusionStage(DiffusionStage):
         return (f"to train a new UNet on this run's autoencoder, remove {run_dir}, or start another out folder with "
                 f"init {options.out}")
 
+    @staticmethod
+    def resume_fixed(options: MaskTrainOptions) -> tuple[str, ...]:
+        return options.fixed()  # all of them: the UNet trains on the autoencoder's latents
+
     @property
     def base_lr(self) -> float:
         return self.opts.unet_lr
@@ -348,9 +361,13 @@ def run_mask_training(options: MaskTrainOptions, log: Callable[[str], None] | No
     check_volumes(entries, ("label",))
     config = mask_config(options.config)
     maps = LabelMaps([e["label"] for e in entries], config)  # unknown ids fail here, before any weights
+    phases = (MaskAutoencoderStage, MaskDiffusionStage)
+    previous = {stage.name: _check_phase(stage, options, config) for stage in phases}  # both, before any work
     init = _init(options, config, log)
     world = D.init(options.device)
     try:
+        states = {phase: load_latest_checkpoint(options.loop_options(phase).run_dir, map_location=world.device)
+                  for phase in PHASES}  # a sub-run whose checkpoints are all damaged is refused here
         precision = options.precision if options.precision != "auto" else (
             "bf16" if world.device.type == "cuda" else "fp32")
         opts = options.stage_options(precision)
@@ -358,7 +375,7 @@ def run_mask_training(options: MaskTrainOptions, log: Callable[[str], None] | No
         ae = init.autoencoder if init else build_mask_autoencoder(config)
         weights = maps.class_weights(options.class_balance) if options.class_balance else None
         ae_stage = MaskAutoencoderStage(ae, config, opts, world, options.seed, weights)
-        _loop(ae_stage, maps, options, world, log)
+        _loop(ae_stage, maps, options, world, log, previous, states)
 
         conditions = maps.conditions()
         latents = encode_maps(ae_stage.autoencoder, maps, world.device)
@@ -369,7 +386,7 @@ def run_mask_training(options: MaskTrainOptions, log: Callable[[str], None] | No
         unet = init_unet or build_mask_unet(config)
         unet_stage = MaskDiffusionStage(unet, config, opts, world, options.unet_steps, scale, options.seed)
         tumors = tumour_latent_voxels(maps, config.autoencoder.downsample_factor)
-        metrics = _loop(unet_stage, MaskLatents(latents, contexts, tumors), options, world, log)
+        metrics = _loop(unet_stage, MaskLatents(latents, contexts, tumors), options, world, log, previous, states)
         if world.is_main:
             write_conditions(options.loop_options(PHASES[1]).run_dir / EXPORT_DIR / CONDITIONS_FILE, conditions)
         D.barrier(world)
@@ -401,11 +418,22 @@ def autoencoder_part(config: MaskGenConfig) -> dict[str, Any]:
             "spacing_mm": config.spacing_mm}
 
 
+def _check_phase(stage: type[MaskAutoencoderStage | MaskDiffusionStage], options: MaskTrainOptions,
+                 config: MaskGenConfig) -> dict[str, Any] | None:
+    """The record of one phase's sub-run (None if new), refused before any work where it cannot resume."""
+    run_dir = options.loop_options(stage.name).run_dir
+    return check_run_dir(run_dir, stage.name, config, options.record(), stage.resume_fixed(options),
+                         stage.resume_scope, stage.resume_advice(options, run_dir))
+
+
 def _loop(stage: MaskAutoencoderStage | MaskDiffusionStage, source: Any, options: MaskTrainOptions, world: D.World,
-          log: Callable[[str], None] | None) -> dict[str, float]:
+          log: Callable[[str], None] | None, previous: dict[str, dict[str, Any] | None],
+          states: dict[str, dict[str, Any] | None]) -> dict[str, float]:
+    """One phase: its run.json (`previous`: the records check_run_dir read) and its loop, resumed from `states`."""
     loop = options.loop_options(stage.name)
+    state = states[stage.name]
     if world.is_main:
-        prepare_run_dir(loop.run_dir, stage.name, stage.config, options.record(), scope=stage.resume_scope,
-                        advice=stage.resume_advice(options, loop.run_dir))
+        write_run_dir(loop.run_dir, stage.name, stage.config, options.record(), previous[stage.name],
+                      step=int(state["step"]) if state else 0)
     D.barrier(world)
-    return training_loop(stage, SampleDataset(source, options.seed), loop, world, log)
+    return training_loop(stage, SampleDataset(source, options.seed), loop, world, state=state, log=log)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -11,10 +12,13 @@ from maisi.data.datasets import INTENSITIES, LATENT_USES
 from maisi.labels import TUMOR_HOSTS, label_id
 from maisi.training.controlnet import ControlNetOptions
 from maisi.training.diffusion import DiffusionOptions
+from maisi.training.discriminator import Discriminator
 from maisi.training.loop import LoopOptions
 from maisi.training.vae import VAEOptions
 
 PRECISIONS = ("auto", "fp32", "bf16")
+SEED_RANGE = (0, 2**63 - 1)  # mix_seed and torch.manual_seed take 64-bit seeds
+PATH_FIELDS = ("data", "init", "unet", "perceptual_weights")  # recorded by where they lead (run.json)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,6 +27,10 @@ class TrainOptions:
 
     stage: ClassVar[str] = ""
     component: ClassVar[str] = ""  # the network the stage trains and exports
+    # What a resumed run may change: its length, checkpoints, reporting, resources (run.json records each
+    # invocation). Every other field (config aside: checked as the resolved config) changes what the run computes.
+    resumable: ClassVar[tuple[str, ...]] = ("config", "out", "steps", "checkpoint_every", "keep_checkpoints",
+                                            "log_every", "device", "threads", "workers", "progress", "tensorboard")
 
     data: str | Path  # datalist JSON ({"training": [...]} or a list)
     out: str | Path  # run folder
@@ -43,6 +51,12 @@ class TrainOptions:
     tensorboard: bool = True  # a TensorBoard log when tensorboard is installed
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be in {SEED_RANGE[0]}..{SEED_RANGE[1]} (2**63 - 1), got {self.seed}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.threads is not None and self.threads < 1:
@@ -65,8 +79,17 @@ class TrainOptions:
         raise NotImplementedError
 
     def record(self) -> dict[str, Any]:
-        """The options as plain JSON data, for the run folder's run.json."""
-        return {"stage": self.stage, **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}}
+        """The options as plain JSON data, for the run folder's run.json; a file or folder an option names is
+        recorded by its absolute path, so that a resumed run is compared by where its inputs lead."""
+        out = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        for k in PATH_FIELDS:
+            if out.get(k) and Path(out[k]).exists():
+                out[k] = str(Path(out[k]).resolve())
+        return {"stage": self.stage, **out}
+
+    def fixed(self) -> tuple[str, ...]:
+        """The fields a resumed run must keep (run.json's recorded values): those that change what it computes."""
+        return tuple(f.name for f in fields(self) if f.name not in self.resumable)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,14 +121,20 @@ class VAETrainOptions(TrainOptions):
     def __post_init__(self) -> None:
         if not self.patch or min(self.patch) < 1:
             raise ValueError(f"patch must be one or more positive edges, got {list(self.patch)}")
-        if len(self.patch_switch) != len(self.patch) - 1 or list(self.patch_switch) != sorted(self.patch_switch):
-            raise ValueError(f"patch_switch needs {len(self.patch) - 1} increasing step(s) for patch "
+        switches = [0, *self.patch_switch]
+        if len(self.patch_switch) != len(self.patch) - 1 or any(a >= b for a, b in zip(switches, switches[1:])):
+            raise ValueError(f"patch_switch needs {len(self.patch) - 1} increasing step(s) >= 1 for patch "
                              f"{list(self.patch)}, got {list(self.patch_switch)}")
         if self.intensity not in INTENSITIES:
             raise ValueError(f"intensity must be {' or '.join(map(repr, INTENSITIES))}, got {self.intensity!r}")
         if self.augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {', '.join(map(repr, AUGMENTS))}, got {self.augment!r}")
-        super().__post_init__()
+        super().__post_init__()  # the stage's own checks first: disc_layers >= 1
+        least = Discriminator.min_size_of(self.disc_layers)
+        if self.adv_weight > 0 and min(self.patch) < least:
+            raise ValueError(f"patch {min(self.patch)} is smaller than the {self.disc_layers}-layer discriminator "
+                             f"takes ({least} voxels per axis); use a larger patch or fewer disc_layers (or "
+                             f"adv_weight 0: no adversarial terms)")
 
     def curriculum(self) -> list[tuple[int, int]]:
         """(first step, patch edge) pairs."""

@@ -13,6 +13,7 @@ import torch
 from maisi.io.atomic import atomic_path, atomic_write_text
 
 CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"  # the run's metrics log (see trim_metrics)
 _NAME = re.compile(r"^training-state-(\d{9})\.pt$")
 
 
@@ -44,20 +45,45 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     return path
 
 
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped for an older one (the CLI prints it as one line)."""
+
+
 def load_latest_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-    """The newest readable checkpoint of a run folder (falling back to older ones), or None if there is none."""
-    for step, path in reversed(list_checkpoints(run_dir)):
+    """The newest readable checkpoint of a run folder, or None if it holds no checkpoint.
+
+    A damaged checkpoint is skipped for the one before it (a CheckpointWarning each); a folder whose checkpoints
+    are all damaged is a ValueError naming them: starting over from step 0 would overwrite the run's metrics and,
+    at its first checkpoint, the damaged files themselves."""
+    found = list_checkpoints(run_dir)
+    damaged = []
+    for step, path in reversed(found):
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:  # a damaged file: warn and use the one before
-            warnings.warn(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); trying the previous one",
-                          stacklevel=2)
+        except Exception as e:  # empty, truncated, not a zip, pickled code, ...: say why in one line
+            why = _first_sentence(e)
+            damaged.append((path, "empty file" if not path.stat().st_size else
+                            f"unreadable ({type(e).__name__}{': ' + why if why else ''})"))
             continue
-        if not isinstance(state, dict) or int(state.get("step", -1)) != step:
-            warnings.warn(f"{path}: not a training state of step {step}; trying the previous one", stacklevel=2)
-            continue
-        return state
+        if isinstance(state, dict) and state.get("step") == step:  # written as an int by save_checkpoint
+            for bad, reason in damaged:
+                warnings.warn(f"{bad}: {reason}; skipped: the run resumes from {path.name}", CheckpointWarning,
+                              stacklevel=2)
+            return state
+        damaged.append((path, f"not a training state of step {step}"))
+    if found:
+        files = "; ".join(f"{path.name}: {reason}" for path, reason in damaged)
+        raise ValueError(f"{Path(run_dir) / CHECKPOINT_DIR}: none of its {len(found)} checkpoint(s) can be read "
+                         f"({files}), so the run cannot resume, and starting it over would overwrite its history; to "
+                         f"start over in {run_dir}, move those files (and {METRICS_FILE}) out of it, or give another "
+                         f"run folder (out)")
     return None
+
+
+def _first_sentence(error: Exception) -> str:
+    """The first sentence of an error message (torch's checkpoint errors run to a paragraph)."""
+    text = " ".join(str(error).split())
+    return text.split(". ")[0].rstrip(".")[:200]
 
 
 # ---------------------------------------------------------------------------------------------

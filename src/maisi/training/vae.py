@@ -51,6 +51,14 @@ class VAEOptions:
             raise ValueError(f"recon_loss must be 'l1' or 'mse', got {self.recon_loss!r}")
         if not 0 <= self.bright_above <= 1:
             raise ValueError(f"bright_above must be in [0, 1] (the training intensity), got {self.bright_above}")
+        if not 0 < self.perceptual_fraction <= 1:
+            raise ValueError(f"perceptual_fraction must be in (0, 1] (a share of the slices), got "
+                             f"{self.perceptual_fraction}")
+        for k in ("disc_layers", "disc_channels"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.adv_start < 0:
+            raise ValueError(f"adv_start must be >= 0, got {self.adv_start}")
 
 
 ENCODER_PARTS = ("encoder", "quant_conv_mu", "quant_conv_log_sigma")  # frozen by freeze_encoder
