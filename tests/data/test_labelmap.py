@@ -44,6 +44,20 @@ def test_bad_mapping_files(tmp_path, content, match):
         load_mapping(tmp_path / "m.json")
 
 
+def test_missing_mapping_and_names_files_are_named(tmp_path, capsys):
+    from maisi.cli import main
+    from maisi.data.labelmap import load_names
+
+    with pytest.raises(FileNotFoundError, match=r"^label mapping not found: .*missing.json$"):
+        load_mapping(tmp_path / "missing.json")
+    with pytest.raises(FileNotFoundError, match=r"^label names file not found: .*missing.json$"):
+        load_names(tmp_path / "missing.json")
+    assert main(["prepare", "--input", str(tmp_path), "--out", str(tmp_path / "o"), "--label-mapping",
+                 str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"label mapping not found: {tmp_path / 'missing.json'}" in err and "Errno" not in err
+
+
 def test_prepare_converts_a_foreign_label_map(tmp_path):
     """A TotalSegmentator-style map (own ids + class table) prepared into MAISI ids via --label-names."""
     ph = make_phantom("abdomen", (32, 32, 24), 8.0, seed=2)

@@ -182,6 +182,10 @@ def test_cli_generate_and_errors(model_dir, database, tmp_path, capsys):
     assert main([*args, "--seed", "5", "--mask-sampler", "ddpm"]) == 0
     err = capsys.readouterr().err
     assert "replacing" not in err and "warning: --mask-sampler sets the mask generation model" in err
+    assert main([*args, "--image-output-ext", ".nrrd"]) == 0  # the .nii.gz image of seed 0 stays beside it
+    err = capsys.readouterr().err
+    assert "replacing 3 file(s)" in err and "1 file(s) of an earlier run of the same seeds stay" in err
+    assert "sample_seed0_image.nii.gz" in err.split("stay")[1]
     assert main([*args, "--size", "48"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
     assert main([*args, "--weights", str(tmp_path / "none")]) == 2

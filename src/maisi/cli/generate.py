@@ -126,12 +126,16 @@ def in_flags(message: str) -> str:
     return flags.in_flags(message, PHRASES, LEADING)
 
 
+def _names(paths: list[Path]) -> str:
+    return ", ".join(p.name for p in paths[:3]) + (" …" if len(paths) > 3 else "")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from maisi.io.formats import OutputFormatError
     from maisi.pipeline.pipeline import Pipeline, world_from_env
-    from maisi.pipeline.validation import check_files
+    from maisi.pipeline.validation import check_files, earlier_outputs
 
     request = request_from_args(args)
     try:
@@ -149,11 +153,14 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0:
         for w in plan.warnings:
             print(f"maisi generate: warning: {in_flags(w)}", file=sys.stderr)
-        replaced = pipe.existing_outputs(request, args.out)
+        replaced, beside = earlier_outputs(request, args.out)
         if replaced:
-            names = ", ".join(p.name for p in replaced[:3]) + (" …" if len(replaced) > 3 else "")
             print(f"maisi generate: warning: replacing {len(replaced)} file(s) of an earlier run in {args.out} "
-                  f"({names}); give another --out or --seed to keep them", file=sys.stderr)
+                  f"({_names(replaced)}); give another --out or --seed to keep them", file=sys.stderr)
+        if beside:
+            print(f"maisi generate: warning: {len(beside)} file(s) of an earlier run of the same seeds stay in "
+                  f"{args.out} beside the new ones ({_names(beside)}): they belong to the earlier samples",
+                  file=sys.stderr)
     samples = pipe.generate(request, out=args.out, rank=rank, world_size=world, plan=plan,
                             on_event=lambda line: print(line, flush=True))  # one line per retry
     for s in samples:

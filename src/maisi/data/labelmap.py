@@ -48,15 +48,19 @@ def match_name(name: str) -> int | None:
     return None
 
 
+def _read_json(path: Path, what: str) -> object:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
 def load_mapping(path: str | Path) -> dict[str, int]:
     """Read a JSON {"source name or id": "MAISI name or id"}; every target must be a MAISI label (or 0)."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    raw = _read_json(path, "label mapping")
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{path}: expected a non-empty JSON object {{source: MAISI name or id}}")
     out = {}
@@ -79,7 +83,7 @@ def target_id(value: str | int) -> int:
 
 def load_names(path: str | Path) -> dict[int, str]:
     """Read a source class table: JSON {id: name} or {name: id} (either direction is accepted)."""
-    raw = json.loads(Path(path).read_text())
+    raw = _read_json(Path(path), "label names file")
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object of id -> class name")
     out = {}

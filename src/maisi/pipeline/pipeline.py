@@ -441,11 +441,6 @@ class Pipeline:
             write_sample(sample, plan.spacing)
         return sample
 
-    def existing_outputs(self, request: GenerationRequest, out: str | Path) -> list[Path]:
-        """The files of `request`'s samples already in `out` (an earlier run's): generate replaces them."""
-        files = (sample_files(out, request.seed + k, request) for k in range(request.num_samples))
-        return [p for f in files for p in f.values() if p.exists()]
-
 
 def mask_name(mask: M.Mask | None) -> str:
     """How a retry line names a mask: its file (database entry or user file), or that there is none."""

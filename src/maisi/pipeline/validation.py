@@ -196,6 +196,19 @@ def sample_files(out: str | Path, seed: int, request: GenerationRequest) -> dict
             "preview": Path(f"{stem}_preview.png"), "record": Path(f"{stem}_record.json")}
 
 
+def earlier_outputs(request: GenerationRequest, out: str | Path) -> tuple[list[Path], list[Path]]:
+    """Files of an earlier run in `out` for the request's seeds: those this run replaces, and those it leaves beside
+    its own (the same sample in another output format)."""
+    replaced: list[Path] = []
+    beside: list[Path] = []
+    for path in sorted(Path(out).glob("sample_seed*")) if Path(out).is_dir() else ():
+        seed = _SAMPLE_FILE.match(path.name)
+        if seed is not None and request.seed <= int(seed[1]) < request.seed + request.num_samples:
+            planned = sample_files(out, int(seed[1]), request).values()
+            (replaced if path in planned else beside).append(path)
+    return replaced, beside
+
+
 def check_files(request: GenerationRequest, out: str | Path | None) -> None:
     """The request's files, before any network loads: the output folder can be created and written (not a
     file, not under a file), no sample file's place is taken by something it cannot replace, a known output
