@@ -2,6 +2,7 @@
 
 import collections
 import json
+import re
 
 import pytest
 import torch
@@ -120,9 +121,11 @@ class Evil:
 def test_pickled_code_is_refused_not_executed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save({"state": Net().state_dict(), "payload": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(ckpt.CheckpointError, match="refused to load"):
+    with pytest.raises(ckpt.CheckpointError, match="refused to load") as e:
         ckpt.read_checkpoint_file(tmp_path / "evil.pt")
     assert not (tmp_path / "PWNED").exists()
+    # names what it imports, and never passes on torch's advice to load it with weights_only=False
+    assert re.search(r"it imports [\w.]*exec$", str(e.value)) and "weights_only" not in str(e.value)
 
 
 @pytest.mark.parametrize(

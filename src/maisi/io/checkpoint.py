@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -166,8 +167,7 @@ def read_checkpoint_file(path: str | Path) -> Any:
         if "weights only load failed" in detail and ("global" in detail or "class" in detail):
             raise CheckpointError(
                 f"{path}: refused to load: the file holds pickled objects other than tensors and plain "
-                f"containers (it could run code). Re-save it as a plain state dict. "
-                f"Detail: {_first_line(e)}"
+                f"containers (it could run code). Re-save it as a plain state dict{_blocked_global(e)}"
             ) from e
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {_first_line(e)}") from e
     except Exception as e:  # the unpickler raises many types (KeyError, EOFError, RuntimeError…) on junk
@@ -175,6 +175,13 @@ def read_checkpoint_file(path: str | Path) -> Any:
             f"{path}: not a readable PyTorch checkpoint (corrupt, truncated or another kind of file): "
             f"{type(e).__name__}: {_first_line(e)}"
         ) from e
+
+
+def _blocked_global(e: BaseException) -> str:
+    """'; it imports posix.system' from the weights-only unpickler's message (whose first line advises loading
+    with weights_only=False, which is exactly what must not be done with such a file), without terminal codes."""
+    found = re.search(r"GLOBAL ([\w.]+)", re.sub(r"\x1b\[[0-9;]*m", "", str(e)))
+    return f"; it imports {found[1]}" if found else ""
 
 
 def _first_line(e: BaseException) -> str:
