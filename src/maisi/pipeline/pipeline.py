@@ -327,10 +327,11 @@ class Pipeline:
         finally:
             bar.close()
 
-    def decode_plan(self, plan: Plan) -> MemoryPlan:
-        """How one sample of `plan` will be decoded within `request.memory_gb` (networks.memory)."""
+    def decode_plan(self, plan: Plan, dtype: torch.dtype | None = None) -> MemoryPlan:
+        """How one sample of `plan` will be decoded within `request.memory_gb` (networks.memory), in `dtype`
+        (default: the pipeline's)."""
         shape = (1, *self.latent_shape(plan))
-        return self.nets.autoencoder.plan_within("decode", shape, plan.request.memory_gb, dtype=self.dtype)
+        return self.nets.autoencoder.plan_within("decode", shape, plan.request.memory_gb, dtype=dtype or self.dtype)
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor, memory: MemoryPlan, desc: str = "") -> np.ndarray:

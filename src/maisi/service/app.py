@@ -370,9 +370,7 @@ def _check(svc: Service, job_id: str, payload: RunPayload, mask: UploadFile | No
 
 
 def check_decode(pipe: Pipeline, plan: Plan, precision: str) -> None:
-    """That one sample decodes within `memory_gb` (or the device's memory): `Pipeline.decode_plan`'s check, in the
+    """That one sample decodes within `memory_gb` (or the device's memory): `Pipeline.decode_plan` in the
     job's precision (the loaded networks may be in another), made before the job is queued, not after sampling."""
-    shape = (1, *pipe.latent_shape(plan))
-    pipe.nets.autoencoder.plan_within("decode", shape, plan.request.memory_gb,
-                                      dtype=compute_dtype(precision, pipe.device))
+    pipe.decode_plan(plan, compute_dtype(precision, pipe.device))
 
