@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from maisi import labels
 from maisi.data.augment import AUGMENTS, Augment, augment_transform
+from maisi.data.labelmap import read_label_ids
 from maisi.data.regions import parse_span
 from maisi.io.volume import check_volume_file, is_nifti, is_nrrd, read_volume
 
@@ -253,17 +254,7 @@ def latent_header(path: str | Path) -> tuple[tuple[int, ...], bool]:
 def read_label_map(path: str | Path) -> torch.Tensor:
     """A ControlNet label map, 1×X×Y×Z int64: integer ids of the MAISI vocabulary only (the generator takes
     no other); errors name the file."""
-    array = np.asarray(read_volume(path).array)
-    if array.dtype.kind == "f":
-        if not np.array_equal(array, np.round(array)):
-            raise ValueError(f"{path}: a label map must hold integer ids, found fractional values")
-        array = array.astype(np.int64)
-    unknown = sorted(set(np.unique(array).tolist()) - {labels.BACKGROUND} - set(labels.id_to_name()))
-    if unknown:
-        raise ValueError(f"{path}: label ids {unknown[:10]}{' …' if len(unknown) > 10 else ''} are not in the MAISI "
-                         "vocabulary (see `maisi info labels`); convert the label map to MAISI ids first (e.g. "
-                         "`maisi prepare --label-mapping`)")
-    return torch.from_numpy(array.astype(np.int64))[None]
+    return torch.from_numpy(read_label_ids(path))[None]
 
 
 def sidecar(path: str | Path) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from maisi.io.volume import affine_from_spacing
-from maisi.labels import BODY, label_id, name_to_id
+from maisi.io.volume import affine_from_spacing, read_volume
+from maisi.labels import BODY, id_to_name, label_id, name_to_id
 
 ALIASES = {"urinary bladder": "bladder", "kidney left": "left kidney", "kidney right": "right kidney"}
 AIR_HU = -800.0
@@ -32,6 +32,23 @@ class Conversion:
                  for i, n in sorted(self.unmapped.items())]
         return f"{len(self.unmapped)} unmapped source labels set to background: " + "; ".join(parts)
 
+
+
+def read_label_ids(path: str | Path) -> np.ndarray:
+    """A label map file's voxels as int64 MAISI ids: integers (float storage allowed) of the MAISI vocabulary
+    only, which is all the networks and the checks know; errors name the file."""
+    arr = np.asarray(read_volume(path).array)
+    if arr.dtype.kind == "f":
+        if not np.allclose(arr, np.round(arr)):
+            raise ValueError(f"{path}: a label map must hold integer ids, found fractional values")
+        arr = np.round(arr)
+    label = arr.astype(np.int64)
+    unknown = sorted(set(np.unique(label).tolist()) - {0} - set(id_to_name()))
+    if unknown:
+        raise ValueError(f"{path}: label ids {unknown[:10]}{' …' if len(unknown) > 10 else ''} are not in the MAISI "
+                         "vocabulary (see `maisi info labels`); convert the label map to MAISI ids first (e.g. "
+                         "`maisi prepare --label-mapping`)")
+    return label
 
 def match_name(name: str) -> int | None:
     """The MAISI id of a TotalSegmentator-style name ("kidney_right", "rib_left_3", "vertebrae_L1"), or None."""

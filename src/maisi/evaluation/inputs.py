@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from maisi.data.labelmap import read_label_ids
 from maisi.io.volume import check_volume_file, is_nifti, read_volume
-from maisi.labels import id_to_name
 
 LABEL_TAGS = ("_label", "_mask", "_seg")
 DATALIST_KEYS = ("testing", "validation", "training")
@@ -117,15 +117,7 @@ def read_hu(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
 def read_label(path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """A MAISI label map: integer ids of the MAISI vocabulary only (anything else would be judged as the
     wrong organ, or not at all), on its image's grid."""
-    arr = np.asarray(read_volume(path).array)
-    if not np.allclose(arr, np.round(arr)):
-        raise ValueError(f"{path}: a label map must hold integer ids")
-    if shape is not None and arr.shape != tuple(shape):
-        raise ValueError(f"{path}: label map shape {arr.shape} differs from its image's {tuple(shape)}")
-    label = np.round(arr).astype(np.int32)
-    unknown = sorted(set(np.unique(label).tolist()) - {0} - set(id_to_name()))
-    if unknown:
-        raise ValueError(f"{path}: label ids {unknown[:10]}{' …' if len(unknown) > 10 else ''} are not in the MAISI "
-                         f"vocabulary (see `maisi info labels`); convert the label map to MAISI ids first (e.g. "
-                         f"`maisi prepare --label-mapping`)")
-    return label
+    label = read_label_ids(path)
+    if shape is not None and label.shape != tuple(shape):
+        raise ValueError(f"{path}: label map shape {label.shape} differs from its image's {tuple(shape)}")
+    return label.astype(np.int32)
