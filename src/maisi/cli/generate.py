@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         replaced, beside = earlier_outputs(request, args.out)
         if replaced:
             print(f"maisi generate: warning: replacing {len(replaced)} file(s) of an earlier run in {args.out} "
-                  f"({_names(replaced)}); give another --out or --seed to keep them", file=sys.stderr)
+                  f"({_names(list(replaced))}); give another --out or --seed to keep them", file=sys.stderr)
         if beside:
             print(f"maisi generate: warning: {len(beside)} file(s) of an earlier run of the same seeds stay in "
                   f"{args.out} beside the new ones ({_names(beside)}): they belong to the earlier samples",

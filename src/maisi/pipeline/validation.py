@@ -196,16 +196,20 @@ def sample_files(out: str | Path, seed: int, request: GenerationRequest) -> dict
             "preview": Path(f"{stem}_preview.png"), "record": Path(f"{stem}_record.json")}
 
 
-def earlier_outputs(request: GenerationRequest, out: str | Path) -> tuple[list[Path], list[Path]]:
-    """Files of an earlier run in `out` for the request's seeds: those this run replaces, and those it leaves beside
-    its own (the same sample in another output format)."""
-    replaced: list[Path] = []
+def earlier_outputs(request: GenerationRequest, out: str | Path) -> tuple[dict[Path, str], list[Path]]:
+    """Files of an earlier run in `out` for the request's seeds: those this run replaces ({path: kind}), and those
+    it leaves beside its own (the same sample in another output format). Reads the folder, not every planned
+    seed's files: num_samples may be large."""
+    replaced: dict[Path, str] = {}
     beside: list[Path] = []
     for path in sorted(Path(out).glob("sample_seed*")) if Path(out).is_dir() else ():
         seed = _SAMPLE_FILE.match(path.name)
         if seed is not None and request.seed <= int(seed[1]) < request.seed + request.num_samples:
-            planned = sample_files(out, int(seed[1]), request).values()
-            (replaced if path in planned else beside).append(path)
+            kind = {p: k for k, p in sample_files(out, int(seed[1]), request).items()}.get(path)
+            if kind is None:
+                beside.append(path)
+            else:
+                replaced[path] = kind
     return replaced, beside
 
 
@@ -216,17 +220,11 @@ def check_files(request: GenerationRequest, out: str | Path | None) -> None:
     check_output_exts(request.image_output_ext, request.label_output_ext)
     if out is not None:
         check_output_dir(out, "output folder (out)")
-        # the folder's sample entries, not every planned seed's files: num_samples may be large
-        taken = list(Path(out).glob("sample_seed*")) if Path(out).is_dir() else []
-        for path in taken:
-            seed = _SAMPLE_FILE.match(path.name)
-            if seed is None or not request.seed <= int(seed[1]) < request.seed + request.num_samples:
-                continue
-            for kind, planned in sample_files(out, int(seed[1]), request).items():
-                folder = kind == "image" and request.image_output_ext == ".dcm"  # a DICOM series is a folder
-                if planned == path and path.is_dir() != folder:
-                    raise ValueError(f"{path} is {'a file' if folder else 'a folder'}, where the sample's {kind} "
-                                     f"goes; move it away or choose another output folder (out)")
+        for path, kind in earlier_outputs(request, out)[0].items():
+            folder = kind == "image" and request.image_output_ext == ".dcm"  # a DICOM series is a folder
+            if path.is_dir() != folder:
+                raise ValueError(f"{path} is {'a file' if folder else 'a folder'}, where the sample's {kind} "
+                                 f"goes; move it away or choose another output folder (out)")
     if request.mask is not None:
         check_volume_file(request.mask)
     if request.mask_mapping is not None and not Path(request.mask_mapping).is_file():
